@@ -1,0 +1,32 @@
+# Two commands for a new user: `make demo` and `make test`. Both build .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-unit test-integration clean
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing pinned requirements into $(VENV) (a few minutes the first time)"
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2> $(VENV)/pip.log \
+		|| { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
+	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . 2>> $(VENV)/pip.log \
+		|| { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not integration"
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -m integration
+
+clean:
+	rm -rf .state

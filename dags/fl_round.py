@@ -1,0 +1,162 @@
+"""One DAG per federation file in `federations/`: `fl_round__<federation>`.
+
+Each DAG run is one federated round. This file only wires tasks to the plain functions of
+`fl_tasks.coordinator`; it imports no torch, mlflow, evidently or pandas, so it parses fast.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Param, TriggerRule, chain, dag, task
+from airflow.sdk.exceptions import AirflowFailException
+from fl_airflow.sensors import QuorumSensor
+
+from fl_tasks.aggregation.names import STRATEGY_NAMES
+from fl_tasks.config import FederationSpec, load_federations
+from fl_tasks.protocol import ROUND_ID_PATTERN
+
+FEDERATIONS_DIR = Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
+
+DOC = """
+### Federated round: {federation}
+
+{description}
+
+One run is one round: **prepare** (round id, base = `champion` or the seeded model, deadline)
+→ **dispatch** the base model to every client bucket → **wait_for_quorum** (deferred: no
+worker slot while clients train) → **aggregate** the screened updates ({aggregator}) →
+**validate** against the quality gates → **register** the candidate in MLflow as
+`{model_name}` → **promote** (alias `champion`) or **rollback** (tag `rejected`) → **summary**.
+
+Clients: {clients}. Quorum: {min_clients} by the deadline. Federation file: `{source}`.
+"""
+
+
+def round_params(spec: FederationSpec) -> dict[str, Param]:
+    """The trigger form: typed, bounded, defaulting to the federation file."""
+    q, t, g = spec.quorum, spec.training, spec.gates
+    return {
+        "aggregator": Param(spec.aggregation, type="string", enum=list(STRATEGY_NAMES),
+                            description="Aggregation strategy for this round"),
+        "min_clients": Param(q.min_clients, type="integer", minimum=1, maximum=len(spec.clients),
+                             description="Updates needed at the deadline for the round to proceed"),
+        "round_timeout_minutes": Param(q.round_timeout_minutes, type="number", exclusiveMinimum=0, maximum=10080,
+                                       description="Minutes from dispatch to the deadline"),
+        "local_epochs": Param(t.local_epochs, type="integer", minimum=1, maximum=100,
+                              description="Epochs each client trains locally"),
+        "learning_rate": Param(t.learning_rate, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
+                               description="Client learning rate"),
+        "min_roc_auc": Param(g.min_roc_auc, type="number", minimum=0, maximum=1, description="Gate: minimum ROC-AUC"),
+        "min_pr_auc": Param(g.min_pr_auc, type="number", minimum=0, maximum=1, description="Gate: minimum PR-AUC"),
+        "max_regression": Param(g.max_regression, type="number", minimum=0, maximum=1,
+                                description="Gate: largest ROC-AUC drop allowed against the champion"),
+        "round_id": Param(None, type=["null", "string"], pattern=ROUND_ID_PATTERN.pattern,
+                          description="Optional explicit round id (manual runs); default: next free number"),
+    }
+
+
+def _step(federation_file: str, step: str, round_id: str) -> Any:
+    """Run one coordinator step; a round that cannot go on fails at once, without retries."""
+    from fl_tasks.config import load_federation
+    from fl_tasks.coordinator import Coordinator, RoundFailed
+
+    try:
+        return getattr(Coordinator(load_federation(federation_file)), step)(round_id)
+    except RoundFailed as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def build_round_dag(spec: FederationSpec):
+    federation_file = str(Path(spec.source).resolve())
+
+    @dag(
+        dag_id=spec.dag_id,
+        description=f"Federated round of {spec.federation}",
+        schedule=spec.schedule,
+        start_date=datetime(2013, 9, 1, tzinfo=timezone.utc),
+        catchup=False,
+        max_active_runs=1,
+        params=round_params(spec),
+        tags=["federated-learning", spec.federation],
+        doc_md=DOC.format(federation=spec.federation, description=spec.description, aggregator=spec.aggregation,
+                          model_name=spec.model_name, clients=", ".join(c.id for c in spec.clients),
+                          min_clients=spec.quorum.min_clients, source=spec.source),
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "retry_exponential_backoff": True},
+    )
+    def fl_round():
+        @task
+        def prepare_round(**context) -> str:
+            from fl_tasks.config import load_federation
+            from fl_tasks.coordinator import Coordinator, RoundFailed, RunContext
+
+            run = context["dag_run"]
+            start, end = context.get("data_interval_start"), context.get("data_interval_end")
+            ctx = RunContext(
+                run_id=run.run_id, run_type=str(getattr(run.run_type, "value", run.run_type)),
+                data_interval_start=start.isoformat() if start else None,
+                data_interval_end=end.isoformat() if end else None,
+                params=dict(context["params"]), triggered_by=getattr(run, "triggering_user_name", None) or "",
+            )
+            try:
+                return Coordinator(load_federation(federation_file)).prepare(ctx)
+            except (RoundFailed, ValueError) as exc:
+                raise AirflowFailException(str(exc)) from None
+
+        @task
+        def dispatch(round_id: str) -> list[str]:
+            return _step(federation_file, "dispatch", round_id)
+
+        @task
+        def aggregate(round_id: str) -> dict[str, Any]:
+            summary = _step(federation_file, "aggregate", round_id)
+            return {"accepted": [a["client_id"] for a in summary["accepted"]], "rejected": summary["rejected"]}
+
+        @task
+        def validate(round_id: str) -> dict[str, Any]:
+            result = _step(federation_file, "validate", round_id)
+            return {"passed": result["passed"], "candidate": result["candidate"], "champion": result["champion"]}
+
+        @task
+        def register(round_id: str) -> str:
+            return _step(federation_file, "register", round_id)
+
+        @task.branch
+        def promote_or_rollback(round_id: str) -> str:
+            return _step(federation_file, "decide", round_id)
+
+        @task
+        def promote(round_id: str) -> dict[str, Any]:
+            return _step(federation_file, "promote", round_id)
+
+        @task
+        def rollback(round_id: str) -> dict[str, Any]:
+            return _step(federation_file, "rollback", round_id)
+
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+        def summary(**context) -> dict[str, Any]:
+            round_id = context["ti"].xcom_pull(task_ids="prepare_round")
+            if not round_id:
+                raise AirflowFailException("the round was never prepared; see the prepare_round log")
+            report = _step(federation_file, "summarize", round_id)
+            print(f"round {round_id}: decision={report['decision']} version={report['version']} "
+                  f"candidate={report['candidate']} champion={report['champion']} reason={report['reason']!r}")
+            if report["decision"] == "no_model":
+                # The run must show red: no model came out of this round.
+                raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")
+            return report
+
+        round_id = prepare_round()
+        wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id,
+                            retries=2)
+        chain(dispatch(round_id), wait, aggregate(round_id), validate(round_id), register(round_id),
+              promote_or_rollback(round_id), [promote(round_id), rollback(round_id)], summary())
+
+    return fl_round()
+
+
+for _spec in load_federations(FEDERATIONS_DIR):
+    globals()[_spec.dag_id] = build_round_dag(_spec)

@@ -1,0 +1,64 @@
+"""Pure maths of weighted averaging over state dicts (name -> numpy array)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+
+class StreamingWeightedMean:
+    """Running sum of w_i * x_i and of w_i, one client at a time.
+
+    Memory is one float64 accumulator per tensor (O(one model)), whatever the number of
+    clients. Integer tensors (e.g. batch-norm `num_batches_tracked`) are averaged in float64
+    and rounded back to their dtype instead of being truncated or zeroed.
+    """
+
+    def __init__(self) -> None:
+        self._sums: StateDict = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, state: Mapping[str, np.ndarray], weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if not self._sums:
+            for name, value in state.items():
+                self._sums[name] = np.zeros(value.shape, dtype=np.float64)
+                self._dtypes[name] = value.dtype
+                self._shapes[name] = value.shape
+        elif set(state) != set(self._sums):
+            raise ValueError(f"state keys differ from the first update: {sorted(set(state) ^ set(self._sums))}")
+        for name, value in state.items():
+            if value.shape != self._shapes[name]:
+                raise ValueError(f"tensor '{name}' has shape {value.shape}, expected {self._shapes[name]}")
+            # Accumulate in place: no temporary of the scaled tensor is kept around.
+            acc = self._sums[name]
+            acc += np.multiply(value, weight, dtype=np.float64)
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def result(self) -> StateDict:
+        if self.count == 0:
+            raise ValueError("no updates were added")
+        out: StateDict = {}
+        for name, acc in self._sums.items():
+            mean = acc / self.total_weight
+            dtype = self._dtypes[name]
+            if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+                mean = np.rint(mean)
+            out[name] = mean.astype(dtype)
+        return out
+
+
+def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> StateDict:
+    """sum_i w_i x_i / sum_i w_i, tensor by tensor, streaming over `updates`."""
+    acc = StreamingWeightedMean()
+    for state, weight in updates:
+        acc.add(state, weight)
+    return acc.result()

@@ -1,0 +1,3 @@
+"""Strategy names, importable without numpy so that DAG files can build their trigger form."""
+
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg",)

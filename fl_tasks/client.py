@@ -1,0 +1,178 @@
+"""The silo runtime (`fl-client`): answer each committed round with a locally trained update.
+
+It only ever reads the global model from its own bucket and writes back model weights and
+a manifest; the silo's rows never leave the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from fl_tasks import protocol
+from fl_tasks.codec import decode_state, encode_state
+from fl_tasks.config import BUCKET_URI_PATTERN, ModelSpec
+from fl_tasks.datasets import Table
+from fl_tasks.protocol import GlobalManifest, UpdateManifest, sha256_hex
+from fl_tasks.storage import ObjectStore
+
+BEHAVIOURS = ("honest", "dropout", "straggler")
+
+
+@dataclass
+class ClientRuntime:
+    client_id: str
+    federation: str
+    bucket_uri: str
+    data: Table
+    store: ObjectStore
+    behaviour: str = "honest"
+    delay_seconds: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not protocol.NAME_PATTERN.match(self.client_id):
+            raise ValueError(f"client id {self.client_id!r} must match {protocol.NAME_PATTERN.pattern}")
+        match = BUCKET_URI_PATTERN.match(self.bucket_uri)
+        if not match:
+            raise ValueError(f"bucket {self.bucket_uri!r} must look like s3://bucket[/prefix]")
+        self.bucket, self.prefix = match.group(1), (match.group(2) or "").strip("/")
+        if self.behaviour not in BEHAVIOURS:
+            raise ValueError(f"behaviour {self.behaviour!r} must be one of {', '.join(BEHAVIOURS)}")
+        self.answered: set[str] = set()
+
+    def log(self, message: str) -> None:
+        print(f"[{self.client_id}] {message}", flush=True)
+
+    def pending_rounds(self) -> list[str]:
+        """Rounds with a committed global manifest and no update from us yet, oldest first."""
+        listing = protocol.rounds_listing_prefix(self.prefix, self.federation)
+        rounds = set()
+        for key in self.store.list_keys(self.bucket, listing):
+            round_id, _, rest = key[len(listing):].partition("/")
+            if rest == "global/manifest.json" and round_id not in self.answered:
+                rounds.add(round_id)
+        return sorted(r for r in rounds if not self.store.exists(
+            self.bucket, protocol.update_manifest_key(self.prefix, self.federation, r)))
+
+    def answer(self, round_id: str) -> bool:
+        """Train on one round and commit the update; False when the round is skipped."""
+        self.answered.add(round_id)
+        raw = self.store.get_bytes(self.bucket, protocol.global_manifest_key(self.prefix, self.federation, round_id))
+        manifest = GlobalManifest.from_json(raw)
+        if manifest.round_id != round_id or manifest.federation != self.federation:
+            self.log(f"round {round_id}: manifest names another round or federation, skipped")
+            return False
+        if datetime.fromisoformat(manifest.deadline) <= datetime.now(timezone.utc):
+            self.log(f"round {round_id}: deadline {manifest.deadline} already passed, skipped")
+            return False
+        if self.behaviour == "dropout":
+            self.log(f"round {round_id}: dropping out (simulated)")
+            return False
+        started = time.perf_counter()
+        payload = self.store.get_bytes(self.bucket, protocol.global_model_key(self.prefix, self.federation, round_id),
+                                       max_bytes=manifest.payload_bytes)
+        if payload is None or sha256_hex(payload) != manifest.payload_sha256:
+            self.log(f"round {round_id}: global payload missing or sha256 mismatch, skipped")
+            return False
+        fetch_seconds = time.perf_counter() - started
+        window = manifest.data_window
+        rows = self.data.window(np.datetime64(window["start"][:19], "s") if window.get("start") else None,
+                                np.datetime64(window["end"][:19], "s") if window.get("end") else None)
+        if len(rows) < 2:
+            self.log(f"round {round_id}: no local rows in data window {window}, skipped")
+            return False
+
+        from fl_tasks.models import build_model, load_numpy_state, state_to_numpy
+        from fl_tasks.training import train_local
+
+        spec = ModelSpec(factory=manifest.model["factory"], input_dim=int(manifest.model["input_dim"]),
+                         hidden=tuple(manifest.model["hidden"]), batch_norm=bool(manifest.model["batch_norm"]))
+        model = load_numpy_state(build_model(spec), decode_state(payload))
+        t = manifest.training
+        self.log(f"round {round_id}: training {t['local_epochs']} epoch(s) on {len(rows)} rows "
+                 f"from base version {manifest.model_version}")
+        metrics = train_local(model, rows, epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
+                              batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
+                              seed=self.seed + zlib.crc32(round_id.encode()) % 10_000)
+        if self.behaviour == "straggler" and self.delay_seconds > 0:
+            self.log(f"round {round_id}: straggling for {self.delay_seconds:.0f}s (simulated)")
+            time.sleep(self.delay_seconds)
+        update = encode_state(state_to_numpy(model), t["codec"])
+        self.store.put_bytes(self.bucket, protocol.update_payload_key(self.prefix, self.federation, round_id), update)
+        commit = UpdateManifest(
+            client_id=self.client_id, federation=self.federation, round_id=round_id,
+            base_model_version=manifest.model_version, base_sha256=manifest.payload_sha256,
+            num_examples=len(rows), codec=t["codec"], payload_sha256=sha256_hex(update), payload_bytes=len(update),
+            metrics={k: v for k, v in metrics.items() if k != "train_seconds"},
+            timings={"fetch_seconds": fetch_seconds, "train_seconds": metrics["train_seconds"]},
+            created_at=datetime.now(timezone.utc).isoformat(),
+        )
+        # The manifest goes last: until it exists the coordinator ignores the payload.
+        self.store.put_bytes(self.bucket, protocol.update_manifest_key(self.prefix, self.federation, round_id),
+                             commit.to_json(), "application/json")
+        self.log(f"round {round_id}: update committed (loss {metrics['train_loss']:.4f}, {len(rows)} examples)")
+        return True
+
+    def run(self, poll_seconds: float = 2.0, max_rounds: int | None = None, idle_exit_seconds: float | None = None) -> int:
+        """Poll until stopped; returns the number of rounds answered."""
+        answered, idle_since = 0, time.monotonic()
+        while max_rounds is None or answered < max_rounds:
+            pending = self.pending_rounds()
+            for round_id in pending:
+                try:
+                    answered += self.answer(round_id)
+                except (ValueError, KeyError) as exc:  # a bad manifest must not stop the agent
+                    self.log(f"round {round_id}: skipped: {exc}")
+            if pending:
+                idle_since = time.monotonic()
+            elif idle_exit_seconds is not None and time.monotonic() - idle_since > idle_exit_seconds:
+                break
+            time.sleep(poll_seconds)
+        return answered
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fl-client` command line (also used to check the flags in docker-compose.yaml)."""
+    parser = argparse.ArgumentParser(prog="fl-client", description=__doc__.splitlines()[0])
+    parser.add_argument("--client-id", required=True, help="this silo's id, as in the federation file")
+    parser.add_argument("--federation", required=True, help="federation name")
+    parser.add_argument("--bucket", required=True, help="this silo's bucket, s3://bucket[/prefix]")
+    parser.add_argument("--data", required=True, help="local training rows (.npz written by fl-simulate)")
+    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: FL_S3_ENDPOINT_URL or AWS)")
+    parser.add_argument("--poll-seconds", type=float, default=2.0)
+    parser.add_argument("--max-rounds", type=int, default=None, help="exit after answering this many rounds")
+    parser.add_argument("--idle-exit-seconds", type=float, default=None, help="exit after this long with no work")
+    parser.add_argument("--behaviour", choices=BEHAVIOURS, default="honest", help="simulated behaviour")
+    parser.add_argument("--delay-seconds", type=float, default=0.0, help="straggler delay")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        data = Table.load(args.data)
+        runtime = ClientRuntime(args.client_id, args.federation, args.bucket, data, ObjectStore(args.endpoint_url),
+                                args.behaviour, args.delay_seconds, args.seed)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fl-client: {exc}", file=sys.stderr)
+        return 2
+    runtime.log(f"serving federation {args.federation} from {args.bucket} with {len(data)} local rows")
+    try:
+        runtime.run(args.poll_seconds, args.max_rounds, args.idle_exit_seconds)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Federation spec: one YAML file per federation, loaded into validated, frozen objects.
+
+A bad file fails at load time with the file, the dotted field and the fix, so that a typo
+never surfaces halfway through a round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from fl_tasks.aggregation.names import STRATEGY_NAMES
+from fl_tasks.protocol import NAME_PATTERN as ID_PATTERN
+
+BUCKET_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/([A-Za-z0-9._/-]*))?$")
+DATASETS = ("creditcard", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A federation file is invalid; the message names the file, the field and the fix."""
+
+    def __init__(self, source: str, field_path: str, problem: str, fix: str):
+        self.source, self.field_path, self.problem, self.fix = source, field_path, problem, fix
+        super().__init__(f"{source}: field '{field_path}': {problem}. Fix: {fix}")
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    id: str
+    bucket: str  # s3://bucket[/prefix]
+
+    @property
+    def bucket_name(self) -> str:
+        return BUCKET_URI_PATTERN.match(self.bucket).group(1)
+
+    @property
+    def prefix(self) -> str:
+        return (BUCKET_URI_PATTERN.match(self.bucket).group(2) or "").strip("/")
+
+
+@dataclass(frozen=True)
+class QuorumSpec:
+    min_clients: int = 1
+    round_timeout_minutes: float = 30.0
+    poll_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    factory: str = "fraud_mlp"
+    input_dim: int = 30
+    hidden: tuple[int, ...] = (64, 32)
+    batch_norm: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    local_epochs: int = 1
+    learning_rate: float = 0.001
+    batch_size: int = 512
+    proximal_mu: float = 0.0
+    codec: str = "fp32"
+
+
+@dataclass(frozen=True)
+class GatesSpec:
+    min_roc_auc: float = 0.0
+    min_pr_auc: float = 0.0
+    max_regression: float = 1.0  # largest allowed ROC-AUC drop against the champion
+
+
+@dataclass(frozen=True)
+class MlflowSpec:
+    model_name: str = ""
+    experiment: str = ""
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI from the environment
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "creditcard"
+    seed: int = 0
+    synthetic_rows: int = 20000
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    federation: str
+    coordinator_bucket: str
+    clients: tuple[ClientSpec, ...]
+    description: str = ""
+    schedule: str | None = None
+    aggregation: str = "fedavg"
+    quorum: QuorumSpec = field(default_factory=QuorumSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    gates: GatesSpec = field(default_factory=GatesSpec)
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    storage_endpoint_url: str = ""
+    source: str = ""
+
+    @property
+    def dag_id(self) -> str:
+        return f"fl_round__{self.federation.replace('-', '_')}"
+
+    @property
+    def model_name(self) -> str:
+        return self.mlflow.model_name or f"{self.federation}-global"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or f"fl/{self.federation}"
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """S3 endpoint: FL_S3_ENDPOINT_URL wins, so one file serves MinIO, moto and AWS."""
+        return os.environ.get("FL_S3_ENDPOINT_URL") or self.storage_endpoint_url or None
+
+    def client(self, client_id: str) -> ClientSpec:
+        for c in self.clients:
+            if c.id == client_id:
+                return c
+        raise KeyError(f"client '{client_id}' is not in federation '{self.federation}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, expected: Any) -> Any:
+    """Coerce YAML scalars to the annotated type; raise TypeError with a readable name."""
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise TypeError("true or false")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError("a number")
+        return float(value)
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("a whole number")
+        return value
+    if expected is str:
+        if not isinstance(value, str):
+            raise TypeError("a string")
+        return value
+    if expected == tuple[int, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise TypeError("a list of whole numbers")
+        return tuple(value)
+    raise AssertionError(f"unsupported field type {expected}")
+
+
+def _section(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(source, prefix, f"expected a mapping, got {type(raw).__name__}",
+                          f"write '{prefix}:' followed by indented 'key: value' lines")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed fields: {', '.join(names)}"
+            raise ConfigError(source, f"{prefix}.{key}", "unknown field", hint)
+        try:
+            values[key] = _check_type(value, hints[key])
+        except TypeError as exc:
+            raise ConfigError(source, f"{prefix}.{key}", f"expected {exc}, got {value!r}",
+                              f"set '{prefix}.{key}' to {exc}") from None
+    return cls(**values)
+
+
+def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -> None:
+    if not cond:
+        raise ConfigError(source, field_path, problem, fix)
+
+
+TOP_LEVEL = ("federation", "description", "schedule", "coordinator", "storage", "clients",
+             "quorum", "aggregation", "model", "training", "gates", "mlflow", "data")
+
+
+def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
+    """Validate a parsed YAML document and build the spec."""
+    _require(isinstance(raw, dict), source, "<root>", "the file is not a YAML mapping",
+             "start the file with 'federation: <name>'")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
+            raise ConfigError(source, str(key), "unknown field",
+                              f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(TOP_LEVEL)}")
+
+    name = raw.get("federation")
+    _require(isinstance(name, str) and bool(ID_PATTERN.match(name)), source, "federation",
+             f"{name!r} is not a valid federation name",
+             "use 1-40 lowercase letters, digits and dashes, e.g. 'banks-eu'")
+
+    coordinator = raw.get("coordinator") or {}
+    _require(isinstance(coordinator, dict) and isinstance(coordinator.get("bucket"), str)
+             and bool(BUCKET_URI_PATTERN.match(f"s3://{coordinator.get('bucket')}")),
+             source, "coordinator.bucket", "missing or not a valid S3 bucket name",
+             "set 'coordinator: {bucket: fl-coordinator}' (the coordinator's own bucket)")
+
+    storage = raw.get("storage") or {}
+    _require(isinstance(storage, dict) and set(storage) <= {"endpoint_url"}, source, "storage",
+             "only 'endpoint_url' is allowed", "remove the other keys")
+    endpoint = storage.get("endpoint_url") or ""
+    _require(isinstance(endpoint, str), source, "storage.endpoint_url", "expected a URL string",
+             "e.g. 'http://minio:9000', or leave it out for AWS")
+
+    raw_clients = raw.get("clients")
+    _require(isinstance(raw_clients, list) and len(raw_clients) > 0, source, "clients",
+             "at least one client is required", "list clients as '- {id: bank-a, bucket: s3://bank-a}'")
+    clients = []
+    for i, item in enumerate(raw_clients):
+        where = f"clients[{i}]"
+        _require(isinstance(item, dict) and set(item) == {"id", "bucket"}, source, where,
+                 "each client needs exactly 'id' and 'bucket'", "write '- {id: bank-a, bucket: s3://bank-a}'")
+        _require(isinstance(item["id"], str) and bool(ID_PATTERN.match(item["id"])), source, f"{where}.id",
+                 f"{item['id']!r} is not a valid client id",
+                 "use 1-40 lowercase letters, digits and dashes (no slashes or dots)")
+        _require(isinstance(item["bucket"], str) and bool(BUCKET_URI_PATTERN.match(item["bucket"])),
+                 source, f"{where}.bucket", f"{item['bucket']!r} is not an S3 URI", "write it as 's3://bucket[/prefix]'")
+        clients.append(ClientSpec(id=item["id"], bucket=item["bucket"].rstrip("/")))
+    ids = [c.id for c in clients]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    _require(not dupes, source, "clients", f"duplicate client ids {dupes}", "give every client a unique id")
+
+    aggregation = raw.get("aggregation", "fedavg")
+    _require(aggregation in STRATEGY_NAMES, source, "aggregation", f"unknown strategy {aggregation!r}",
+             f"choose one of {', '.join(STRATEGY_NAMES)}")
+    schedule = raw.get("schedule")
+    _require(schedule is None or isinstance(schedule, str), source, "schedule",
+             "expected a cron expression or preset", "e.g. '@daily' or '0 3 * * *', or leave it out")
+
+    spec = FederationSpec(
+        federation=name,
+        description=str(raw.get("description", "")),
+        schedule=schedule,
+        coordinator_bucket=coordinator["bucket"],
+        storage_endpoint_url=endpoint,
+        clients=tuple(clients),
+        aggregation=aggregation,
+        quorum=_section(QuorumSpec, raw.get("quorum"), source, "quorum"),
+        model=_section(ModelSpec, raw.get("model"), source, "model"),
+        training=_section(TrainingSpec, raw.get("training"), source, "training"),
+        gates=_section(GatesSpec, raw.get("gates"), source, "gates"),
+        mlflow=_section(MlflowSpec, raw.get("mlflow"), source, "mlflow"),
+        data=_section(DataSpec, raw.get("data"), source, "data"),
+        source=source,
+    )
+    _validate_values(spec, source)
+    return spec
+
+
+def _validate_values(spec: FederationSpec, source: str) -> None:
+    q, t, g = spec.quorum, spec.training, spec.gates
+    _require(1 <= q.min_clients <= len(spec.clients), source, "quorum.min_clients",
+             f"{q.min_clients} is outside 1..{len(spec.clients)} (the number of clients)",
+             f"set it between 1 and {len(spec.clients)}")
+    _require(q.round_timeout_minutes > 0, source, "quorum.round_timeout_minutes", "must be positive",
+             "e.g. 30")
+    _require(q.poll_interval_seconds > 0, source, "quorum.poll_interval_seconds", "must be positive", "e.g. 10")
+    _require(t.local_epochs >= 1, source, "training.local_epochs", "must be at least 1", "e.g. 1")
+    _require(0 < t.learning_rate < 1, source, "training.learning_rate", "must be in (0, 1)", "e.g. 0.001")
+    _require(t.batch_size >= 1, source, "training.batch_size", "must be at least 1", "e.g. 512")
+    _require(t.proximal_mu >= 0, source, "training.proximal_mu", "must not be negative", "0 disables it")
+    _require(t.codec == "fp32", source, "training.codec", f"unsupported codec {t.codec!r}", "use 'fp32'")
+    for name in ("min_roc_auc", "min_pr_auc", "max_regression"):
+        value = getattr(g, name)
+        _require(0 <= value <= 1, source, f"gates.{name}", f"{value} is outside 0..1", "use a fraction, e.g. 0.9")
+    _require(spec.model.factory == "fraud_mlp", source, "model.factory",
+             f"unknown model factory {spec.model.factory!r}", "use 'fraud_mlp'")
+    _require(spec.model.input_dim >= 1 and all(h >= 1 for h in spec.model.hidden), source, "model",
+             "sizes must be positive", "e.g. input_dim: 30, hidden: [64, 32]")
+    _require(spec.data.dataset in DATASETS, source, "data.dataset", f"unknown dataset {spec.data.dataset!r}",
+             f"choose one of {', '.join(DATASETS)}")
+
+
+def load_federation(path: str | os.PathLike) -> FederationSpec:
+    """Read and validate one federation file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), "<file>", f"cannot be read ({exc.strerror})", "check the path") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<file>"
+        raise ConfigError(str(path), where, "is not valid YAML", "fix the syntax near that line") from None
+    return parse_federation(raw, str(path))
+
+
+def load_federations(folder: str | os.PathLike) -> list[FederationSpec]:
+    """Every `*.yaml` in a folder, sorted by file name; names must be unique."""
+    specs = [load_federation(p) for p in sorted(Path(folder).glob("*.yaml"))]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.federation in seen:
+            raise ConfigError(spec.source, "federation", f"name {spec.federation!r} is also used by {seen[spec.federation]}",
+                              "give each federation file a unique name")
+        seen[spec.federation] = spec.source
+    return specs

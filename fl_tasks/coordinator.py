@@ -1,0 +1,470 @@
+"""One plain function per step of a round. Each Airflow task calls exactly one of them.
+
+Steps share state through the coordinator's bucket, never through memory, so any step can
+be retried or run in another process; `run_round` chains them for use without Airflow.
+
+Coordinator bucket, for round R of federation F:
+
+    <F>/runs/<sha of run id>.json            which round a DAG run claimed (retries reuse it)
+    <F>/rounds/<R>/plan.json                 settings, base model, deadline, clients
+    <F>/rounds/<R>/base/model.safetensors    the model dispatched this round
+    <F>/rounds/<R>/quorum.json               who committed when the round closed
+    <F>/rounds/<R>/candidate/model.safetensors, candidate/manifest.json
+    <F>/rounds/<R>/validation.json, registration.json, decision.json, failure.json
+    <F>/rounds/<R>/report.json               the round summary
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+
+from fl_tasks import protocol, quorum
+from fl_tasks.codec import CodecError, decode_state, encode_state
+from fl_tasks.config import FederationSpec
+from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
+from fl_tasks.storage import ObjectStore, ObjectTooLarge
+
+OVERRIDABLE = ("aggregator", "min_clients", "round_timeout_minutes", "local_epochs", "learning_rate",
+               "min_roc_auc", "min_pr_auc", "max_regression")
+
+
+class RoundFailed(RuntimeError):
+    """The round cannot produce a model; the reason is recorded in failure.json."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the orchestrator knows about the run that carries this round."""
+
+    run_id: str
+    run_type: str = "manual"  # manual | scheduled | backfill | asset_triggered
+    data_interval_start: str | None = None
+    data_interval_end: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    triggered_by: str = ""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    federation: str
+    round_id: str
+    run_id: str
+    run_type: str
+    triggered_by: str
+    base_version: str  # MLflow version of the champion, or "seed"
+    base_sha256: str
+    base_bytes: int
+    deadline: str
+    clients: list[str]
+    settings: dict[str, Any]  # effective values of OVERRIDABLE
+    training: dict[str, Any]
+    data_window: dict[str, str | None]
+    created_at: str
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "RoundPlan":
+        return cls(**json.loads(data))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+class Coordinator:
+    """Holds the federation spec and the object store; methods are the round's steps."""
+
+    def __init__(self, spec: FederationSpec, store: ObjectStore | None = None):
+        self.spec = spec
+        self.store = store or ObjectStore(spec.endpoint_url)
+        self.bucket = spec.coordinator_bucket
+
+    # --- keys and small helpers ---------------------------------------------------------
+    def round_key(self, round_id: str, name: str) -> str:
+        return f"{protocol.round_prefix('', self.spec.federation, round_id)}/{name}"
+
+    def _put_json(self, key: str, obj: Any) -> None:
+        self.store.put_bytes(self.bucket, key, _dump(obj), "application/json")
+
+    def _get_json(self, key: str) -> Any | None:
+        data = self.store.get_bytes(self.bucket, key)
+        return None if data is None else json.loads(data)
+
+    def load_plan(self, round_id: str) -> RoundPlan:
+        data = self.store.get_bytes(self.bucket, self.round_key(round_id, "plan.json"))
+        if data is None:
+            raise RoundFailed(f"round {round_id} has no plan; run the prepare step first")
+        return RoundPlan.from_json(data)
+
+    def _fail(self, round_id: str, step: str, reason: str) -> RoundFailed:
+        self._put_json(self.round_key(round_id, "failure.json"), {"step": step, "reason": reason, "at": _now().isoformat()})
+        return RoundFailed(reason)
+
+    def effective_settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        s = self.spec
+        settings = {
+            "aggregator": s.aggregation, "min_clients": s.quorum.min_clients,
+            "round_timeout_minutes": s.quorum.round_timeout_minutes, "local_epochs": s.training.local_epochs,
+            "learning_rate": s.training.learning_rate, "min_roc_auc": s.gates.min_roc_auc,
+            "min_pr_auc": s.gates.min_pr_auc, "max_regression": s.gates.max_regression,
+        }
+        for name in OVERRIDABLE:
+            if params.get(name) is not None:
+                settings[name] = params[name]
+        if not 1 <= int(settings["min_clients"]) <= len(s.clients):
+            raise ValueError(f"param 'min_clients'={settings['min_clients']} must be between 1 and {len(s.clients)}")
+        return settings
+
+    # --- step 1: prepare -----------------------------------------------------------------
+    def _next_round_number(self) -> int:
+        prefix = protocol.rounds_listing_prefix("", self.spec.federation)
+        numbers = [0]
+        for key in self.store.list_keys(self.bucket, prefix):
+            name = key[len(prefix):].split("/", 1)[0]
+            if name.isdigit():
+                numbers.append(int(name))
+        return max(numbers) + 1
+
+    def _claim_key(self, run_id: str) -> str:
+        return f"{self.spec.federation}/runs/{hashlib.sha256(run_id.encode()).hexdigest()[:32]}.json"
+
+    def prepare(self, ctx: RunContext) -> str:
+        """Fix the round id, the base model and the deadline; returns the round id.
+
+        Re-running it for the same DAG run returns the same round and rewrites nothing.
+        """
+        claim = self._get_json(self._claim_key(ctx.run_id))
+        if claim is not None:
+            return claim["round_id"]
+        settings = self.effective_settings(ctx.params)
+        if ctx.params.get("round_id"):
+            round_id = protocol.validate_round_id(str(ctx.params["round_id"]))
+        elif ctx.run_type in ("scheduled", "backfill") and ctx.data_interval_start:
+            round_id = protocol.round_id_for_interval(datetime.fromisoformat(ctx.data_interval_start))
+        else:
+            round_id = protocol.round_id_for_number(self._next_round_number())
+        existing = self.store.get_bytes(self.bucket, self.round_key(round_id, "plan.json"))
+        if existing is not None:
+            other = RoundPlan.from_json(existing).run_id
+            raise RoundFailed(f"round {round_id} already belongs to run {other!r}; pick another round_id")
+
+        from fl_tasks import registry
+
+        champion = registry.get_champion(self.spec)
+        if champion is None:
+            base_version, payload = "seed", self._seed_payload()
+        else:
+            base_version, payload = champion.version, self.read_champion(champion)
+        base_key = self.round_key(round_id, "base/model.safetensors")
+        self.store.put_bytes(self.bucket, base_key, payload)
+        deadline = _now() + timedelta(minutes=float(settings["round_timeout_minutes"]))
+        t = self.spec.training
+        plan = RoundPlan(
+            federation=self.spec.federation, round_id=round_id, run_id=ctx.run_id, run_type=ctx.run_type,
+            triggered_by=ctx.triggered_by, base_version=base_version, base_sha256=sha256_hex(payload),
+            base_bytes=len(payload), deadline=deadline.isoformat(), clients=[c.id for c in self.spec.clients],
+            settings=settings,
+            training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
+                      "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec},
+            data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
+            if ctx.run_type in ("scheduled", "backfill") else {"start": None, "end": None},
+            created_at=_now().isoformat(),
+        )
+        self._put_json(self.round_key(round_id, "plan.json"), asdict(plan))
+        self._put_json(self._claim_key(ctx.run_id), {"round_id": round_id, "run_id": ctx.run_id})
+        return round_id
+
+    def _seed_payload(self) -> bytes:
+        from fl_tasks.models import build_model, state_to_numpy
+
+        return encode_state(state_to_numpy(build_model(self.spec.model, seed=self.spec.model.seed)))
+
+    def read_champion(self, champion) -> bytes:
+        bucket, _, key = champion.weights_uri.removeprefix("s3://").partition("/")
+        payload = self.store.get_bytes(bucket, key)
+        if payload is None or sha256_hex(payload) != champion.weights_sha256:
+            raise RoundFailed(f"champion version {champion.version} weights at {champion.weights_uri} are missing "
+                              "or do not match their sha256 tag")
+        return payload
+
+    # --- step 2: dispatch ----------------------------------------------------------------
+    def dispatch(self, round_id: str) -> list[str]:
+        """Publish the base model to every client bucket, payload first, manifest last."""
+        plan = self.load_plan(round_id)
+        payload = self.store.get_bytes(self.bucket, self.round_key(round_id, "base/model.safetensors"))
+        if payload is None or sha256_hex(payload) != plan.base_sha256:
+            raise self._fail(round_id, "dispatch", "the round's base model is missing or corrupted")
+        manifest = GlobalManifest(
+            federation=plan.federation, round_id=round_id, model_name=self.spec.model_name,
+            model_version=plan.base_version, model=asdict(self.spec.model), payload_sha256=plan.base_sha256, payload_bytes=plan.base_bytes,
+            training=plan.training, data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at,
+        ).to_json()
+        for client in self.spec.clients:
+            manifest_key = protocol.global_manifest_key(client.prefix, plan.federation, round_id)
+            if self.store.get_bytes(client.bucket_name, manifest_key) == manifest:
+                continue  # already committed by an earlier try
+            self.store.put_bytes(client.bucket_name,
+                                 protocol.global_model_key(client.prefix, plan.federation, round_id), payload)
+            self.store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
+        return plan.clients
+
+    # --- step 3: wait for quorum ---------------------------------------------------------
+    def committed_clients(self, round_id: str) -> list[str]:
+        """Clients whose update manifest (the commit marker) exists for this round."""
+        return [c.id for c in self.spec.clients
+                if self.store.exists(c.bucket_name, protocol.update_manifest_key(c.prefix, self.spec.federation, round_id))]
+
+    def check_quorum(self, round_id: str, now: datetime | None = None) -> quorum.QuorumDecision:
+        plan = self.load_plan(round_id)
+        return quorum.decide(self.committed_clients(round_id), plan.clients, int(plan.settings["min_clients"]),
+                             datetime.fromisoformat(plan.deadline), now or _now())
+
+    def close_round(self, round_id: str, decision: quorum.QuorumDecision) -> dict[str, Any]:
+        """Record who is in the round; the first close wins so a re-run cannot change it."""
+        key = self.round_key(round_id, "quorum.json")
+        existing = self._get_json(key)
+        if existing is not None:
+            return existing
+        record = {"state": decision.state, "committed": list(decision.committed), "reason": decision.reason,
+                  "closed_at": _now().isoformat()}
+        if decision.state == quorum.FAILED:
+            self._fail(round_id, "quorum", decision.reason)
+        self._put_json(key, record)
+        return record
+
+    # --- step 4: aggregate ---------------------------------------------------------------
+    def _read_update(self, plan: RoundPlan, client_id: str, base: dict[str, np.ndarray]) -> tuple[UpdateManifest, dict]:
+        """Fetch and verify one client's committed update; raises ValueError naming the reason."""
+        client = self.spec.client(client_id)
+        raw = self.store.get_bytes(client.bucket_name, protocol.update_manifest_key(client.prefix, plan.federation,
+                                                                                  plan.round_id))
+        if raw is None:
+            raise ValueError("update manifest disappeared")
+        manifest = UpdateManifest.from_json(raw)
+        expected = {"client_id": client_id, "federation": plan.federation, "round_id": plan.round_id,
+                    "base_sha256": plan.base_sha256, "base_model_version": plan.base_version}
+        for name, value in expected.items():
+            if getattr(manifest, name) != value:
+                raise ValueError(f"manifest {name}={getattr(manifest, name)!r} does not match the round ({value!r})")
+        payload = self.store.get_bytes(client.bucket_name,
+                                       protocol.update_payload_key(client.prefix, plan.federation, plan.round_id),
+                                       max_bytes=2 * plan.base_bytes + 4096)
+        if payload is None:
+            raise ValueError("manifest committed but the payload is missing")
+        if sha256_hex(payload) != manifest.payload_sha256:
+            raise ValueError("payload sha256 does not match the manifest")
+        state = decode_state(payload, manifest.codec)
+        screen_update(state, base)
+        return manifest, state
+
+    def aggregate(self, round_id: str) -> dict[str, Any]:
+        """Screen the committed updates and stream the accepted ones into the strategy."""
+        from fl_tasks import aggregation
+
+        plan = self.load_plan(round_id)
+        closed = self._get_json(self.round_key(round_id, "quorum.json"))
+        if closed is None:
+            raise self._fail(round_id, "aggregate", "the round has not closed yet; run the quorum step first")
+        if closed["state"] != quorum.MET:
+            raise RoundFailed(closed["reason"])
+        existing = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
+        if existing is not None:
+            return existing
+        base = decode_state(self.store.get_bytes(self.bucket, self.round_key(round_id, "base/model.safetensors")))
+        accepted: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+
+        def screened() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+            for client_id in closed["committed"]:
+                try:
+                    manifest, state = self._read_update(plan, client_id, base)
+                except (ValueError, ManifestError, CodecError, ObjectTooLarge) as exc:
+                    rejected.append({"client_id": client_id, "reason": str(exc)})
+                    continue
+                accepted.append({"client_id": client_id, "num_examples": manifest.num_examples,
+                                 "payload_sha256": manifest.payload_sha256, "metrics": manifest.metrics})
+                yield state, manifest.num_examples
+
+        strategy = aggregation.build(plan.settings["aggregator"])
+        try:
+            candidate = strategy.aggregate(base, screened())
+        except ValueError as exc:
+            if not accepted:
+                candidate = None
+            else:
+                raise self._fail(round_id, "aggregate", f"aggregation failed: {exc}") from exc
+        min_clients = int(plan.settings["min_clients"])
+        if candidate is None or len(accepted) < min_clients:
+            raise self._fail(round_id, "aggregate", f"only {len(accepted)} updates passed screening, "
+                                                    f"min_clients={min_clients}; rejected: {rejected}")
+        total = sum(a["num_examples"] for a in accepted)
+        for a in accepted:
+            a["weight"] = a["num_examples"] / total
+        payload = encode_state(candidate)
+        self.store.put_bytes(self.bucket, self.round_key(round_id, "candidate/model.safetensors"), payload)
+        summary = {"round_id": round_id, "aggregator": strategy.name, "accepted": accepted, "rejected": rejected,
+                   "total_examples": total, "candidate_sha256": sha256_hex(payload)}
+        self._put_json(self.round_key(round_id, "candidate/manifest.json"), summary)
+        return summary
+
+    # --- step 5: validate ----------------------------------------------------------------
+    def _load_model(self, key: str, sha256: str | None = None):
+        from fl_tasks.models import build_model, load_numpy_state
+
+        payload = self.store.get_bytes(self.bucket, key)
+        if payload is None or (sha256 and sha256_hex(payload) != sha256):
+            raise RoundFailed(f"s3://{self.bucket}/{key} is missing or does not match its sha256")
+        return load_numpy_state(build_model(self.spec.model), decode_state(payload))
+
+    def validate(self, round_id: str) -> dict[str, Any]:
+        """Evaluate candidate and champion on the coordinator's validation split; apply gates."""
+        from fl_tasks.evaluation import evaluate
+        from fl_tasks.gates import evaluate_gates
+
+        existing = self._get_json(self.round_key(round_id, "validation.json"))
+        if existing is not None:
+            return existing
+        plan = self.load_plan(round_id)
+        summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
+        candidate = self._load_model(self.round_key(round_id, "candidate/model.safetensors"), summary["candidate_sha256"])
+        validation = validation_split(self.spec)
+        candidate_metrics = evaluate(candidate, validation)
+        champion_metrics = None
+        if plan.base_version != "seed":
+            base = self._load_model(self.round_key(round_id, "base/model.safetensors"), plan.base_sha256)
+            champion_metrics = evaluate(base, validation)
+        gates = evaluate_gates(candidate_metrics, champion_metrics, plan.settings)
+        result = {"candidate": candidate_metrics, "champion": champion_metrics, "gates": gates,
+                  "passed": all(g["passed"] for g in gates), "validation_rows": len(validation)}
+        self._put_json(self.round_key(round_id, "validation.json"), result)
+        return result
+
+    # --- step 6: register ----------------------------------------------------------------
+    def register(self, round_id: str) -> str:
+        """Log the round to MLflow and register the candidate version (once per round)."""
+        from fl_tasks import registry
+
+        existing = self._get_json(self.round_key(round_id, "registration.json"))
+        if existing is not None:
+            return existing["version"]
+        plan = self.load_plan(round_id)
+        summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
+        result = self._get_json(self.round_key(round_id, "validation.json"))
+        key = self.round_key(round_id, "candidate/model.safetensors")
+        model = self._load_model(key, summary["candidate_sha256"])
+        metrics = {f"candidate_{k}": v for k, v in result["candidate"].items()}
+        if result["champion"]:
+            metrics.update({f"champion_{k}": v for k, v in result["champion"].items()})
+        metrics.update({f"weight_{a['client_id']}": a["weight"] for a in summary["accepted"]})
+        metrics.update({"clients_accepted": len(summary["accepted"]), "clients_rejected": len(summary["rejected"]),
+                        "total_examples": summary["total_examples"]})
+        params = {**plan.settings, **{f"training_{k}": v for k, v in plan.training.items()},
+                  "participating_clients": ",".join(a["client_id"] for a in summary["accepted"]),
+                  "base_version": plan.base_version, "round_id": round_id}
+        version = registry.register_candidate(
+            self.spec, model, round_id=round_id, airflow_run_id=plan.run_id, base_version=plan.base_version,
+            weights_uri=f"s3://{self.bucket}/{key}", weights_sha256=summary["candidate_sha256"], params=params,
+            metrics=metrics, report={"plan": asdict(plan), "aggregation": summary, "validation": result},
+        )
+        self._put_json(self.round_key(round_id, "registration.json"), {"version": version})
+        return version
+
+    # --- step 7: promote or roll back ----------------------------------------------------
+    def decide(self, round_id: str) -> str:
+        """'promote' when every gate passed, else 'rollback'."""
+        result = self._get_json(self.round_key(round_id, "validation.json"))
+        return "promote" if result and result["passed"] else "rollback"
+
+    def promote(self, round_id: str) -> dict[str, Any]:
+        from fl_tasks import registry
+
+        version = self.register(round_id)
+        registry.promote(self.spec, version)
+        decision = {"decision": "promoted", "version": version, "reasons": []}
+        self._put_json(self.round_key(round_id, "decision.json"), decision)
+        return decision
+
+    def rollback(self, round_id: str) -> dict[str, Any]:
+        from fl_tasks import registry
+
+        version = self.register(round_id)
+        result = self._get_json(self.round_key(round_id, "validation.json"))
+        reasons = [g["detail"] for g in result["gates"] if not g["passed"]]
+        registry.reject(self.spec, version, reasons)
+        decision = {"decision": "rejected", "version": version, "reasons": reasons}
+        self._put_json(self.round_key(round_id, "decision.json"), decision)
+        return decision
+
+    # --- step 8: summary -----------------------------------------------------------------
+    def summarize(self, round_id: str) -> dict[str, Any]:
+        """Collect what the round did into report.json; small enough for XCom."""
+        plan = self.load_plan(round_id)
+        read = lambda name: self._get_json(self.round_key(round_id, name))  # noqa: E731
+        closed, summary, result = read("quorum.json"), read("candidate/manifest.json"), read("validation.json")
+        decision, failure = read("decision.json"), read("failure.json")
+        report = {
+            "federation": plan.federation, "round_id": round_id, "run_id": plan.run_id, "run_type": plan.run_type,
+            "base_version": plan.base_version, "data_window": plan.data_window, "settings": plan.settings,
+            "clients_expected": len(plan.clients),
+            "clients_committed": len(closed["committed"]) if closed else 0,
+            "clients_accepted": [a["client_id"] for a in summary["accepted"]] if summary else [],
+            "clients_rejected": summary["rejected"] if summary else [],
+            "candidate": result["candidate"] if result else None,
+            "champion": result["champion"] if result else None,
+            "gates": result["gates"] if result else [],
+            "decision": decision["decision"] if decision else "no_model",
+            "version": decision["version"] if decision else None,
+            "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
+        }
+        self._put_json(self.round_key(round_id, "report.json"), report)
+        return report
+
+
+def screen_update(state: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> None:
+    """Reject an update whose tensors do not match the base model or are not finite."""
+    if set(state) != set(base):
+        raise ValueError(f"tensor names differ from the base model: {sorted(set(state) ^ set(base))}")
+    for name, value in state.items():
+        ref = base[name]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(f"tensor '{name}' is {value.shape} {value.dtype}, expected {ref.shape} {ref.dtype}")
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            raise ValueError(f"tensor '{name}' has NaN or Inf values")
+
+
+def validation_split(spec: FederationSpec):
+    """The coordinator's gate data: a fixed, seeded share of the dataset no silo trains on."""
+    from fl_tasks.datasets import holdout_split, load_dataset
+
+    table = load_dataset(spec.data.dataset, seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows)
+    return holdout_split(table, seed=spec.data.seed)[1]
+
+
+def run_round(spec: FederationSpec, ctx: RunContext, store: ObjectStore | None = None,
+              poll_seconds: float | None = None) -> dict[str, Any]:
+    """A whole round without Airflow: the same steps, with a blocking wait for quorum."""
+    coordinator = Coordinator(spec, store)
+    round_id = coordinator.prepare(ctx)
+    coordinator.dispatch(round_id)
+    while (decision := coordinator.check_quorum(round_id)).state == quorum.WAITING:
+        time.sleep(poll_seconds or spec.quorum.poll_interval_seconds)
+    coordinator.close_round(round_id, decision)
+    try:
+        coordinator.aggregate(round_id)
+        coordinator.validate(round_id)
+        coordinator.register(round_id)
+        getattr(coordinator, coordinator.decide(round_id))(round_id)
+    except RoundFailed:
+        pass
+    return coordinator.summarize(round_id)

@@ -1,0 +1,203 @@
+"""The bucket protocol: object keys, manifests with a strict schema, hashes, round ids.
+
+For round R of federation F, in each client's bucket (under its optional prefix):
+
+    <F>/rounds/<R>/global/model.safetensors   written by the coordinator
+    <F>/rounds/<R>/global/manifest.json       written last: the commit marker
+    <F>/rounds/<R>/update/update.safetensors  written by the client
+    <F>/rounds/<R>/update/manifest.json       written last: the commit marker
+
+A reader trusts a payload only when its manifest is committed and the payload's sha256
+matches the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+ROUND_ID_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# Client ids and federation names become object-key segments: no slashes, dots or case games.
+NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+MAX_MANIFEST_BYTES = 64 * 1024
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or breaks the schema; the message names the field."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate_round_id(round_id: str) -> str:
+    if not isinstance(round_id, str) or not ROUND_ID_PATTERN.match(round_id):
+        raise ValueError(f"round id {round_id!r} must match {ROUND_ID_PATTERN.pattern}")
+    return round_id
+
+
+def round_id_for_interval(start: datetime) -> str:
+    """Scheduled and backfill rounds are named after their data interval start."""
+    return start.strftime("%Y%m%dT%H%M%S")
+
+
+def round_id_for_number(number: int) -> str:
+    """Manual rounds get the next free number, zero-padded so that names sort in order."""
+    return f"{number:06d}"
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p)
+
+
+def round_prefix(prefix: str, federation: str, round_id: str) -> str:
+    return _join(prefix, federation, "rounds", validate_round_id(round_id))
+
+
+def global_model_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "global/model.safetensors")
+
+
+def global_manifest_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "global/manifest.json")
+
+
+def update_payload_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "update/update.safetensors")
+
+
+def update_manifest_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "update/manifest.json")
+
+
+def rounds_listing_prefix(prefix: str, federation: str) -> str:
+    return _join(prefix, federation, "rounds") + "/"
+
+
+# --- manifests -------------------------------------------------------------------------
+
+# Field annotations are strings (postponed evaluation); JSON numbers may stand for floats.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,)}
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> bytes:
+        body = {"kind": self.kind, "protocol": PROTOCOL_VERSION, **dataclasses.asdict(self)}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "_Manifest":
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{cls.kind} manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{cls.kind} manifest is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ManifestError(f"{cls.kind} manifest must be a JSON object")
+        if body.pop("kind", None) != cls.kind:
+            raise ManifestError(f"manifest field 'kind' must be {cls.kind!r}")
+        if body.pop("protocol", None) != PROTOCOL_VERSION:
+            raise ManifestError(f"manifest field 'protocol' must be {PROTOCOL_VERSION}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise ManifestError(f"{cls.kind} manifest has unknown fields {unknown}")
+        values = {}
+        for name, f in fields.items():
+            if name not in body:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ManifestError(f"{cls.kind} manifest is missing field '{name}'")
+                continue
+            value = body[name]
+            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[f.type]):
+                raise ManifestError(f"{cls.kind} manifest field '{name}' has type {type(value).__name__}, "
+                                    f"expected {f.type}")
+            values[name] = value
+        manifest = cls(**values)
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ManifestError(message)
+
+
+@dataclass(frozen=True)
+class GlobalManifest(_Manifest):
+    """What the coordinator publishes for a round; the client trains from it."""
+
+    kind: ClassVar[str] = "global"
+    federation: str
+    round_id: str
+    model_name: str
+    model_version: str  # MLflow version of the base, or "seed" for the initial model
+    model: dict  # the factory and sizes the client builds before loading the payload
+    payload_sha256: str
+    payload_bytes: int
+    training: dict  # local_epochs, learning_rate, batch_size, proximal_mu, codec
+    data_window: dict  # {"start": iso or null, "end": iso or null}
+    deadline: str  # ISO-8601 UTC
+    created_at: str
+
+    def validate(self) -> None:
+        validate_round_id(self.round_id)
+        _check(bool(SHA256_PATTERN.match(self.payload_sha256)), "global manifest field 'payload_sha256' is not a sha256")
+        _check(self.payload_bytes > 0, "global manifest field 'payload_bytes' must be positive")
+        _check(set(self.data_window) <= {"start", "end"}, "global manifest field 'data_window' allows start and end")
+        try:
+            datetime.fromisoformat(self.deadline)
+        except ValueError:
+            raise ManifestError("global manifest field 'deadline' is not an ISO-8601 time") from None
+
+
+@dataclass(frozen=True)
+class UpdateManifest(_Manifest):
+    """What a client writes after training: the commit marker of its update."""
+
+    kind: ClassVar[str] = "update"
+    client_id: str
+    federation: str
+    round_id: str
+    base_model_version: str
+    base_sha256: str
+    num_examples: int
+    codec: str
+    payload_sha256: str
+    payload_bytes: int
+    metrics: dict = field(default_factory=dict)  # local train/eval metrics, floats only
+    drift: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    signature: str = ""
+    created_at: str = ""
+
+    MAX_EXAMPLES: ClassVar[int] = 10**12
+
+    def validate(self) -> None:
+        validate_round_id(self.round_id)
+        _check(bool(NAME_PATTERN.match(self.client_id)),
+               "update manifest field 'client_id' is not a valid client id")
+        for name in ("base_sha256", "payload_sha256"):
+            _check(bool(SHA256_PATTERN.match(getattr(self, name))), f"update manifest field '{name}' is not a sha256")
+        _check(0 < self.num_examples < self.MAX_EXAMPLES,
+               f"update manifest field 'num_examples' must be in 1..{self.MAX_EXAMPLES - 1}, got {self.num_examples}")
+        _check(self.payload_bytes > 0, "update manifest field 'payload_bytes' must be positive")
+        _check(self.codec == "fp32", f"update manifest field 'codec' is unknown: {self.codec!r}")
+        for name in ("metrics", "drift", "timings"):
+            values = getattr(self, name)
+            _check(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for k, v in values.items()), f"update manifest field '{name}' must map names to numbers")

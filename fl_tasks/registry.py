@@ -1,0 +1,126 @@
+"""MLflow: one run per round, one registered version per candidate, alias `champion`.
+
+Stages are deprecated in MLflow 3; lifecycle lives in the `champion` alias and version tags:
+`fl.decision` is `promoted` or `rejected` (with `fl.rejected_reason`). Every call is safe to
+repeat for the same round: versions are found again by their `fl.round_id` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_tasks.config import FederationSpec
+
+CHAMPION = "champion"
+TAG = "fl."
+
+
+@dataclass(frozen=True)
+class ChampionRef:
+    version: str
+    weights_uri: str  # s3://coordinator-bucket/<F>/rounds/<R>/candidate/model.safetensors
+    weights_sha256: str
+    round_id: str
+
+
+def _client(spec: FederationSpec):
+    import mlflow
+    from mlflow import MlflowClient
+
+    if spec.mlflow.tracking_uri:
+        mlflow.set_tracking_uri(spec.mlflow.tracking_uri)
+    return MlflowClient()
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="Global model of a federation, one version per round")
+        except MlflowException:
+            client.get_registered_model(name)  # created concurrently: fine if it exists now
+
+
+def get_champion(spec: FederationSpec) -> ChampionRef | None:
+    from mlflow.exceptions import MlflowException
+
+    client = _client(spec)
+    try:
+        version = client.get_model_version_by_alias(spec.model_name, CHAMPION)
+    except MlflowException:
+        return None
+    tags = version.tags
+    return ChampionRef(str(version.version), tags[f"{TAG}weights_uri"], tags[f"{TAG}weights_sha256"], tags[f"{TAG}round_id"])
+
+
+def find_round_version(spec: FederationSpec, round_id: str):
+    """The model version already registered for this round, if any (re-runs reuse it)."""
+    client = _client(spec)
+    found = client.search_model_versions(f"name = '{spec.model_name}' and tag.`{TAG}round_id` = '{round_id}'")
+    return found[0] if found else None
+
+
+def _experiment_id(client, spec: FederationSpec) -> str:
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(spec.experiment_name, tags={f"{TAG}federation": spec.federation})
+
+
+def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_run_id: str, base_version: str,
+                       weights_uri: str, weights_sha256: str, params: dict[str, Any], metrics: dict[str, float],
+                       report: dict[str, Any]) -> str:
+    """Log the round's MLflow run and register the candidate; returns the version number."""
+    import mlflow
+    import mlflow.pytorch
+
+    existing = find_round_version(spec, round_id)
+    if existing is not None:
+        return str(existing.version)
+    client = _client(spec)
+    _ensure_registered_model(client, spec.model_name)
+    tags = {f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id, f"{TAG}airflow_run_id": airflow_run_id,
+            f"{TAG}base_version": base_version}
+    with mlflow.start_run(experiment_id=_experiment_id(client, spec), run_name=f"round-{round_id}", tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "round_report.json"
+            path.write_text(json.dumps(report, indent=2, sort_keys=True))
+            mlflow.log_artifact(str(path))
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
+            pip_requirements=["torch==2.13.0", "numpy==2.4.6"],
+        )
+    version = client.create_model_version(
+        spec.model_name, source=info.model_uri, run_id=run.info.run_id,
+        tags={**tags, f"{TAG}weights_uri": weights_uri, f"{TAG}weights_sha256": weights_sha256,
+              f"{TAG}decision": "pending"},
+        description=f"Federated round {round_id} of {spec.federation}",
+    )
+    return str(version.version)
+
+
+def promote(spec: FederationSpec, version: str) -> None:
+    """Move `champion` to this version (a no-op when it is already there)."""
+    client = _client(spec)
+    client.set_model_version_tag(spec.model_name, version, f"{TAG}decision", "promoted")
+    current = get_champion(spec)
+    if current is None or current.version != str(version):
+        client.set_registered_model_alias(spec.model_name, CHAMPION, version)
+
+
+def reject(spec: FederationSpec, version: str, reasons: list[str]) -> None:
+    """Keep the champion where it is; mark the candidate rejected with the failed gates."""
+    client = _client(spec)
+    client.set_model_version_tag(spec.model_name, version, f"{TAG}decision", "rejected")
+    client.set_model_version_tag(spec.model_name, version, f"{TAG}rejected_reason", "; ".join(reasons)[:4000])

@@ -1,0 +1,67 @@
+"""QuorumSensor: waits for the round's quorum without holding a worker slot."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from fl_airflow.triggers import QuorumTrigger
+
+
+class QuorumSensor(BaseSensorOperator):
+    """Succeeds when every client committed, or at the deadline when `min_clients` did.
+
+    Checks once on the worker; if the round is still open it defers to `QuorumTrigger` and
+    frees the slot. A round that misses quorum fails this task with the reason, and nothing
+    downstream builds a model.
+    """
+
+    template_fields = ("round_id",)
+
+    def __init__(self, *, federation_file: str, round_id: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.federation_file = federation_file
+        self.round_id = round_id
+
+    def _coordinator(self):
+        from fl_tasks.config import load_federation
+        from fl_tasks.coordinator import Coordinator
+
+        return Coordinator(load_federation(self.federation_file))
+
+    def _finish(self, coordinator, decision) -> dict[str, Any]:
+        record = coordinator.close_round(self.round_id, decision)
+        if record["state"] != "met":
+            raise AirflowFailException(record["reason"])
+        self.log.info("round %s closed: %s", self.round_id, record["reason"])
+        return {"round_id": self.round_id, "committed": record["committed"]}
+
+    def execute(self, context) -> dict[str, Any]:
+        from fl_tasks import protocol, quorum
+
+        coordinator = self._coordinator()
+        decision = coordinator.check_quorum(self.round_id)
+        if decision.state != quorum.WAITING:
+            return self._finish(coordinator, decision)
+        plan = coordinator.load_plan(self.round_id)
+        spec = coordinator.spec
+        manifests = {c.id: [c.bucket_name, protocol.update_manifest_key(c.prefix, spec.federation, self.round_id)]
+                     for c in spec.clients}
+        left = datetime.fromisoformat(plan.deadline) - datetime.now(timezone.utc)
+        self.log.info("round %s: %s; deferring until quorum or %s", self.round_id, decision.reason, plan.deadline)
+        self.defer(
+            trigger=QuorumTrigger(round_id=self.round_id, manifests=manifests, deadline=plan.deadline,
+                                  min_clients=int(plan.settings["min_clients"]),
+                                  poll_interval=spec.quorum.poll_interval_seconds, endpoint_url=spec.endpoint_url),
+            method_name="execute_complete",
+            timeout=max(left, timedelta(0)) + timedelta(minutes=10),
+        )
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        from fl_tasks.quorum import QuorumDecision
+
+        decision = QuorumDecision(event["state"], tuple(event["committed"]), event["reason"])
+        return self._finish(self._coordinator(), decision)

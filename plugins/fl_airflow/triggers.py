@@ -1,0 +1,67 @@
+"""QuorumTrigger: polls the clients' update manifests asynchronously inside the triggerer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from fl_tasks import quorum
+
+
+class QuorumTrigger(BaseTrigger):
+    """Fires once the round may close: all clients committed, or the deadline passed.
+
+    Holds only serialisable fields: for each expected client the (bucket, manifest key) to
+    look for, the deadline, `min_clients` and the S3 endpoint. Credentials come from the
+    triggerer's environment (the standard AWS chain), never from the serialised trigger.
+    """
+
+    def __init__(self, round_id: str, manifests: dict[str, list[str]], deadline: str, min_clients: int,
+                 poll_interval: float = 10.0, endpoint_url: str | None = None):
+        super().__init__()
+        self.round_id = round_id
+        self.manifests = manifests  # client id -> [bucket, key]
+        self.deadline = deadline
+        self.min_clients = min_clients
+        self.poll_interval = poll_interval
+        self.endpoint_url = endpoint_url
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("fl_airflow.triggers.QuorumTrigger", {
+            "round_id": self.round_id, "manifests": self.manifests, "deadline": self.deadline,
+            "min_clients": self.min_clients, "poll_interval": self.poll_interval, "endpoint_url": self.endpoint_url,
+        })
+
+    async def _committed(self, client) -> list[str]:
+        async def exists(bucket: str, key: str) -> bool:
+            try:
+                await client.head_object(Bucket=bucket, Key=key)
+                return True
+            except client.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        ids = list(self.manifests)
+        found = await asyncio.gather(*(exists(*self.manifests[i]) for i in ids))
+        return [i for i, ok in zip(ids, found) if ok]
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from aiobotocore.session import get_session
+
+        deadline = datetime.fromisoformat(self.deadline)
+        async with get_session().create_client("s3", endpoint_url=self.endpoint_url) as client:
+            while True:
+                committed = await self._committed(client)
+                decision = quorum.decide(committed, list(self.manifests), self.min_clients, deadline,
+                                         datetime.now(timezone.utc))
+                self.log.info("round %s: %s", self.round_id, decision.reason)
+                if decision.state != quorum.WAITING:
+                    yield TriggerEvent({"state": decision.state, "committed": list(decision.committed),
+                                        "reason": decision.reason})
+                    return
+                await asyncio.sleep(self.poll_interval)

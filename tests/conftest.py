@@ -1,0 +1,85 @@
+"""Shared fixtures: a real S3-speaking server (moto) on loopback, federation files."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+# Airflow reads its config at import: keep in-process DagBag parsing away from ~/airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="fl-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+import pytest
+import yaml
+
+from fl_tasks.embedded import S3Server
+
+REPO = Path(__file__).resolve().parent.parent
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server for the session; tests use distinct bucket names."""
+    saved = {k: os.environ.get(k) for k in ("FL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        os.environ.update({"FL_S3_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"})
+        yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store per test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def federation_doc(num_clients: int = 3, **overrides) -> dict:
+    """A small synthetic-data federation with bucket names unique to this test session."""
+    n = next(_names)
+    name = overrides.pop("federation", f"test-{n}")
+    doc = {
+        "federation": name,
+        "coordinator": {"bucket": f"coord-{n}"},
+        "clients": [{"id": f"silo-{i}", "bucket": f"s3://silo-{n}-{i}"} for i in range(num_clients)],
+        "quorum": {"min_clients": 2, "round_timeout_minutes": 2, "poll_interval_seconds": 0.5},
+        "model": {"hidden": [16, 8], "seed": 3},
+        "training": {"local_epochs": 2, "learning_rate": 0.01, "batch_size": 128},
+        "gates": {"min_roc_auc": 0.6, "min_pr_auc": 0.0, "max_regression": 0.05},
+        "data": {"dataset": "synthetic", "synthetic_rows": 6000, "seed": 5},
+        "mlflow": {"model_name": f"{name}-model"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    return doc
+
+
+@pytest.fixture
+def write_federation(tmp_path):
+    """Write a federation YAML and return its path."""
+
+    def write(folder: Path | None = None, **overrides) -> Path:
+        doc = federation_doc(**overrides)
+        folder = folder or tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{doc['federation']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    return write

@@ -1,0 +1,169 @@
+"""A whole round through the coordinator's steps, without Airflow: moto S3, SQLite MLflow,
+in-process client runtimes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from fl_tasks import protocol, quorum
+from fl_tasks.aggregation.mean import weighted_mean
+from fl_tasks.client import ClientRuntime
+from fl_tasks.codec import decode_state
+from fl_tasks.config import load_federation
+from fl_tasks.coordinator import Coordinator, RoundFailed, RunContext, run_round
+from fl_tasks.datasets import dirichlet_partition, holdout_split, load_dataset
+from fl_tasks.embedded import create_buckets
+from fl_tasks.protocol import UpdateManifest
+
+
+@pytest.fixture
+def federation(s3_server, mlflow_uri, write_federation):
+    spec = load_federation(write_federation())
+    coordinator = Coordinator(spec)
+    create_buckets(spec, coordinator.store)
+    pool = holdout_split(load_dataset("synthetic", seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows),
+                         seed=spec.data.seed)[0]
+    parts = dirichlet_partition(pool.y, len(spec.clients), alpha=1.0, seed=1, min_rows=200)
+    clients = {c.id: ClientRuntime(c.id, spec.federation, c.bucket, pool.take(p), coordinator.store)
+               for c, p in zip(spec.clients, parts)}
+    return spec, coordinator, clients
+
+
+def read_json(coordinator, round_id, name):
+    return json.loads(coordinator.store.get_bytes(coordinator.bucket, coordinator.round_key(round_id, name)))
+
+
+def test_full_round_promotes_and_fedavg_matches_the_formula(federation):
+    spec, coordinator, clients = federation
+    round_id = coordinator.prepare(RunContext(run_id="run-a"))
+    assert round_id == "000001"
+    assert coordinator.dispatch(round_id) == list(clients)
+    assert coordinator.check_quorum(round_id).state == quorum.WAITING
+    for runtime in clients.values():
+        assert runtime.answer(round_id)
+    decision = coordinator.check_quorum(round_id)
+    assert decision.state == quorum.MET and decision.committed == tuple(sorted(clients))
+    coordinator.close_round(round_id, decision)
+    summary = coordinator.aggregate(round_id)
+    assert [a["client_id"] for a in summary["accepted"]] == sorted(clients) and summary["rejected"] == []
+
+    updates = []
+    for client in spec.clients:
+        payload = coordinator.store.get_bytes(client.bucket_name,
+                                              protocol.update_payload_key("", spec.federation, round_id))
+        manifest = UpdateManifest.from_json(coordinator.store.get_bytes(
+            client.bucket_name, protocol.update_manifest_key("", spec.federation, round_id)))
+        updates.append((decode_state(payload), manifest.num_examples))
+    expected = weighted_mean(updates)
+    candidate = decode_state(coordinator.store.get_bytes(coordinator.bucket,
+                                                         coordinator.round_key(round_id, "candidate/model.safetensors")))
+    for name, value in expected.items():
+        np.testing.assert_allclose(candidate[name], value, rtol=1e-6)
+        assert candidate[name].dtype == value.dtype
+    counters = [k for k in candidate if k.endswith("num_batches_tracked")]
+    assert counters and all(int(candidate[k]) > 0 for k in counters)  # integer buffers are not zeroed
+
+    result = coordinator.validate(round_id)
+    assert result["passed"] and result["champion"] is None
+    version = coordinator.register(round_id)
+    assert coordinator.register(round_id) == version  # a re-run registers nothing new
+    assert coordinator.decide(round_id) == "promote"
+    coordinator.promote(round_id)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(spec.model_name, "champion").version) == version
+    assert len(client.search_model_versions(f"name = '{spec.model_name}'")) == 1
+    report = coordinator.summarize(round_id)
+    assert report["decision"] == "promoted" and report["version"] == version
+
+    # The next round starts from that champion.
+    next_round = coordinator.prepare(RunContext(run_id="run-b"))
+    assert next_round == "000002"
+    assert coordinator.load_plan(next_round).base_version == version
+
+
+def test_prepare_and_dispatch_are_idempotent(federation):
+    spec, coordinator, _ = federation
+    first = coordinator.prepare(RunContext(run_id="same-run"))
+    plan = read_json(coordinator, first, "plan.json")
+    assert coordinator.prepare(RunContext(run_id="same-run")) == first
+    assert read_json(coordinator, first, "plan.json") == plan
+    coordinator.dispatch(first)
+    client = spec.clients[0]
+    key = protocol.global_manifest_key("", spec.federation, first)
+    before = coordinator.store.get_bytes(client.bucket_name, key)
+    coordinator.dispatch(first)
+    assert coordinator.store.get_bytes(client.bucket_name, key) == before
+
+
+def test_an_explicit_round_id_cannot_be_reused_by_another_run(federation):
+    _, coordinator, _ = federation
+    coordinator.prepare(RunContext(run_id="one", params={"round_id": "r-1"}))
+    with pytest.raises(RoundFailed, match="already belongs to run 'one'"):
+        coordinator.prepare(RunContext(run_id="two", params={"round_id": "r-1"}))
+
+
+def test_scheduled_rounds_are_named_after_the_data_interval(federation):
+    _, coordinator, _ = federation
+    round_id = coordinator.prepare(RunContext(run_id="sched", run_type="scheduled",
+                                              data_interval_start="2013-09-01T06:00:00+00:00",
+                                              data_interval_end="2013-09-01T12:00:00+00:00"))
+    assert round_id == "20130901T060000"
+    assert coordinator.load_plan(round_id).data_window == {"start": "2013-09-01T06:00:00+00:00",
+                                                           "end": "2013-09-01T12:00:00+00:00"}
+
+
+def test_a_tampered_update_is_rejected_and_the_round_goes_on(federation):
+    spec, coordinator, clients = federation
+    round_id = coordinator.prepare(RunContext(run_id="tamper"))
+    coordinator.dispatch(round_id)
+    for runtime in clients.values():
+        runtime.answer(round_id)
+    victim = spec.clients[1]
+    coordinator.store.put_bytes(victim.bucket_name, protocol.update_payload_key("", spec.federation, round_id),
+                                b"not the payload the manifest describes")
+    coordinator.close_round(round_id, coordinator.check_quorum(round_id))
+    summary = coordinator.aggregate(round_id)
+    assert [r["client_id"] for r in summary["rejected"]] == [victim.id]
+    assert "sha256 does not match" in summary["rejected"][0]["reason"]
+    assert len(summary["accepted"]) == 2
+    assert abs(sum(a["weight"] for a in summary["accepted"]) - 1) < 1e-12
+
+
+def test_gate_failure_rolls_back_and_keeps_the_champion(federation):
+    spec, coordinator, clients = federation
+    # The first round promotes; the second demands the impossible and must roll back.
+    first = run_round_with_clients(spec, RunContext(run_id="first"), clients)
+    assert first["decision"] == "promoted"
+    second = run_round_with_clients(spec, RunContext(run_id="second", params={"min_pr_auc": 1.0}), clients)
+    assert second["decision"] == "rejected" and "pr_auc" in second["reason"]
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(spec.model_name, "champion").version) == first["version"]
+    rejected = client.get_model_version(spec.model_name, second["version"])
+    assert rejected.tags["fl.decision"] == "rejected" and "1.0000" in rejected.tags["fl.rejected_reason"]
+
+
+def run_round_with_clients(spec, ctx, clients):
+    coordinator = Coordinator(spec)
+    round_id = coordinator.prepare(ctx)
+    coordinator.dispatch(round_id)
+    for runtime in clients.values():
+        runtime.answer(round_id)
+    return run_round(spec, ctx, poll_seconds=0.1)
+
+
+def test_missing_quorum_records_the_reason_and_builds_nothing(federation):
+    spec, coordinator, clients = federation
+    ctx = RunContext(run_id="lonely", params={"round_timeout_minutes": 0.01})
+    round_id = coordinator.prepare(ctx)
+    coordinator.dispatch(round_id)
+    next(iter(clients.values())).answer(round_id)
+    report = run_round(spec, ctx, poll_seconds=0.1)
+    assert report["decision"] == "no_model" and report["clients_committed"] == 1
+    assert "quorum not met: 1 of 3" in report["reason"]
+    with pytest.raises(RoundFailed, match="quorum not met"):
+        coordinator.aggregate(round_id)
+    assert MlflowClient().search_model_versions(f"name = '{spec.model_name}'") == []

@@ -1,0 +1,114 @@
+"""Real DAG runs (`airflow dags test`) against a moto S3 server and a real MLflow store,
+with three simulated silos running as separate `fl-client` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from fl_tasks.config import load_federation
+from fl_tasks.coordinator import Coordinator
+from fl_tasks.embedded import airflow, create_buckets, service_env
+from fl_tasks.simulate import SiloProcesses, prepare_silos
+from fl_tasks.storage import ObjectStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(s3_server, tmp_path_factory):
+    """An Airflow home on SQLite, an MLflow store, two federations; silos only for the first."""
+    import yaml
+
+    from tests.conftest import federation_doc
+
+    state = tmp_path_factory.mktemp("stack")
+    federations = state / "federations"
+    federations.mkdir()
+    active = federation_doc(federation="itest")
+    # Nobody serves this one: its rounds can only miss quorum.
+    idle = federation_doc(federation="itest-idle", quorum={"min_clients": 2, "round_timeout_minutes": 0.1})
+    for doc in (active, idle):
+        (federations / f"{doc['federation']}.yaml").write_text(yaml.safe_dump(doc))
+    env = service_env(state, s3_server.endpoint_url, federations)
+    env.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    saved = dict(os.environ)
+    os.environ.update(env)
+    specs = {name: load_federation(federations / f"{name}.yaml") for name in ("itest", "itest-idle")}
+    store = ObjectStore(s3_server.endpoint_url)
+    for spec in specs.values():
+        create_buckets(spec, store)
+    migrated = airflow(["db", "migrate"], env)
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    paths = prepare_silos(specs["itest"], state)
+    silos = SiloProcesses(specs["itest"], paths, state / "silo-logs", poll_seconds=0.5).start()
+    try:
+        yield {"env": env, "specs": specs, "store": store, "state": state}
+    finally:
+        silos.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_round(stack, federation: str, conf: dict | None = None):
+    spec = stack["specs"][federation]
+    args = ["dags", "test", spec.dag_id]
+    if conf:
+        args += ["--conf", json.dumps(conf)]
+    result = airflow(args, stack["env"], timeout=600)
+    return result, spec
+
+
+def latest_report(stack, federation: str) -> dict:
+    spec = stack["specs"][federation]
+    coordinator = Coordinator(spec, stack["store"])
+    prefix = f"{spec.federation}/rounds/"
+    reports = sorted(k for k in stack["store"].list_keys(spec.coordinator_bucket, prefix) if k.endswith("/report.json"))
+    assert reports, f"no round report under s3://{spec.coordinator_bucket}/{prefix}"
+    return json.loads(stack["store"].get_bytes(coordinator.bucket, reports[-1]))
+
+
+def test_round_promotes_and_sets_champion(stack):
+    result, spec = run_round(stack, "itest")
+    report = latest_report(stack, "itest")
+    assert report["decision"] == "promoted", (report, result.stdout[-4000:])
+    assert report["clients_committed"] == 3 and len(report["clients_accepted"]) == 3
+    client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(spec.model_name, "champion")
+    assert str(champion.version) == report["version"]
+    assert champion.tags["fl.round_id"] == report["round_id"]
+    assert champion.tags["fl.federation"] == "itest"
+    assert champion.tags["fl.base_version"] == "seed"
+    assert champion.tags["fl.airflow_run_id"] == report["run_id"]
+    run = client.get_run(champion.run_id)
+    assert run.data.params["participating_clients"] == "silo-0,silo-1,silo-2"
+    assert abs(sum(v for k, v in run.data.metrics.items() if k.startswith("weight_")) - 1.0) < 1e-9
+
+
+def test_round_failing_a_gate_rolls_back(stack):
+    spec = stack["specs"]["itest"]
+    client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
+    before = str(client.get_model_version_by_alias(spec.model_name, "champion").version)
+    run_round(stack, "itest", {"min_roc_auc": 0.9999})
+    report = latest_report(stack, "itest")
+    assert report["decision"] == "rejected", report
+    assert str(client.get_model_version_by_alias(spec.model_name, "champion").version) == before
+    rejected = client.get_model_version(spec.model_name, report["version"])
+    assert rejected.tags["fl.decision"] == "rejected"
+    assert "roc_auc" in rejected.tags["fl.rejected_reason"] and "0.9999" in rejected.tags["fl.rejected_reason"]
+    assert rejected.tags["fl.base_version"] == before  # the round started from the champion
+
+
+def test_round_missing_quorum_ends_without_a_model(stack):
+    result, spec = run_round(stack, "itest-idle")
+    report = latest_report(stack, "itest-idle")
+    assert report["decision"] == "no_model"
+    assert "quorum not met: 0 of 3" in report["reason"]
+    client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
+    assert client.search_model_versions(f"name = '{spec.model_name}'") == []
+    # The sensor handed the wait to the triggerer instead of holding a worker slot.
+    assert "deferring until quorum" in result.stdout + result.stderr
+    assert "ended without a new model" in result.stdout + result.stderr
