@@ -9,6 +9,22 @@ import numpy as np
 StateDict = dict[str, np.ndarray]
 
 
+# Elements per step of the scaled add: the float64 temporary stays cache-sized instead of
+# costing a second full-size copy of the model.
+CHUNK = 1 << 16
+
+
+def _add_scaled(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
+    """acc += weight * value, in float64, chunk by chunk."""
+    flat_acc, flat_value = acc.reshape(-1), np.asarray(value).reshape(-1)
+    scratch = np.empty(min(CHUNK, flat_acc.size), dtype=np.float64)
+    for start in range(0, flat_acc.size, CHUNK):
+        stop = min(start + CHUNK, flat_acc.size)
+        part = scratch[: stop - start]
+        np.multiply(flat_value[start:stop], weight, out=part)
+        flat_acc[start:stop] += part
+
+
 class StreamingWeightedMean:
     """Running sum of w_i * x_i and of w_i, one client at a time.
 
@@ -37,21 +53,22 @@ class StreamingWeightedMean:
         for name, value in state.items():
             if value.shape != self._shapes[name]:
                 raise ValueError(f"tensor '{name}' has shape {value.shape}, expected {self._shapes[name]}")
-            # Accumulate in place: no temporary of the scaled tensor is kept around.
-            acc = self._sums[name]
-            acc += np.multiply(value, weight, dtype=np.float64)
+        for name, value in state.items():
+            _add_scaled(self._sums[name], value, float(weight))
         self.total_weight += float(weight)
         self.count += 1
 
     def result(self) -> StateDict:
+        """The weighted mean. Divides the accumulators in place, so call it once."""
         if self.count == 0:
             raise ValueError("no updates were added")
         out: StateDict = {}
-        for name, acc in self._sums.items():
-            mean = acc / self.total_weight
+        for name in list(self._sums):
+            mean = self._sums.pop(name)
+            mean /= self.total_weight
             dtype = self._dtypes[name]
             if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-                mean = np.rint(mean)
+                np.rint(mean, out=mean)
             out[name] = mean.astype(dtype)
         return out
 
