@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,15 @@ def champion_on_test(spec, coordinator: Coordinator) -> dict[str, float] | None:
     test = holdout_split(load_dataset(spec.data.dataset, seed=spec.data.seed), seed=spec.data.seed)[2]
     return {"version": champion.version, **evaluate(model, test)}
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and `kill` both end in the same clean shutdown, even when the shell that
+    # started us made SIGINT ignored (background jobs).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--federation", default=str(REPO / "federations" / "banks.yaml"))
     parser.add_argument("--rounds", type=int, default=5)
