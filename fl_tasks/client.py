@@ -38,9 +38,9 @@ class ClientRuntime:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not protocol.NAME_PATTERN.match(self.client_id):
+        if not protocol.NAME_PATTERN.fullmatch(self.client_id):
             raise ValueError(f"client id {self.client_id!r} must match {protocol.NAME_PATTERN.pattern}")
-        match = BUCKET_URI_PATTERN.match(self.bucket_uri)
+        match = BUCKET_URI_PATTERN.fullmatch(self.bucket_uri)
         if not match:
             raise ValueError(f"bucket {self.bucket_uri!r} must look like s3://bucket[/prefix]")
         self.bucket, self.prefix = match.group(1), (match.group(2) or "").strip("/")

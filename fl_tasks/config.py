@@ -38,11 +38,11 @@ class ClientSpec:
 
     @property
     def bucket_name(self) -> str:
-        return BUCKET_URI_PATTERN.match(self.bucket).group(1)
+        return BUCKET_URI_PATTERN.fullmatch(self.bucket).group(1)
 
     @property
     def prefix(self) -> str:
-        return (BUCKET_URI_PATTERN.match(self.bucket).group(2) or "").strip("/")
+        return (BUCKET_URI_PATTERN.fullmatch(self.bucket).group(2) or "").strip("/")
 
 
 @dataclass(frozen=True)
@@ -202,13 +202,13 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
                               f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(TOP_LEVEL)}")
 
     name = raw.get("federation")
-    _require(isinstance(name, str) and bool(ID_PATTERN.match(name)), source, "federation",
+    _require(isinstance(name, str) and bool(ID_PATTERN.fullmatch(name)), source, "federation",
              f"{name!r} is not a valid federation name",
              "use 1-40 lowercase letters, digits and dashes, e.g. 'banks-eu'")
 
     coordinator = raw.get("coordinator") or {}
     _require(isinstance(coordinator, dict) and isinstance(coordinator.get("bucket"), str)
-             and bool(BUCKET_URI_PATTERN.match(f"s3://{coordinator.get('bucket')}")),
+             and bool(BUCKET_URI_PATTERN.fullmatch(f"s3://{coordinator.get('bucket')}")),
              source, "coordinator.bucket", "missing or not a valid S3 bucket name",
              "set 'coordinator: {bucket: fl-coordinator}' (the coordinator's own bucket)")
 
@@ -227,10 +227,10 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         where = f"clients[{i}]"
         _require(isinstance(item, dict) and set(item) == {"id", "bucket"}, source, where,
                  "each client needs exactly 'id' and 'bucket'", "write '- {id: bank-a, bucket: s3://bank-a}'")
-        _require(isinstance(item["id"], str) and bool(ID_PATTERN.match(item["id"])), source, f"{where}.id",
+        _require(isinstance(item["id"], str) and bool(ID_PATTERN.fullmatch(item["id"])), source, f"{where}.id",
                  f"{item['id']!r} is not a valid client id",
                  "use 1-40 lowercase letters, digits and dashes (no slashes or dots)")
-        _require(isinstance(item["bucket"], str) and bool(BUCKET_URI_PATTERN.match(item["bucket"])),
+        _require(isinstance(item["bucket"], str) and bool(BUCKET_URI_PATTERN.fullmatch(item["bucket"])),
                  source, f"{where}.bucket", f"{item['bucket']!r} is not an S3 URI", "write it as 's3://bucket[/prefix]'")
         clients.append(ClientSpec(id=item["id"], bucket=item["bucket"].rstrip("/")))
     ids = [c.id for c in clients]

@@ -38,7 +38,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 def validate_round_id(round_id: str) -> str:
-    if not isinstance(round_id, str) or not ROUND_ID_PATTERN.match(round_id):
+    if not isinstance(round_id, str) or not ROUND_ID_PATTERN.fullmatch(round_id):
         raise ValueError(f"round id {round_id!r} must match {ROUND_ID_PATTERN.pattern}")
     return round_id
 
@@ -155,8 +155,8 @@ class GlobalManifest(_Manifest):
     created_at: str
 
     def validate(self) -> None:
-        validate_round_id(self.round_id)
-        _check(bool(SHA256_PATTERN.match(self.payload_sha256)), "global manifest field 'payload_sha256' is not a sha256")
+        _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), f"{self.kind} manifest field 'round_id' is not a valid round id")
+        _check(bool(SHA256_PATTERN.fullmatch(self.payload_sha256)), "global manifest field 'payload_sha256' is not a sha256")
         _check(self.payload_bytes > 0, "global manifest field 'payload_bytes' must be positive")
         _check(set(self.data_window) <= {"start", "end"}, "global manifest field 'data_window' allows start and end")
         try:
@@ -188,11 +188,11 @@ class UpdateManifest(_Manifest):
     MAX_EXAMPLES: ClassVar[int] = 10**12
 
     def validate(self) -> None:
-        validate_round_id(self.round_id)
-        _check(bool(NAME_PATTERN.match(self.client_id)),
+        _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), f"{self.kind} manifest field 'round_id' is not a valid round id")
+        _check(bool(NAME_PATTERN.fullmatch(self.client_id)),
                "update manifest field 'client_id' is not a valid client id")
         for name in ("base_sha256", "payload_sha256"):
-            _check(bool(SHA256_PATTERN.match(getattr(self, name))), f"update manifest field '{name}' is not a sha256")
+            _check(bool(SHA256_PATTERN.fullmatch(getattr(self, name))), f"update manifest field '{name}' is not a sha256")
         _check(0 < self.num_examples < self.MAX_EXAMPLES,
                f"update manifest field 'num_examples' must be in 1..{self.MAX_EXAMPLES - 1}, got {self.num_examples}")
         _check(self.payload_bytes > 0, "update manifest field 'payload_bytes' must be positive")

@@ -1,0 +1,249 @@
+"""fl_tasks/aggregation: FedAvg = sum_i n_i x_i / sum_i n_i, streamed one client at a time."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from fl_tasks import aggregation
+from fl_tasks.aggregation import STRATEGY_NAMES, build
+from fl_tasks.aggregation.fedavg import FedAvg
+from fl_tasks.aggregation.mean import CHUNK, StreamingWeightedMean, weighted_mean
+
+
+def fedavg(updates, base=None):
+    updates = list(updates)
+    if base is None:
+        base = {k: np.zeros_like(v) for k, v in updates[0][0].items()}
+    return FedAvg().aggregate(base, updates)
+
+
+# --- hand-computed ---------------------------------------------------------------------------
+
+
+def test_two_clients_weights_one_and_three():
+    a = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([[0.0, 4.0]], dtype=np.float32)}
+    b = {"w": np.array([5.0, 10.0], dtype=np.float32), "b": np.array([[8.0, -4.0]], dtype=np.float32)}
+    out = fedavg([(a, 1), (b, 3)])
+    # w: (1*1 + 3*5)/4 = 4, (1*2 + 3*10)/4 = 8;  b: (0 + 24)/4 = 6, (4 - 12)/4 = -2
+    np.testing.assert_array_equal(out["w"], np.array([4.0, 8.0], dtype=np.float32))
+    np.testing.assert_array_equal(out["b"], np.array([[6.0, -2.0]], dtype=np.float32))
+    assert out["w"].dtype == np.float32 and out["b"].shape == (1, 2)
+
+
+def test_integer_buffers_are_rounded_weighted_means_in_their_dtype():
+    a = {"n": np.array(10, dtype=np.int64), "m": np.array([10, 0, 7], dtype=np.int32)}
+    b = {"n": np.array(15, dtype=np.int64), "m": np.array([13, 1, 7], dtype=np.int32)}
+    out = fedavg([(a, 1), (b, 3)])
+    # n: (10 + 45)/4 = 13.75 -> 14 (truncation would give 13, a float cast of an int buffer 0)
+    assert out["n"].dtype == np.int64 and out["n"].shape == ()
+    assert int(out["n"]) == 14
+    # m: (10 + 39)/4 = 12.25 -> 12; (0 + 3)/4 = 0.75 -> 1; 7 -> 7
+    assert out["m"].dtype == np.int32
+    np.testing.assert_array_equal(out["m"], np.array([12, 1, 7], dtype=np.int32))
+
+
+def test_bool_buffers_keep_their_dtype():
+    a = {"mask": np.array([True, True, False])}
+    b = {"mask": np.array([False, True, False])}
+    out = fedavg([(a, 3), (b, 1)])  # 0.75, 1, 0
+    assert out["mask"].dtype == np.bool_
+    np.testing.assert_array_equal(out["mask"], [True, True, False])
+
+
+def test_single_client_returns_its_own_state():
+    rng = np.random.default_rng(1)
+    state = {"w": rng.standard_normal((7, 5)).astype(np.float32), "n": np.array(123, dtype=np.int64),
+             "d": rng.standard_normal(3)}
+    out = fedavg([(state, 42)])
+    for name, value in state.items():
+        assert out[name].dtype == value.dtype and out[name].shape == value.shape
+        np.testing.assert_allclose(out[name], value, rtol=1e-7, atol=0)
+    assert int(out["n"]) == 123
+
+
+def test_equal_states_average_to_themselves():
+    state = {"w": np.full((3, 3), 0.1, dtype=np.float32)}
+    out = fedavg([(state, 7), (state, 11), (state, 13)])
+    np.testing.assert_allclose(out["w"], state["w"], rtol=1e-7)
+
+
+# --- against the formula -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_clients", [2, 3, 4, 7])
+def test_random_inputs_match_the_formula(num_clients):
+    rng = np.random.default_rng(num_clients)
+    shapes = {"a": (5, 4), "b": (4,), "c": (2, 3, 2), "scalar": ()}
+    states = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(num_clients)]
+    weights = rng.integers(1, 10_000, size=num_clients)
+    out = fedavg(zip(states, weights.tolist()))
+    for name in shapes:
+        stacked = np.stack([s[name].astype(np.float64) for s in states])
+        expected = np.tensordot(weights.astype(np.float64), stacked, axes=1) / weights.sum()
+        assert out[name].dtype == np.float32 and out[name].shape == shapes[name]
+        np.testing.assert_allclose(out[name], expected.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_tensor_larger_than_one_chunk_matches_the_formula():
+    rng = np.random.default_rng(5)
+    size = 2 * CHUNK + 123  # several chunk steps plus a partial one
+    states = [{"w": rng.standard_normal(size).astype(np.float32)} for _ in range(3)]
+    weights = [2.0, 5.0, 0.5]
+    out = weighted_mean(zip(states, weights))
+    expected = sum(w * s["w"].astype(np.float64) for s, w in zip(states, weights)) / sum(weights)
+    np.testing.assert_allclose(out["w"], expected.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_float_weights_in_weighted_mean():
+    out = weighted_mean([({"x": np.array([0.0])}, 0.25), ({"x": np.array([1.0])}, 0.75)])
+    assert out["x"].dtype == np.float64
+    assert out["x"][0] == pytest.approx(0.75)
+
+
+def test_inputs_are_not_modified():
+    a = {"w": np.array([1.0, 2.0], dtype=np.float32)}
+    b = {"w": np.array([3.0, 4.0], dtype=np.float32)}
+    fedavg([(a, 1), (b, 1)])
+    np.testing.assert_array_equal(a["w"], [1.0, 2.0])
+    np.testing.assert_array_equal(b["w"], [3.0, 4.0])
+
+
+def test_accumulator_counts_and_total_weight():
+    acc = StreamingWeightedMean()
+    acc.add({"x": np.ones(2)}, 2)
+    acc.add({"x": np.ones(2)}, 3.5)
+    assert acc.count == 2
+    assert acc.total_weight == 5.5
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def test_update_keys_must_match_the_base():
+    base = {"w": np.zeros(2, dtype=np.float32), "b": np.zeros(1, dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"keys differ from the base model: \['b'\]"):
+        FedAvg().aggregate(base, [({"w": np.ones(2, dtype=np.float32)}, 1)])
+    extra = {"w": np.ones(2, dtype=np.float32), "b": np.ones(1, dtype=np.float32), "x": np.ones(1)}
+    with pytest.raises(ValueError, match=r"\['x'\]"):
+        FedAvg().aggregate(base, [(extra, 1)])
+
+
+def test_streaming_mean_rejects_key_mismatch_between_updates():
+    acc = StreamingWeightedMean()
+    acc.add({"w": np.ones(2)}, 1)
+    with pytest.raises(ValueError, match="keys differ from the first update"):
+        acc.add({"v": np.ones(2)}, 1)
+
+
+def test_shape_mismatch_rejected():
+    base = {"w": np.zeros((2, 3), dtype=np.float32)}
+    good = {"w": np.ones((2, 3), dtype=np.float32)}
+    bad = {"w": np.ones((3, 2), dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"tensor 'w' has shape \(3, 2\), expected \(2, 3\)"):
+        FedAvg().aggregate(base, [(good, 1), (bad, 1)])
+
+
+def test_rejected_update_leaves_the_accumulator_untouched():
+    acc = StreamingWeightedMean()
+    acc.add({"w": np.array([1.0, 1.0]), "v": np.array([2.0])}, 1)
+    with pytest.raises(ValueError):
+        # 'w' would fit, 'v' does not: nothing of this update may be added.
+        acc.add({"w": np.array([100.0, 100.0]), "v": np.array([1.0, 2.0])}, 1)
+    acc.add({"w": np.array([3.0, 5.0]), "v": np.array([4.0])}, 1)
+    out = acc.result()
+    np.testing.assert_array_equal(out["w"], [2.0, 3.0])
+    np.testing.assert_array_equal(out["v"], [3.0])
+    assert acc.count == 2
+
+
+@pytest.mark.parametrize("weight", [0, -1, -0.5, float("nan")])
+def test_non_positive_weight_rejected(weight):
+    with pytest.raises(ValueError, match="weight must be positive"):
+        fedavg([({"w": np.ones(2, dtype=np.float32)}, weight)])
+
+
+def test_no_updates_raises():
+    with pytest.raises(ValueError, match="no updates"):
+        FedAvg().aggregate({"w": np.zeros(1)}, [])
+    with pytest.raises(ValueError, match="no updates"):
+        weighted_mean(iter(()))
+
+
+# --- build -------------------------------------------------------------------------------------------
+
+
+def test_build_fedavg():
+    strategy = build("fedavg")
+    assert isinstance(strategy, FedAvg)
+    assert strategy.name == "fedavg"
+    assert "fedavg" in STRATEGY_NAMES
+    out = strategy.aggregate({"x": np.zeros(1)}, [({"x": np.array([2.0])}, 1), ({"x": np.array([4.0])}, 1)])
+    assert out["x"][0] == 3.0
+
+
+def test_build_unknown_name_lists_allowed_names():
+    with pytest.raises(ValueError) as info:
+        build("nope")
+    assert "'nope'" in str(info.value)
+    for name in STRATEGY_NAMES:
+        assert name in str(info.value)
+
+
+def test_build_unknown_parameter_rejected():
+    with pytest.raises(ValueError) as info:
+        build("fedavg", bogus=1)
+    assert "'fedavg'" in str(info.value) and "['bogus']" in str(info.value)
+    assert not isinstance(info.value, TypeError)
+
+
+def test_module_exports():
+    assert set(aggregation.__all__) == {"STRATEGY_NAMES", "Strategy", "build"}
+
+
+# --- streaming: peak memory does not grow with the number of clients ------------------------------------
+
+MODEL_SHAPES = {"layer.weight": (1024, 1000), "layer.bias": (1024,), "bn.num_batches_tracked": ()}  # ~1M floats
+
+
+def lazy_updates(num_clients: int):
+    """Each client's state is made only when the aggregator asks for it."""
+    for i in range(num_clients):
+        rng = np.random.default_rng(i)
+        state = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in MODEL_SHAPES.items()
+                 if shape}
+        state["bn.num_batches_tracked"] = np.array(100 + i, dtype=np.int64)
+        yield state, 100 + i
+
+
+def peak_bytes(num_clients: int, base) -> tuple[int, dict]:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out = FedAvg().aggregate(base, lazy_updates(num_clients))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, out
+
+
+def test_aggregate_streams_over_a_generator():
+    base = {name: np.zeros(shape, dtype=np.int64 if not shape else np.float32) for name, shape in MODEL_SHAPES.items()}
+    model_bytes = 4 * sum(int(np.prod(s)) for s in MODEL_SHAPES.values() if s)
+    peak_2, out_2 = peak_bytes(2, base)
+    peak_20, out_20 = peak_bytes(20, base)
+    # Holding all 20 updates at once would need 20 model copies; streaming needs about 4
+    # (float64 accumulator = 2, the update being read, the next one being made).
+    assert peak_20 < 1.5 * peak_2, (peak_2, peak_20)
+    assert peak_20 < 8 * model_bytes, (peak_20, model_bytes)
+    # And the answer is still the weighted mean: counters 100..119 weighted by 100..119.
+    w = np.arange(100, 120, dtype=np.float64)
+    assert int(out_20["bn.num_batches_tracked"]) == int(np.rint((w * w).sum() / w.sum()))
+    assert int(out_2["bn.num_batches_tracked"]) == int(np.rint((100 * 100 + 101 * 101) / 201))
+    # Spot-check one float entry against the formula.
+    first = [np.random.default_rng(i).standard_normal(1024 * 1000, dtype=np.float32)[:5] for i in range(2)]
+    expected = (100 * first[0].astype(np.float64) + 101 * first[1]) / 201
+    np.testing.assert_allclose(out_2["layer.weight"].reshape(-1)[:5], expected, rtol=1e-6, atol=1e-7)

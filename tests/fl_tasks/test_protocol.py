@@ -1,0 +1,297 @@
+"""fl_tasks/protocol.py: object keys, round ids and manifests with a strict schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from datetime import datetime
+
+import pytest
+
+from fl_tasks import protocol
+from fl_tasks.protocol import (MAX_MANIFEST_BYTES, PROTOCOL_VERSION, GlobalManifest, ManifestError, UpdateManifest,
+                               global_manifest_key, global_model_key, round_id_for_interval, round_id_for_number,
+                               round_prefix, rounds_listing_prefix, sha256_hex, update_manifest_key,
+                               update_payload_key, validate_round_id)
+
+SHA_A = hashlib.sha256(b"a").hexdigest()
+SHA_B = hashlib.sha256(b"b").hexdigest()
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def test_key_layout_without_prefix():
+    assert global_model_key("", "banks", "000001") == "banks/rounds/000001/global/model.safetensors"
+    assert global_manifest_key("", "banks", "000001") == "banks/rounds/000001/global/manifest.json"
+    assert update_payload_key("", "banks", "000001") == "banks/rounds/000001/update/update.safetensors"
+    assert update_manifest_key("", "banks", "000001") == "banks/rounds/000001/update/manifest.json"
+    assert round_prefix("", "banks", "000001") == "banks/rounds/000001"
+    assert rounds_listing_prefix("", "banks") == "banks/rounds/"
+
+
+def test_key_layout_with_client_prefix():
+    for prefix in ("silos/bank-a", "/silos/bank-a/"):
+        assert global_model_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/global/model.safetensors"
+        assert global_manifest_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/global/manifest.json"
+        assert update_payload_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/update/update.safetensors"
+        assert update_manifest_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/update/manifest.json"
+        assert rounds_listing_prefix(prefix, "banks") == "silos/bank-a/banks/rounds/"
+
+
+def test_keys_validate_the_round_id():
+    with pytest.raises(ValueError):
+        global_model_key("", "banks", "../../etc")
+    with pytest.raises(ValueError):
+        update_manifest_key("p", "banks", "a/b")
+
+
+# --- round ids --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("good", ["000001", "20240101T000000", "r", "manual-1", "a.b_c-d", "x" * 64])
+def test_valid_round_ids(good):
+    assert validate_round_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 65, ".hidden", "-x", "a b", "abc\n", "a\\b", None, 1])
+def test_invalid_round_ids(bad):
+    with pytest.raises(ValueError, match="round id"):
+        validate_round_id(bad)
+
+
+def test_round_id_helpers():
+    assert round_id_for_interval(datetime(2024, 3, 5, 7, 8, 9)) == "20240305T070809"
+    assert round_id_for_number(7) == "000007"
+    assert round_id_for_number(123456) == "123456"
+    # Zero padding keeps lexical order equal to numeric order.
+    assert sorted(round_id_for_number(n) for n in (10, 9, 100)) == ["000009", "000010", "000100"]
+
+
+def test_sha256_hex():
+    assert sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+# --- manifests ---------------------------------------------------------------------------------
+
+
+def global_manifest(**changes) -> GlobalManifest:
+    values = dict(federation="banks", round_id="000001", model_name="banks-fraud-mlp", model_version="seed",
+                  model={"factory": "fraud_mlp", "input_dim": 30, "hidden": [64, 32]}, payload_sha256=SHA_A,
+                  payload_bytes=1234, training={"local_epochs": 1, "learning_rate": 0.001},
+                  data_window={"start": None, "end": "2013-09-02T00:00:00"},
+                  deadline="2024-01-01T00:10:00+00:00", created_at="2024-01-01T00:00:00+00:00")
+    values.update(changes)
+    return GlobalManifest(**values)
+
+
+def update_manifest(**changes) -> UpdateManifest:
+    values = dict(client_id="bank-a", federation="banks", round_id="000001", base_model_version="3",
+                  base_sha256=SHA_A, num_examples=5000, codec="fp32", payload_sha256=SHA_B, payload_bytes=99,
+                  metrics={"train_loss": 0.25, "train_rows": 5000}, drift={"l2": 0.5}, timings={"train": 1.5},
+                  signature="", created_at="2024-01-01T00:05:00+00:00")
+    values.update(changes)
+    return UpdateManifest(**values)
+
+
+def body_of(manifest) -> dict:
+    return json.loads(manifest.to_json())
+
+
+def encode(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+def test_global_manifest_round_trip():
+    m = global_manifest()
+    data = m.to_json()
+    body = json.loads(data)
+    assert body["kind"] == "global"
+    assert body["protocol"] == PROTOCOL_VERSION
+    assert body["payload_sha256"] == SHA_A
+    assert GlobalManifest.from_json(data) == m
+    # Canonical bytes: sorted keys, no spaces, so the same manifest always hashes the same.
+    assert data == json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_update_manifest_round_trip():
+    m = update_manifest()
+    assert UpdateManifest.from_json(m.to_json()) == m
+    assert body_of(m)["kind"] == "update"
+
+
+def test_update_manifest_defaults_fill_optional_fields():
+    body = body_of(update_manifest())
+    for name in ("metrics", "drift", "timings", "signature", "created_at"):
+        del body[name]
+    m = UpdateManifest.from_json(encode(body))
+    assert m.metrics == {} and m.drift == {} and m.timings == {} and m.signature == "" and m.created_at == ""
+
+
+def expect_error(cls, body_or_bytes, *fragments: str) -> ManifestError:
+    data = body_or_bytes if isinstance(body_or_bytes, bytes) else encode(body_or_bytes)
+    with pytest.raises(ManifestError) as info:
+        cls.from_json(data)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("name", ["client_id", "round_id", "num_examples", "codec", "payload_sha256",
+                                  "payload_bytes", "base_sha256", "base_model_version", "federation"])
+def test_update_missing_required_field(name):
+    body = body_of(update_manifest())
+    del body[name]
+    expect_error(UpdateManifest, body, f"missing field '{name}'")
+
+
+@pytest.mark.parametrize("name", ["deadline", "model", "payload_sha256", "data_window"])
+def test_global_missing_required_field(name):
+    body = body_of(global_manifest())
+    del body[name]
+    expect_error(GlobalManifest, body, f"missing field '{name}'")
+
+
+def test_unknown_field_rejected():
+    body = body_of(update_manifest())
+    body["pickle_payload"] = "gASV..."
+    expect_error(UpdateManifest, body, "unknown fields ['pickle_payload']")
+    body = body_of(global_manifest())
+    body["extra"] = 1
+    expect_error(GlobalManifest, body, "unknown fields ['extra']")
+
+
+@pytest.mark.parametrize("name, value, got", [
+    ("num_examples", "5000", "str"),
+    ("num_examples", 5000.0, "float"),
+    ("num_examples", None, "NoneType"),
+    ("payload_bytes", [99], "list"),
+    ("client_id", 7, "int"),
+    ("metrics", [], "list"),
+    ("codec", {"name": "fp32"}, "dict"),
+])
+def test_wrong_type_rejected(name, value, got):
+    body = body_of(update_manifest())
+    body[name] = value
+    expect_error(UpdateManifest, body, f"field '{name}' has type {got}")
+
+
+def test_bool_where_int_expected_rejected():
+    body = body_of(update_manifest())
+    body["num_examples"] = True  # bool is an int subclass in Python: must still be refused
+    expect_error(UpdateManifest, body, "field 'num_examples' has type bool, expected int")
+    body = body_of(global_manifest())
+    body["payload_bytes"] = True
+    expect_error(GlobalManifest, body, "field 'payload_bytes' has type bool")
+
+
+@pytest.mark.parametrize("value", ["", "abc", SHA_A.upper(), SHA_A[:-1], SHA_A + "0", SHA_A + "\n",
+                                   "g" * 64])
+def test_bad_sha256_rejected(value):
+    expect_error(UpdateManifest, body_of(update_manifest(payload_sha256=value)), "'payload_sha256' is not a sha256")
+    expect_error(UpdateManifest, body_of(update_manifest(base_sha256=value)), "'base_sha256' is not a sha256")
+    expect_error(GlobalManifest, body_of(global_manifest(payload_sha256=value)), "'payload_sha256' is not a sha256")
+
+
+@pytest.mark.parametrize("value", [0, -1, -5000, UpdateManifest.MAX_EXAMPLES, 10**30])
+def test_num_examples_out_of_range_rejected(value):
+    expect_error(UpdateManifest, body_of(update_manifest(num_examples=value)), "'num_examples' must be in 1..")
+
+
+def test_num_examples_bounds_inclusive():
+    assert UpdateManifest.from_json(update_manifest(num_examples=1).to_json()).num_examples == 1
+    top = UpdateManifest.MAX_EXAMPLES - 1
+    assert UpdateManifest.from_json(update_manifest(num_examples=top).to_json()).num_examples == top
+
+
+def test_unknown_codec_rejected():
+    expect_error(UpdateManifest, body_of(update_manifest(codec="pickle")), "field 'codec' is unknown: 'pickle'")
+
+
+@pytest.mark.parametrize("bad", ["bank/a", "../a", "Bank-A", "bank-a\n", ""])
+def test_bad_client_id_rejected(bad):
+    expect_error(UpdateManifest, body_of(update_manifest(client_id=bad)), "field 'client_id'")
+
+
+def test_payload_bytes_must_be_positive():
+    expect_error(UpdateManifest, body_of(update_manifest(payload_bytes=0)), "'payload_bytes' must be positive")
+    expect_error(GlobalManifest, body_of(global_manifest(payload_bytes=-1)), "'payload_bytes' must be positive")
+
+
+@pytest.mark.parametrize("name", ["metrics", "drift", "timings"])
+@pytest.mark.parametrize("value", [{"loss": "low"}, {"loss": True}, {"loss": None}, {"loss": [1.0]}])
+def test_metric_maps_must_hold_numbers(name, value):
+    expect_error(UpdateManifest, body_of(update_manifest(**{name: value})), f"field '{name}' must map names to numbers")
+
+
+def test_global_deadline_and_window_checked():
+    expect_error(GlobalManifest, body_of(global_manifest(deadline="tomorrow")), "field 'deadline'")
+    expect_error(GlobalManifest, body_of(global_manifest(data_window={"start": None, "stop": None})),
+                 "field 'data_window'")
+
+
+def test_bad_round_id_in_manifest_rejected():
+    body = body_of(update_manifest())
+    body["round_id"] = "../000001"
+    with pytest.raises(ValueError, match="round id"):
+        UpdateManifest.from_json(encode(body))
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe\x00garbage", b"not json", b"{\"kind\": \"update\"", b""])
+def test_non_json_bytes_rejected(data):
+    expect_error(UpdateManifest, data, "update manifest is not valid JSON")
+
+
+@pytest.mark.parametrize("body", [[], [1, 2], "update", 5, None])
+def test_non_object_json_rejected(body):
+    expect_error(UpdateManifest, json.dumps(body).encode(), "must be a JSON object")
+
+
+def test_oversized_manifest_rejected_before_parsing():
+    body = body_of(update_manifest())
+    body["signature"] = "x" * MAX_MANIFEST_BYTES
+    data = encode(body)
+    assert len(data) > MAX_MANIFEST_BYTES
+    expect_error(UpdateManifest, data, f"{len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    # Not valid JSON either: the size check comes first.
+    expect_error(UpdateManifest, b"[" * (MAX_MANIFEST_BYTES + 1), "over the")
+
+
+def test_manifest_at_the_size_limit_is_read():
+    body = body_of(update_manifest(signature=""))
+    base = len(encode(body))
+    body["signature"] = "s" * (MAX_MANIFEST_BYTES - base)
+    data = encode(body)
+    assert len(data) == MAX_MANIFEST_BYTES
+    assert UpdateManifest.from_json(data).signature == body["signature"]
+
+
+def test_wrong_kind_rejected():
+    expect_error(UpdateManifest, global_manifest().to_json(), "field 'kind' must be 'update'")
+    expect_error(GlobalManifest, update_manifest().to_json(), "field 'kind' must be 'global'")
+    body = body_of(update_manifest())
+    del body["kind"]
+    expect_error(UpdateManifest, body, "field 'kind'")
+
+
+def test_wrong_protocol_version_rejected():
+    body = body_of(update_manifest())
+    body["protocol"] = PROTOCOL_VERSION + 1
+    expect_error(UpdateManifest, body, "field 'protocol' must be 1")
+
+
+def test_manifest_error_is_a_value_error():
+    assert issubclass(ManifestError, ValueError)
+
+
+def test_manifests_are_frozen():
+    m = update_manifest()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.num_examples = 1  # type: ignore[misc]
+
+
+def test_name_pattern_limits():
+    assert protocol.NAME_PATTERN.fullmatch("a" * 40)
+    assert not protocol.NAME_PATTERN.fullmatch("a" * 41)
+    assert protocol.NAME_PATTERN.fullmatch("bank-north")
