@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration clean
+.PHONY: demo test test-unit test-integration test-e2e stack stack-down clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,21 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration and not e2e"
 
 test-integration: $(STAMP)
 	$(PY) -m pytest -m integration
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -m e2e
+
+# The deployment column on this machine, without Docker: PostgreSQL, S3, MLflow server,
+# Airflow api-server/scheduler/dag-processor/triggerer and the silo agents.
+stack: $(STAMP)
+	$(PY) -m fl_tasks.localstack up
+
+stack-down:
+	$(PY) -m fl_tasks.localstack down
 
 clean:
 	rm -rf .state

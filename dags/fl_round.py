@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import Param, TriggerRule, chain, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, chain, dag, task
 from airflow.sdk.exceptions import AirflowFailException
-from fl_airflow.sensors import QuorumSensor
+from fl_airflow.sensors import PreviousRoundSensor, QuorumSensor
 
 from fl_tasks.aggregation.names import STRATEGY_NAMES
 from fl_tasks.config import FederationSpec, load_federations
@@ -26,7 +26,8 @@ DOC = """
 
 {description}
 
-One run is one round: **prepare** (round id, base = `champion` or the seeded model, deadline)
+One run is one round: **wait_for_previous_round** (rounds run one at a time, in order)
+→ **prepare** (round id, base = `champion` or the seeded model, deadline)
 → **dispatch** the base model to every client bucket → **wait_for_quorum** (deferred: no
 worker slot while clients train) → **aggregate** the screened updates ({aggregator}) →
 **validate** against the quality gates → **register** the candidate in MLflow as
@@ -70,14 +71,21 @@ def _step(federation_file: str, step: str, round_id: str) -> Any:
         raise AirflowFailException(str(exc)) from None
 
 
+def _utc(value: str) -> datetime:
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def build_round_dag(spec: FederationSpec):
     federation_file = str(Path(spec.source).resolve())
 
     @dag(
         dag_id=spec.dag_id,
         description=f"Federated round of {spec.federation}",
-        schedule=spec.schedule,
-        start_date=datetime(2013, 9, 1, tzinfo=timezone.utc),
+        # Airflow 3's cron default is a point in time; rounds train on data *intervals*.
+        schedule=CronDataIntervalTimetable(spec.schedule, timezone="UTC") if spec.schedule else None,
+        start_date=_utc(spec.start_date),
+        end_date=_utc(spec.end_date) if spec.end_date else None,
         catchup=False,
         max_active_runs=1,
         params=round_params(spec),
@@ -149,7 +157,9 @@ def build_round_dag(spec: FederationSpec):
                 raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")
             return report
 
+        previous = PreviousRoundSensor(task_id="wait_for_previous_round", retries=0)
         round_id = prepare_round()
+        previous >> round_id
         wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id,
                             retries=2)
         chain(dispatch(round_id), wait, aggregate(round_id), validate(round_id), register(round_id),

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -68,6 +69,9 @@ class TrainingSpec:
     batch_size: int = 512
     proximal_mu: float = 0.0
     codec: str = "fp32"
+    # "interval": scheduled and backfill rounds train on their run's data interval only;
+    # "all": every round retrains on all local data.
+    window: str = "interval"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class FederationSpec:
     clients: tuple[ClientSpec, ...]
     description: str = ""
     schedule: str | None = None
+    # The first and last data intervals the schedule (and backfills) may cover.
+    start_date: str = "2013-09-01"
+    end_date: str | None = None
     aggregation: str = "fedavg"
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -187,7 +194,7 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
         raise ConfigError(source, field_path, problem, fix)
 
 
-TOP_LEVEL = ("federation", "description", "schedule", "coordinator", "storage", "clients",
+TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
              "quorum", "aggregation", "model", "training", "gates", "mlflow", "data")
 
 
@@ -244,10 +251,27 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     _require(schedule is None or isinstance(schedule, str), source, "schedule",
              "expected a cron expression or preset", "e.g. '@daily' or '0 3 * * *', or leave it out")
 
+    dates = {}
+    for key, default in (("start_date", "2013-09-01"), ("end_date", None)):
+        value = raw.get(key, default)
+        if isinstance(value, (datetime, date)):
+            value = value.isoformat()
+        if value is not None:
+            try:
+                datetime.fromisoformat(str(value))
+            except ValueError:
+                raise ConfigError(source, key, f"{value!r} is not a date", "write it as YYYY-MM-DD") from None
+        dates[key] = None if value is None else str(value)
+    if dates["end_date"] is not None:
+        _require(dates["end_date"] > dates["start_date"], source, "end_date", "is not after start_date",
+                 "set an end_date later than start_date, or leave it out")
+
     spec = FederationSpec(
         federation=name,
         description=str(raw.get("description", "")),
         schedule=schedule,
+        start_date=dates["start_date"],
+        end_date=dates["end_date"],
         coordinator_bucket=coordinator["bucket"],
         storage_endpoint_url=endpoint,
         clients=tuple(clients),
@@ -277,6 +301,8 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     _require(t.batch_size >= 1, source, "training.batch_size", "must be at least 1", "e.g. 512")
     _require(t.proximal_mu >= 0, source, "training.proximal_mu", "must not be negative", "0 disables it")
     _require(t.codec == "fp32", source, "training.codec", f"unsupported codec {t.codec!r}", "use 'fp32'")
+    _require(t.window in ("interval", "all"), source, "training.window", f"unknown window {t.window!r}",
+             "use 'interval' (train on the run's data interval) or 'all'")
     for name in ("min_roc_auc", "min_pr_auc", "max_regression"):
         value = getattr(g, name)
         _require(0 <= value <= 1, source, f"gates.{name}", f"{value} is outside 0..1", "use a fraction, e.g. 0.9")

@@ -178,7 +178,7 @@ class Coordinator:
             training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
                       "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec},
             data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
-            if ctx.run_type in ("scheduled", "backfill") else {"start": None, "end": None},
+            if ctx.run_type in ("scheduled", "backfill") and t.window == "interval" else {"start": None, "end": None},
             created_at=_now().isoformat(),
         )
         self._put_json(self.round_key(round_id, "plan.json"), asdict(plan))

@@ -102,7 +102,7 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
             pip_requirements=["torch==2.13.0", "numpy==2.4.6"],
         )
     version = client.create_model_version(
-        spec.model_name, source=info.model_uri, run_id=run.info.run_id,
+        spec.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
         tags={**tags, f"{TAG}weights_uri": weights_uri, f"{TAG}weights_sha256": weights_sha256,
               f"{TAG}decision": "pending"},
         description=f"Federated round {round_id} of {spec.federation}",

@@ -65,3 +65,32 @@ class QuorumSensor(BaseSensorOperator):
 
         decision = QuorumDecision(event["state"], tuple(event["committed"]), event["reason"])
         return self._finish(self._coordinator(), decision)
+
+
+class PreviousRoundSensor(BaseSensorOperator):
+    """Holds a round until the federation's previous round (by logical date) has finished.
+
+    A round's base is the champion the previous round leaves behind, so rounds must run one
+    at a time and in order. The DAG's `max_active_runs=1` does that for scheduled and manual
+    runs, but `airflow backfill create` applies its own limit (10 by default); this sensor
+    keeps backfilled rounds in order whatever that limit is. It waits in reschedule mode,
+    so no worker slot is held. Runs without a logical date have no predecessor.
+    """
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("mode", "reschedule")
+        kwargs.setdefault("poke_interval", 10)
+        kwargs.setdefault("timeout", 24 * 3600)
+        super().__init__(**kwargs)
+
+    def poke(self, context) -> bool:
+        previous = context["ti"].get_previous_dagrun()
+        if previous is None:
+            return True
+        state = str(getattr(previous.state, "value", previous.state))
+        if state in ("success", "failed"):
+            return True
+        self.log.info("waiting for the previous round (run %s, %s) to finish; mark it failed to skip it",
+                      previous.run_id, state)
+        return False
+

@@ -13,7 +13,7 @@ from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk.exceptions import ParamValidationError
 
 REPO = Path(__file__).resolve().parents[2]
-CHAIN = ["prepare_round", "dispatch", "wait_for_quorum", "aggregate", "validate", "register", "promote_or_rollback"]
+CHAIN = ["wait_for_previous_round", "prepare_round", "dispatch", "wait_for_quorum", "aggregate", "validate", "register", "promote_or_rollback"]
 
 
 @pytest.fixture(scope="module")
