@@ -200,7 +200,11 @@ class LocalStack:
 
     def up(self, timeout: float = 240) -> None:
         started = time.monotonic()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # The S3 server keeps objects in memory, so databases kept from an earlier stack
+        # would point at models that are gone: every stack starts empty.
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+        self.state_dir.mkdir(parents=True)
         os.chmod(self.state_dir, 0o755)  # the postgres user must reach its data folder
         (self.state_dir / "airflow").mkdir(exist_ok=True)
         if not self.password_file.exists():

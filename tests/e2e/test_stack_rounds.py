@@ -89,8 +89,8 @@ class Api:
 
 @pytest.fixture(scope="module")
 def stack():
-    state = REPO / ".state" / f"e2e-{uuid.uuid4().hex[:8]}"
-    federations = state / "federations"
+    root = REPO / ".state" / f"e2e-{uuid.uuid4().hex[:8]}"
+    state, federations = root / "stack", root / "federations"
     federations.mkdir(parents=True)
     for name, overrides in FEDERATIONS.items():
         (federations / f"{name}.yaml").write_text(yaml.safe_dump(federation_doc(federation=name, **overrides)))
@@ -108,7 +108,7 @@ def stack():
     finally:
         local.down()
         if not os.environ.get("FL_KEEP_STATE"):  # set it to keep logs and data for debugging
-            shutil.rmtree(state, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _dag_exists(api: Api, federation: str) -> bool:
