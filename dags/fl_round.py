@@ -43,6 +43,9 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
     return {
         "aggregator": Param(spec.aggregation, type="string", enum=list(STRATEGY_NAMES),
                             description="Aggregation strategy for this round"),
+        "aggregator_params": Param(None, type=["null", "object"],
+                                   description="Strategy parameters, e.g. {\"f\": 1} for krum; "
+                                               "empty: the federation file's (for its own strategy)"),
         "min_clients": Param(q.min_clients, type="integer", minimum=1, maximum=len(spec.clients),
                              description="Updates needed at the deadline for the round to proceed"),
         "round_timeout_minutes": Param(q.round_timeout_minutes, type="number", exclusiveMinimum=0, maximum=10080,

@@ -17,13 +17,13 @@ from datetime import datetime, timezone
 import numpy as np
 
 from fl_tasks import protocol
+from fl_tasks.behaviours import BEHAVIOURS, DROPOUT, STRAGGLER, poison_data, poison_model
 from fl_tasks.codec import decode_state, encode_state
 from fl_tasks.config import BUCKET_URI_PATTERN, ModelSpec
 from fl_tasks.datasets import Table
 from fl_tasks.protocol import GlobalManifest, UpdateManifest, sha256_hex
 from fl_tasks.storage import ObjectStore
 
-BEHAVIOURS = ("honest", "dropout", "straggler")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ClientRuntime:
     behaviour: str = "honest"
     delay_seconds: float = 0.0
     seed: int = 0
+    attack_scale: float = 10.0
 
     def __post_init__(self) -> None:
         if not protocol.NAME_PATTERN.fullmatch(self.client_id):
@@ -73,7 +74,7 @@ class ClientRuntime:
         if datetime.fromisoformat(manifest.deadline) <= datetime.now(timezone.utc):
             self.log(f"round {round_id}: deadline {manifest.deadline} already passed, skipped")
             return False
-        if self.behaviour == "dropout":
+        if self.behaviour == DROPOUT:
             self.log(f"round {round_id}: dropping out (simulated)")
             return False
         started = time.perf_counter()
@@ -95,17 +96,19 @@ class ClientRuntime:
 
         spec = ModelSpec(factory=manifest.model["factory"], input_dim=int(manifest.model["input_dim"]),
                          hidden=tuple(manifest.model["hidden"]), batch_norm=bool(manifest.model["batch_norm"]))
-        model = load_numpy_state(build_model(spec), decode_state(payload))
+        base = decode_state(payload)
+        model = load_numpy_state(build_model(spec), base)
         t = manifest.training
         self.log(f"round {round_id}: training {t['local_epochs']} epoch(s) on {len(rows)} rows "
                  f"from base version {manifest.model_version}")
-        metrics = train_local(model, rows, epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
+        metrics = train_local(model, poison_data(self.behaviour, rows), epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
                               batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
                               seed=self.seed + zlib.crc32(round_id.encode()) % 10_000)
-        if self.behaviour == "straggler" and self.delay_seconds > 0:
+        if self.behaviour == STRAGGLER and self.delay_seconds > 0:
             self.log(f"round {round_id}: straggling for {self.delay_seconds:.0f}s (simulated)")
             time.sleep(self.delay_seconds)
-        update = encode_state(state_to_numpy(model), t["codec"])
+        update = encode_state(poison_model(self.behaviour, state_to_numpy(model), base, self.attack_scale, round_id),
+                              t["codec"])
         self.store.put_bytes(self.bucket, protocol.update_payload_key(self.prefix, self.federation, round_id), update)
         commit = UpdateManifest(
             client_id=self.client_id, federation=self.federation, round_id=round_id,
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rounds", type=int, default=None, help="exit after answering this many rounds")
     parser.add_argument("--idle-exit-seconds", type=float, default=None, help="exit after this long with no work")
     parser.add_argument("--behaviour", choices=BEHAVIOURS, default="honest", help="simulated behaviour")
+    parser.add_argument("--attack-scale", type=float, default=10.0,
+                        help="k of sign_flip/scaled, noise std of noise/colluding")
     parser.add_argument("--delay-seconds", type=float, default=0.0, help="straggler delay")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = Table.load(args.data)
         runtime = ClientRuntime(args.client_id, args.federation, args.bucket, data, ObjectStore(args.endpoint_url),
-                                args.behaviour, args.delay_seconds, args.seed)
+                                args.behaviour, args.delay_seconds, args.seed, args.attack_scale)
     except (OSError, ValueError, KeyError) as exc:
         print(f"fl-client: {exc}", file=sys.stderr)
         return 2

@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from fl_tasks.aggregation.names import STRATEGY_NAMES
+from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
 from fl_tasks.protocol import NAME_PATTERN as ID_PATTERN
 
 BUCKET_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/([A-Za-z0-9._/-]*))?$")
@@ -82,6 +82,15 @@ class GatesSpec:
 
 
 @dataclass(frozen=True)
+class ScreeningSpec:
+    """Statistical checks on top of the structural ones (null: off)."""
+
+    max_update_norm: float | None = None  # absolute bound on ||update - base||
+    max_norm_ratio: float | None = None  # bound relative to the round's median norm
+    min_cosine: float | None = None  # direction against the mean of the other updates
+
+
+@dataclass(frozen=True)
 class MlflowSpec:
     model_name: str = ""
     experiment: str = ""
@@ -106,6 +115,9 @@ class FederationSpec:
     start_date: str = "2013-09-01"
     end_date: str | None = None
     aggregation: str = "fedavg"
+    aggregation_params: dict = field(default_factory=dict)
+    clip_norm: float | None = None  # server-side clipping of ||update - base|| before the strategy
+    screening: ScreeningSpec = field(default_factory=ScreeningSpec)
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
@@ -144,6 +156,11 @@ class FederationSpec:
 
 def _check_type(value: Any, expected: Any) -> Any:
     """Coerce YAML scalars to the annotated type; raise TypeError with a readable name."""
+    options = get_args(expected)
+    if type(None) in options:  # an optional setting: null switches it off
+        if value is None:
+            return None
+        expected = next(option for option in options if option is not type(None))
     if expected is bool:
         if not isinstance(value, bool):
             raise TypeError("true or false")
@@ -195,7 +212,7 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
-             "quorum", "aggregation", "model", "training", "gates", "mlflow", "data")
+             "quorum", "aggregation", "screening", "model", "training", "gates", "mlflow", "data")
 
 
 def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
@@ -244,9 +261,11 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     _require(not dupes, source, "clients", f"duplicate client ids {dupes}", "give every client a unique id")
 
-    aggregation = raw.get("aggregation", "fedavg")
-    _require(aggregation in STRATEGY_NAMES, source, "aggregation", f"unknown strategy {aggregation!r}",
-             f"choose one of {', '.join(STRATEGY_NAMES)}")
+    aggregation, aggregation_params, clip_norm, min_updates = _parse_aggregation(raw.get("aggregation", "fedavg"),
+                                                                                 source)
+    _require(min_updates <= len(clients), source, "aggregation.params",
+             f"{aggregation} with {aggregation_params} needs at least {min_updates} client updates, "
+             f"but the federation has {len(clients)} clients", "lower f (or m), or add clients")
     schedule = raw.get("schedule")
     _require(schedule is None or isinstance(schedule, str), source, "schedule",
              "expected a cron expression or preset", "e.g. '@daily' or '0 3 * * *', or leave it out")
@@ -276,6 +295,9 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         storage_endpoint_url=endpoint,
         clients=tuple(clients),
         aggregation=aggregation,
+        aggregation_params=aggregation_params,
+        clip_norm=clip_norm,
+        screening=_section(ScreeningSpec, raw.get("screening"), source, "screening"),
         quorum=_section(QuorumSpec, raw.get("quorum"), source, "quorum"),
         model=_section(ModelSpec, raw.get("model"), source, "model"),
         training=_section(TrainingSpec, raw.get("training"), source, "training"),
@@ -286,6 +308,35 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     )
     _validate_values(spec, source)
     return spec
+
+
+def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, int]:
+    """`aggregation: krum`, or a mapping {strategy, params, clip_norm}."""
+    where = "aggregation" if isinstance(raw, str) else "aggregation.strategy"
+    if isinstance(raw, str):
+        raw = {"strategy": raw}
+    _require(isinstance(raw, dict) and set(raw) <= {"strategy", "params", "clip_norm"}, source, "aggregation",
+             "expected a strategy name or a mapping with strategy, params, clip_norm",
+             "e.g. 'aggregation: {strategy: krum, params: {f: 1}}'")
+    name, params, clip = raw.get("strategy", "fedavg"), raw.get("params") or {}, raw.get("clip_norm")
+    _require(name in STRATEGY_NAMES, source, where, f"unknown strategy {name!r}",
+             f"choose one of {', '.join(STRATEGY_NAMES)}")
+    _require(isinstance(params, dict), source, "aggregation.params", "expected a mapping", "e.g. '{f: 1}'")
+    allowed = STRATEGY_PARAMS.get(name, ())
+    for key, value in params.items():
+        _require(key in allowed, source, f"aggregation.params.{key}", f"{name} has no parameter {key!r}",
+                 f"allowed: {', '.join(allowed) or 'none'}")
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), source,
+                 f"aggregation.params.{key}", f"expected a number, got {value!r}", "write a number")
+    _require(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0), source,
+             "aggregation.clip_norm", f"{clip!r} is not a positive number", "e.g. 10.0, or leave it out")
+    try:
+        from fl_tasks.aggregation import build
+
+        strategy = build(name, **params)
+    except ValueError as exc:
+        raise ConfigError(source, "aggregation.params", str(exc), "fix the parameter values") from None
+    return name, dict(params), None if clip is None else float(clip), strategy.min_updates
 
 
 def _validate_values(spec: FederationSpec, source: str) -> None:

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from fl_tasks import protocol, quorum
+from fl_tasks import protocol, quorum, screening
 from fl_tasks.codec import CodecError, decode_state, encode_state
 from fl_tasks.config import FederationSpec
 from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.storage import ObjectStore, ObjectTooLarge
 
-OVERRIDABLE = ("aggregator", "min_clients", "round_timeout_minutes", "local_epochs", "learning_rate",
+OVERRIDABLE = ("aggregator", "aggregator_params", "min_clients", "round_timeout_minutes", "local_epochs", "learning_rate",
                "min_roc_auc", "min_pr_auc", "max_regression")
 
 
@@ -65,6 +65,9 @@ class RoundPlan:
     deadline: str
     clients: list[str]
     settings: dict[str, Any]  # effective values of OVERRIDABLE
+    aggregation: dict[str, Any]  # strategy, params, clip_norm
+    screening: dict[str, Any]
+    base_round_id: str | None  # the round that produced the base (its server-optimiser state continues)
     training: dict[str, Any]
     data_window: dict[str, str | None]
     created_at: str
@@ -122,6 +125,15 @@ class Coordinator:
         for name in OVERRIDABLE:
             if params.get(name) is not None:
                 settings[name] = params[name]
+        if settings.get("aggregator_params") is None:
+            # The file's strategy parameters belong to the file's strategy only.
+            settings["aggregator_params"] = dict(s.aggregation_params) if settings["aggregator"] == s.aggregation else {}
+        from fl_tasks.aggregation import build
+
+        strategy = build(settings["aggregator"], **settings["aggregator_params"])  # bad names or values fail here
+        if strategy.min_updates > len(s.clients):
+            raise ValueError(f"{settings['aggregator']} with {settings['aggregator_params']} needs at least "
+                             f"{strategy.min_updates} client updates; the federation has {len(s.clients)} clients")
         if not 1 <= int(settings["min_clients"]) <= len(s.clients):
             raise ValueError(f"param 'min_clients'={settings['min_clients']} must be between 1 and {len(s.clients)}")
         return settings
@@ -163,9 +175,9 @@ class Coordinator:
 
         champion = registry.get_champion(self.spec)
         if champion is None:
-            base_version, payload = "seed", self._seed_payload()
+            base_version, base_round_id, payload = "seed", None, self._seed_payload()
         else:
-            base_version, payload = champion.version, self.read_champion(champion)
+            base_version, base_round_id, payload = champion.version, champion.round_id, self.read_champion(champion)
         base_key = self.round_key(round_id, "base/model.safetensors")
         self.store.put_bytes(self.bucket, base_key, payload)
         deadline = _now() + timedelta(minutes=float(settings["round_timeout_minutes"]))
@@ -175,6 +187,9 @@ class Coordinator:
             triggered_by=ctx.triggered_by, base_version=base_version, base_sha256=sha256_hex(payload),
             base_bytes=len(payload), deadline=deadline.isoformat(), clients=[c.id for c in self.spec.clients],
             settings=settings,
+            aggregation={"strategy": settings["aggregator"], "params": settings["aggregator_params"],
+                         "clip_norm": self.spec.clip_norm},
+            screening=asdict(self.spec.screening), base_round_id=base_round_id,
             training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
                       "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec},
             data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
@@ -244,8 +259,8 @@ class Coordinator:
         return record
 
     # --- step 4: aggregate ---------------------------------------------------------------
-    def _read_update(self, plan: RoundPlan, client_id: str, base: dict[str, np.ndarray]) -> tuple[UpdateManifest, dict]:
-        """Fetch and verify one client's committed update; raises ValueError naming the reason."""
+    def _read_manifest(self, plan: RoundPlan, client_id: str) -> UpdateManifest:
+        """One client's committed update manifest, checked against the round."""
         client = self.spec.client(client_id)
         raw = self.store.get_bytes(client.bucket_name, protocol.update_manifest_key(client.prefix, plan.federation,
                                                                                   plan.round_id))
@@ -257,6 +272,11 @@ class Coordinator:
         for name, value in expected.items():
             if getattr(manifest, name) != value:
                 raise ValueError(f"manifest {name}={getattr(manifest, name)!r} does not match the round ({value!r})")
+        return manifest
+
+    def _read_state(self, plan: RoundPlan, manifest: UpdateManifest, base: dict[str, np.ndarray]) -> dict:
+        """The update's tensors; the payload must still match the manifest's sha256 at every read."""
+        client = self.spec.client(manifest.client_id)
         payload = self.store.get_bytes(client.bucket_name,
                                        protocol.update_payload_key(client.prefix, plan.federation, plan.round_id),
                                        max_bytes=2 * plan.base_bytes + 4096)
@@ -265,11 +285,44 @@ class Coordinator:
         if sha256_hex(payload) != manifest.payload_sha256:
             raise ValueError("payload sha256 does not match the manifest")
         state = decode_state(payload, manifest.codec)
-        screen_update(state, base)
-        return manifest, state
+        screening.check_structure(state, base)
+        return state
+
+    def _screen(self, plan: RoundPlan, committed: list[str], base: dict[str, np.ndarray],
+                rejected: list[dict[str, Any]]) -> dict[str, UpdateManifest]:
+        """Every check before aggregation; returns the accepted manifests, records the rest."""
+        accepted: dict[str, UpdateManifest] = {}
+        norms: dict[str, float] = {}
+        for client_id in committed:
+            try:
+                manifest = self._read_manifest(plan, client_id)
+                norms[client_id] = float(np.linalg.norm(
+                    screening.delta_vector(self._read_state(plan, manifest, base), base)))
+                accepted[client_id] = manifest
+            except (ValueError, ManifestError, CodecError, ObjectTooLarge) as exc:
+                rejected.append({"client_id": client_id, "reason": str(exc)})
+        rules = plan.screening
+        for client_id, reason in screening.norm_outliers(norms, rules.get("max_update_norm"),
+                                                         rules.get("max_norm_ratio")).items():
+            rejected.append({"client_id": client_id, "reason": reason})
+            del accepted[client_id]
+        if rules.get("min_cosine") is not None and len(accepted) > 2:
+            # Two more reads per update keep memory at O(one model): the sum, then each cosine.
+            total = sum(screening.delta_vector(self._read_state(plan, m, base), base) for m in accepted.values())
+            for client_id, manifest in list(accepted.items()):
+                delta = screening.delta_vector(self._read_state(plan, manifest, base), base)
+                cosine = screening.leave_one_out_cosine(delta, total, len(accepted))
+                if cosine < rules["min_cosine"]:
+                    rejected.append({"client_id": client_id, "reason": f"cosine {cosine:.3f} to the mean of the "
+                                                                       f"other updates is below {rules['min_cosine']}"})
+                    del accepted[client_id]
+        return accepted
+
+    def _state_key(self, round_id: str, strategy: str) -> str:
+        return self.round_key(round_id, f"candidate/server_state/{strategy}.safetensors")
 
     def aggregate(self, round_id: str) -> dict[str, Any]:
-        """Screen the committed updates and stream the accepted ones into the strategy."""
+        """Screen the committed updates, then stream the accepted ones into the strategy."""
         from fl_tasks import aggregation
 
         plan = self.load_plan(round_id)
@@ -282,39 +335,41 @@ class Coordinator:
         if existing is not None:
             return existing
         base = decode_state(self.store.get_bytes(self.bucket, self.round_key(round_id, "base/model.safetensors")))
-        accepted: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
-
-        def screened() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-            for client_id in closed["committed"]:
-                try:
-                    manifest, state = self._read_update(plan, client_id, base)
-                except (ValueError, ManifestError, CodecError, ObjectTooLarge) as exc:
-                    rejected.append({"client_id": client_id, "reason": str(exc)})
-                    continue
-                accepted.append({"client_id": client_id, "num_examples": manifest.num_examples,
-                                 "payload_sha256": manifest.payload_sha256, "metrics": manifest.metrics})
-                yield state, manifest.num_examples
-
-        strategy = aggregation.build(plan.settings["aggregator"])
-        try:
-            candidate = strategy.aggregate(base, screened())
-        except ValueError as exc:
-            if not accepted:
-                candidate = None
-            else:
-                raise self._fail(round_id, "aggregate", f"aggregation failed: {exc}") from exc
+        accepted = self._screen(plan, closed["committed"], base, rejected)
         min_clients = int(plan.settings["min_clients"])
-        if candidate is None or len(accepted) < min_clients:
+        if len(accepted) < min_clients:
             raise self._fail(round_id, "aggregate", f"only {len(accepted)} updates passed screening, "
                                                     f"min_clients={min_clients}; rejected: {rejected}")
-        total = sum(a["num_examples"] for a in accepted)
-        for a in accepted:
-            a["weight"] = a["num_examples"] / total
+        settings = plan.aggregation
+        strategy = aggregation.build(settings["strategy"], clip_norm=settings["clip_norm"], **settings["params"])
+        if getattr(strategy, "stateful", False) and plan.base_round_id:
+            saved = self.store.get_bytes(self.bucket, self._state_key(plan.base_round_id, strategy.name))
+            if saved is not None:
+                strategy.set_state(decode_state(saved))
+
+        def updates() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+            for manifest in accepted.values():
+                yield self._read_state(plan, manifest, base), manifest.num_examples
+
+        try:
+            candidate = strategy.aggregate(base, updates())
+        except ValueError as exc:
+            raise self._fail(round_id, "aggregate", f"{strategy.name}: {exc}") from exc
+        total = sum(m.num_examples for m in accepted.values())
         payload = encode_state(candidate)
         self.store.put_bytes(self.bucket, self.round_key(round_id, "candidate/model.safetensors"), payload)
-        summary = {"round_id": round_id, "aggregator": strategy.name, "accepted": accepted, "rejected": rejected,
-                   "total_examples": total, "candidate_sha256": sha256_hex(payload)}
+        if getattr(strategy, "stateful", False):
+            # Keyed by this round: the next round continues from it only if this candidate
+            # becomes the champion, so a rolled-back round never advances the optimiser.
+            self.store.put_bytes(self.bucket, self._state_key(round_id, strategy.name),
+                                 encode_state(strategy.get_state()))
+        summary = {"round_id": round_id, "aggregator": strategy.name, "params": settings["params"],
+                   "clip_norm": settings["clip_norm"], "rejected": rejected, "total_examples": total,
+                   "accepted": [{"client_id": m.client_id, "num_examples": m.num_examples,
+                                 "weight": m.num_examples / total, "payload_sha256": m.payload_sha256,
+                                 "metrics": m.metrics} for m in accepted.values()],
+                   "candidate_sha256": sha256_hex(payload)}
         self._put_json(self.round_key(round_id, "candidate/manifest.json"), summary)
         return summary
 
@@ -429,18 +484,6 @@ class Coordinator:
         }
         self._put_json(self.round_key(round_id, "report.json"), report)
         return report
-
-
-def screen_update(state: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> None:
-    """Reject an update whose tensors do not match the base model or are not finite."""
-    if set(state) != set(base):
-        raise ValueError(f"tensor names differ from the base model: {sorted(set(state) ^ set(base))}")
-    for name, value in state.items():
-        ref = base[name]
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            raise ValueError(f"tensor '{name}' is {value.shape} {value.dtype}, expected {ref.shape} {ref.dtype}")
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            raise ValueError(f"tensor '{name}' has NaN or Inf values")
 
 
 def validation_split(spec: FederationSpec):

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fl_tasks.client import BEHAVIOURS
+from fl_tasks.behaviours import BEHAVIOURS
 from fl_tasks.config import ConfigError, FederationSpec, load_federation
 from fl_tasks.datasets import dirichlet_partition, holdout_split, load_dataset
 

@@ -1,29 +1,64 @@
-"""Aggregation strategies behind one entry point: `build(name, **params)`."""
+"""Aggregation strategies behind one entry point: `build(name, clip_norm=None, **params)`.
+
+Every strategy has `name`, `stateful` and `aggregate(base, updates) -> state dict`, where
+`base` is the round's starting model and `updates` an iterable of (client model, num_examples)
+with full client weights (not deltas). Stateful ones (the server optimisers) also have
+`get_state()` / `set_state(state)`; the caller keeps that state between rounds.
+
+    fedavg                                  weighted mean, streamed                 fedavg.py
+    fedavgm, fedadam, fedyogi, fedadagrad   server optimisers: weighted, stateful   fedopt.py
+    median, trimmed_mean                    coordinate-wise, unweighted             coordinate.py
+    krum, multi_krum                        distance-based selection, unweighted    krum.py
+    bulyan                                  iterated Krum + trimmed coordinates     bulyan.py
+
+The maths lives in plain functions: `mean`, `server_opt`, `robust`, `clip`. This module and
+`names` import no numpy until a strategy is built, so DAG files can read the names cheaply.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from fl_tasks.aggregation.fedavg import FedAvg
-from fl_tasks.aggregation.names import STRATEGY_NAMES
+from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
 
 
 class Strategy(Protocol):
     name: str
+    stateful: bool
+    min_updates: int  # fewest client updates aggregate() accepts with these parameters
 
     def aggregate(self, base, updates):  # (state dict, iterable of (state dict, n)) -> state dict
         ...
 
 
-def build(name: str, **params: Any) -> Strategy:
-    """The strategy called `name`; unknown names and parameters fail with the allowed ones."""
-    registry = {"fedavg": FedAvg}
-    if name not in registry:
+def build(name: str, clip_norm: float | None = None, **params: Any) -> Strategy:
+    """The strategy called `name`, with `params` (names in STRATEGY_PARAMS[name]).
+
+    With `clip_norm`, every update is clipped to that L2 norm (of client - base over the
+    floating tensors) on its way into the strategy, one at a time; the wrapper keeps the
+    strategy's `name`, `stateful`, `get_state` and `set_state`. Unknown names, parameters or
+    bad values fail here with a ValueError.
+    """
+    if name not in STRATEGY_NAMES:
         raise ValueError(f"unknown aggregation strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
-    try:
-        return registry[name](**params)
-    except TypeError as exc:
-        raise ValueError(f"strategy {name!r} does not take parameters {sorted(params)}: {exc}") from None
+    allowed = STRATEGY_PARAMS[name]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"strategy {name!r} does not take parameters {unknown}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    from fl_tasks.aggregation.clip import Clipped
+    from fl_tasks.aggregation.strategies import REGISTRY
+
+    strategy = REGISTRY[name](**params)
+    return strategy if clip_norm is None else Clipped(strategy, clip_norm)
 
 
-__all__ = ["STRATEGY_NAMES", "Strategy", "build"]
+def __getattr__(attr: str) -> Any:
+    if attr == "clip_update":
+        from fl_tasks.aggregation.clip import clip_update
+
+        return clip_update
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["STRATEGY_NAMES", "STRATEGY_PARAMS", "Strategy", "build", "clip_update"]

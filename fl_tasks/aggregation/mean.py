@@ -58,19 +58,40 @@ class StreamingWeightedMean:
         self.total_weight += float(weight)
         self.count += 1
 
-    def result(self) -> StateDict:
-        """The weighted mean. Divides the accumulators in place, so call it once."""
+    def result(self, *, keep_float64: bool = False) -> StateDict:
+        """The weighted mean. Divides the accumulators in place, so call it once.
+
+        With `keep_float64` every tensor comes back as the unrounded float64 mean (server
+        optimisers take their pseudo-gradient from it); otherwise each tensor is cast back to
+        its dtype, integer and bool tensors rounded to the nearest value (half to even).
+        """
         if self.count == 0:
             raise ValueError("no updates were added")
         out: StateDict = {}
         for name in list(self._sums):
             mean = self._sums.pop(name)
             mean /= self.total_weight
+            if keep_float64:
+                out[name] = mean
+                continue
             dtype = self._dtypes[name]
             if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
                 np.rint(mean, out=mean)
             out[name] = mean.astype(dtype)
         return out
+
+
+def cast_like(mean: StateDict, base: Mapping[str, np.ndarray]) -> StateDict:
+    """float64 tensors (popped from `mean`) in the base model's dtypes and key order; integer
+    and bool tensors rounded half to even rather than truncated."""
+    out: StateDict = {}
+    for name, ref in base.items():
+        value = mean.pop(name)
+        dtype = np.asarray(ref).dtype
+        if not np.issubdtype(dtype, np.floating):
+            np.rint(value, out=value)
+        out[name] = value.astype(dtype)
+    return out
 
 
 def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> StateDict:

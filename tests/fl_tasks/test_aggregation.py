@@ -201,7 +201,7 @@ def test_build_unknown_parameter_rejected():
 
 
 def test_module_exports():
-    assert set(aggregation.__all__) == {"STRATEGY_NAMES", "Strategy", "build"}
+    assert set(aggregation.__all__) == {"STRATEGY_NAMES", "STRATEGY_PARAMS", "Strategy", "build", "clip_update"}
 
 
 # --- streaming: peak memory does not grow with the number of clients ------------------------------------
@@ -247,3 +247,12 @@ def test_aggregate_streams_over_a_generator():
     first = [np.random.default_rng(i).standard_normal(1024 * 1000, dtype=np.float32)[:5] for i in range(2)]
     expected = (100 * first[0].astype(np.float64) + 101 * first[1]) / 201
     np.testing.assert_allclose(out_2["layer.weight"].reshape(-1)[:5], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_output_takes_the_base_dtypes():
+    base = {"w": np.zeros(2, dtype=np.float32), "n": np.array(0, dtype=np.int64)}
+    out = FedAvg().aggregate(base, [({"w": np.array([1.0, 2.0]), "n": np.array(3.0)}, 1),
+                                    ({"w": np.array([2.0, 3.0]), "n": np.array(4.0)}, 1)])
+    assert out["w"].dtype == np.float32 and out["n"].dtype == np.int64
+    np.testing.assert_array_equal(out["w"], [1.5, 2.5])
+    assert int(out["n"]) == 4  # 3.5 rounds half to even

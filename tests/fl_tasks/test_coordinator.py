@@ -167,3 +167,49 @@ def test_missing_quorum_records_the_reason_and_builds_nothing(federation):
     with pytest.raises(RoundFailed, match="quorum not met"):
         coordinator.aggregate(round_id)
     assert MlflowClient().search_model_versions(f"name = '{spec.model_name}'") == []
+
+
+def test_server_optimiser_state_follows_the_champion_and_skips_rolled_back_rounds(federation):
+    spec, coordinator, clients = federation
+    params = {"aggregator": "fedadam", "aggregator_params": {"eta": 0.1}}
+    first = run_round_with_clients(spec, RunContext(run_id="adam-1", params=params), clients)
+    assert first["decision"] == "promoted"
+    state_key = coordinator.round_key(first["round_id"], "candidate/server_state/fedadam.safetensors")
+    first_state = decode_state(coordinator.store.get_bytes(coordinator.bucket, state_key))
+    assert any(name.startswith("m/") for name in first_state) and any(np.any(v != 0) for v in first_state.values())
+
+    rejected = run_round_with_clients(spec, RunContext(run_id="adam-2", params={**params, "min_pr_auc": 1.0}),
+                                      clients)
+    assert rejected["decision"] == "rejected"
+    third_id = coordinator.prepare(RunContext(run_id="adam-3", params=params))
+    plan = coordinator.load_plan(third_id)
+    # The rolled-back round is not a base: round 3 continues the optimiser of round 1.
+    assert plan.base_round_id == first["round_id"] and plan.base_version == first["version"]
+
+
+def test_strategy_and_its_parameters_come_from_the_trigger_params(federation):
+    spec, coordinator, clients = federation
+    report = run_round_with_clients(spec, RunContext(run_id="krum", params={
+        "aggregator": "krum", "aggregator_params": {"f": 0}}), clients)
+    summary = read_json(coordinator, report["round_id"], "candidate/manifest.json")
+    assert summary["aggregator"] == "krum" and summary["params"] == {"f": 0}
+    assert report["decision"] in ("promoted", "rejected")
+    with pytest.raises(ValueError, match="krum"):
+        coordinator.prepare(RunContext(run_id="bad-krum", params={"aggregator": "krum",
+                                                                  "aggregator_params": {"f": 5}}))
+
+
+def test_norm_screening_rejects_a_scaled_attacker_before_the_strategy(s3_server, mlflow_uri, write_federation):
+    spec = load_federation(write_federation(screening={"max_norm_ratio": 3.0}))
+    coordinator = Coordinator(spec)
+    create_buckets(spec, coordinator.store)
+    pool = holdout_split(load_dataset("synthetic", seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows),
+                         seed=spec.data.seed)[0]
+    parts = dirichlet_partition(pool.y, len(spec.clients), alpha=5.0, seed=1, min_rows=200)
+    clients = {c.id: ClientRuntime(c.id, spec.federation, c.bucket, pool.take(p), coordinator.store,
+                                   behaviour="scaled" if c.id == "silo-2" else "honest", attack_scale=50.0)
+               for c, p in zip(spec.clients, parts)}
+    report = run_round_with_clients(spec, RunContext(run_id="screen"), clients)
+    assert [r["client_id"] for r in report["clients_rejected"]] == ["silo-2"]
+    assert "median norm" in report["clients_rejected"][0]["reason"]
+    assert report["clients_accepted"] == ["silo-0", "silo-1"]

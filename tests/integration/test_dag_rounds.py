@@ -102,6 +102,17 @@ def test_round_failing_a_gate_rolls_back(stack):
     assert rejected.tags["fl.base_version"] == before  # the round started from the champion
 
 
+def test_strategy_chosen_in_the_trigger_params_runs_end_to_end(stack):
+    run_round(stack, "itest", {"aggregator": "multi_krum", "aggregator_params": {"f": 0, "m": 2}})
+    report = latest_report(stack, "itest")
+    assert report["settings"]["aggregator"] == "multi_krum"
+    assert report["settings"]["aggregator_params"] == {"f": 0, "m": 2}
+    assert report["decision"] in ("promoted", "rejected") and report["candidate"]["roc_auc"] > 0.5
+    client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
+    run = client.get_run(client.get_model_version(stack["specs"]["itest"].model_name, report["version"]).run_id)
+    assert run.data.params["aggregator"] == "multi_krum"
+
+
 def test_round_missing_quorum_ends_without_a_model(stack):
     result, spec = run_round(stack, "itest-idle")
     report = latest_report(stack, "itest-idle")

@@ -1,0 +1,37 @@
+"""Bulyan (El Mhamdi et al. 2018)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl_tasks.aggregation import robust
+from fl_tasks.aggregation.base import RobustStrategy
+from fl_tasks.aggregation.checks import integer_param
+
+
+class Bulyan(RobustStrategy):
+    """Bulyan over Krum: select theta = n - 2f models by iterated Krum (pick the Krum winner,
+    remove it, rescore the rest), then per coordinate average the beta = theta - 2f selected
+    values closest to the selected models' median. Needs n >= 4f + 3.
+
+    UNWEIGHTED: example counts are ignored. Integer tensors: rounded coordinate median over
+    all n updates. Ties (equal Krum scores, equal distances to the median) go to the earlier
+    update / earlier pick.
+    """
+
+    name = "bulyan"
+
+    def __init__(self, f: int = 1) -> None:
+        self.f = integer_param(self.name, "f", f, 0)
+
+    @property
+    def min_updates(self) -> int:
+        return 4 * self.f + 3
+
+    def check_count(self, n: int) -> None:
+        if n < 4 * self.f + 3:
+            raise ValueError(f"{self.name} with f={self.f} needs at least {4 * self.f + 3} client updates "
+                             f"(n >= 4f + 3), got {n}")
+
+    def combine(self, matrix: np.ndarray) -> np.ndarray:
+        return robust.bulyan(matrix, self.f)

@@ -1,0 +1,83 @@
+"""Server-side norm clipping of each client update, before any strategy sees it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from fl_tasks.aggregation.checks import check_update, floating_names, positive_param
+from fl_tasks.aggregation.mean import StateDict
+
+
+def update_norm(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of state - base over the floating tensors, in float64."""
+    total = 0.0
+    for name in floating_names(base):
+        delta = np.asarray(state[name], dtype=np.float64) - np.asarray(base[name], dtype=np.float64)
+        total += float(np.dot(delta.reshape(-1), delta.reshape(-1)))
+    return math.sqrt(total)
+
+
+def clip_update(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], max_norm: float) -> StateDict:
+    """The client model base + (state - base) * min(1, max_norm / ||state - base||).
+
+    Only floating tensors are scaled (integer / bool tensors pass through unchanged). The
+    result is in the base model's dtypes, so the bound holds up to their rounding. A model
+    within the bound comes back unchanged (same arrays, new dict).
+    """
+    max_norm = positive_param("clip_update", "max_norm", max_norm)
+    check_update(state, base)
+    norm = update_norm(state, base)
+    if not math.isfinite(norm):
+        raise ValueError(f"update has a non-finite norm ({norm}); it cannot be clipped")
+    out = dict(state)
+    if norm <= max_norm:
+        return out
+    scale = max_norm / norm
+    for name in floating_names(base):
+        ref = np.asarray(base[name])
+        delta = np.asarray(state[name], dtype=np.float64) - ref
+        delta *= scale
+        delta += ref
+        out[name] = delta.astype(ref.dtype)
+    return out
+
+
+class Clipped:
+    """Any strategy, fed updates clipped to `clip_norm` one at a time (streaming is kept).
+
+    Takes the wrapped strategy's name, statefulness and state methods, so callers can treat
+    it as the strategy itself; `inner` is the wrapped one.
+    """
+
+    def __init__(self, inner, clip_norm: float) -> None:
+        self.inner = inner
+        self.clip_norm = positive_param(inner.name, "clip_norm", clip_norm)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def min_updates(self) -> int:
+        return int(getattr(self.inner, "min_updates", 1))
+
+    @property
+    def stateful(self) -> bool:
+        return bool(getattr(self.inner, "stateful", False))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        return self.inner.get_state()
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.inner.set_state(state)
+
+    def aggregate(self, base: Mapping[str, np.ndarray],
+                  updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
+        def clipped() -> Iterator[tuple[StateDict, int]]:
+            for state, num_examples in updates:
+                yield clip_update(state, base, self.clip_norm), num_examples
+
+        return self.inner.aggregate(base, clipped())
