@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,12 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 STRATEGIES = {  # name -> params for five silos with at most one attacker
-    "fedavg": {}, "fedavgm": {}, "fedadam": {}, "fedyogi": {}, "fedadagrad": {},
+    "fedavg": {}, "fedavgm": {}, "fedadam": {"eta": 0.1}, "fedyogi": {"eta": 0.1}, "fedadagrad": {"eta": 0.1},
     "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1},
 }
 
 
-def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: int, lr: float) -> dict:
+def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: int, lr: float, seed: int) -> dict:
     import numpy as np
     import torch
 
@@ -58,7 +59,7 @@ def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: 
         for index, (client_id, table) in enumerate(silos.items()):
             local = load_numpy_state(build_model(spec.model), base)
             train_local(local, table, epochs=epochs, learning_rate=lr, batch_size=spec.training.batch_size,
-                        seed=number * 100 + index)
+                        seed=seed * 100_000 + number * 100 + index)
             trained = state_to_numpy(local)
             if client_id == attacker:
                 trained = poison_model(SIGN_FLIP, trained, base, 10.0, f"{number:06d}")
@@ -81,22 +82,38 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.002)
     parser.add_argument("--attacker", default="bank-east", help="the Byzantine silo in attacked runs")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell (different training seeds); "
+                                                                 "the table reports the median")
     args = parser.parse_args()
     from fl_tasks.datasets import load_dataset
 
     load_dataset("creditcard")  # fetch and cache once, before the workers start
-    jobs = [(name, params, attacker, args.rounds, args.epochs, args.learning_rate)
-            for name, params in STRATEGIES.items() for attacker in (None, args.attacker)]
+    jobs = [(name, params, attacker, args.rounds, args.epochs, args.learning_rate, seed)
+            for name, params in STRATEGIES.items() for attacker in (None, args.attacker)
+            for seed in range(args.repeats)]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(run, *zip(*jobs)))
     table = {}
     for result in results:
         entry = table.setdefault(result["strategy"], {"params": STRATEGIES[result["strategy"]]})
-        key = "byzantine" if result["attacked"] else "clean"
-        entry[key] = {k: v for k, v in result.items() if k not in ("strategy", "attacked", "params")}
+        cell = entry.setdefault("byzantine" if result["attacked"] else "clean", {"runs": []})
+        if "error" in result:
+            cell["error"] = result["error"]
+            continue
+        cell["runs"].append({k: result[k] for k in ("roc_auc", "pr_auc", "finite", "seconds")})
+    for entry in table.values():
+        for cell in (entry.get("clean", {}), entry.get("byzantine", {})):
+            if cell.get("runs"):
+                cell["median_roc_auc"] = statistics.median(r["roc_auc"] for r in cell["runs"])
+                cell["median_pr_auc"] = statistics.median(r["pr_auc"] for r in cell["runs"])
+    clean_fedavg = table["fedavg"]["clean"]["median_roc_auc"]
+    for entry in table.values():
+        if "median_roc_auc" in entry.get("byzantine", {}):
+            entry["byzantine_points_below_clean_fedavg"] = 100 * (clean_fedavg - entry["byzantine"]["median_roc_auc"])
     print(json.dumps({
         "benchmark": "robustness",
         "setting": {"dataset": "creditcard (ULB)", "silos": 5, "rounds": args.rounds, "local_epochs": args.epochs,
+                    "repeats": args.repeats,
                     "learning_rate": args.learning_rate, "attack": f"{args.attacker}: sign-flip x10",
                     "metric": "test split of the coordinator (never trained or gated on)"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
