@@ -90,19 +90,30 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
     _ensure_registered_model(client, spec.model_name)
     tags = {f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id, f"{TAG}airflow_run_id": airflow_run_id,
             f"{TAG}base_version": base_version}
-    with mlflow.start_run(experiment_id=_experiment_id(client, spec), run_name=f"round-{round_id}", tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    experiment_id = _experiment_id(client, spec)
+    # A retried task resumes the run (and the logged model) an interrupted try left behind.
+    earlier = client.search_runs([experiment_id], filter_string=f"tags.`{TAG}round_id` = '{round_id}'", max_results=1)
+    with mlflow.start_run(run_id=earlier[0].info.run_id) if earlier else mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"round-{round_id}", tags=tags) as run:
+        logged = {k: str(v)[:500] for k, v in params.items()}
+        mlflow.log_params({k: v for k, v in logged.items() if k not in run.data.params})
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "round_report.json"
             path.write_text(json.dumps(report, indent=2, sort_keys=True))
             mlflow.log_artifact(str(path))
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
-            pip_requirements=["torch==2.13.0", "numpy==2.4.6"],
-        )
+        models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                             filter_string=f"source_run_id = '{run.info.run_id}'")
+        if models:
+            model_id, model_uri = models[0].model_id, f"models:/{models[0].model_id}"
+        else:
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
+                pip_requirements=["torch==2.13.0", "numpy==2.4.6"],
+            )
+            model_id, model_uri = info.model_id, info.model_uri
     version = client.create_model_version(
-        spec.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
+        spec.model_name, source=model_uri, run_id=run.info.run_id, model_id=model_id,
         tags={**tags, f"{TAG}weights_uri": weights_uri, f"{TAG}weights_sha256": weights_sha256,
               f"{TAG}decision": "pending"},
         description=f"Federated round {round_id} of {spec.federation}",

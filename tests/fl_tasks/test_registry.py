@@ -50,3 +50,23 @@ def test_promote_moves_the_alias_and_reject_keeps_it(spec):
     assert tags["fl.decision"] == "rejected" and tags["fl.rejected_reason"] == "candidate roc_auc 0.5 < 0.9"
     registry.promote(spec, first)  # promoting the champion again changes nothing
     assert registry.get_champion(spec).version == first
+
+
+def test_a_retry_after_an_interrupted_try_reuses_its_run_and_logged_model(spec):
+    import mlflow
+    import numpy as np
+
+    client = MlflowClient()
+    experiment = client.create_experiment(spec.experiment_name)
+    # What a try killed after logging the model but before registering it leaves behind.
+    with mlflow.start_run(experiment_id=experiment, tags={"fl.round_id": "000009"}) as interrupted:
+        mlflow.log_params({"aggregator": "fedavg"})
+        info = mlflow.pytorch.log_model(build_model(spec.model, seed=1), name="model",
+                                        input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
+                                        pip_requirements=["torch==2.13.0"])
+    version = register(spec, "000009")
+    runs = client.search_runs([experiment], filter_string="tags.`fl.round_id` = '000009'")
+    assert [r.info.run_id for r in runs] == [interrupted.info.run_id]
+    registered = client.get_model_version(spec.model_name, version)
+    assert registered.run_id == interrupted.info.run_id and registered.source == f"models:/{info.model_id}"
+    assert len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")) == 1
