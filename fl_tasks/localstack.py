@@ -64,9 +64,6 @@ class Postgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.data_dir, "postgres", "postgres")
-            self.log.parent.mkdir(parents=True, exist_ok=True)
-            self.log.touch()
-            shutil.chown(self.log, "postgres", "postgres")
         if not (self.data_dir / "PG_VERSION").exists():
             self._run([_pg_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
         self._run([_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "60", "start",
@@ -95,6 +92,18 @@ class Postgres:
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+
+def _postgres_data_dir(state_dir: Path) -> Path:
+    """The cluster's folder. When we are root the server runs as `postgres`, which must be
+    able to reach it; a checkout under a private folder gets a folder in /tmp instead
+    (named after the state folder, so `down` finds it again)."""
+    inside = state_dir / "postgres"
+    if os.geteuid() != 0 or all(os.stat(p).st_mode & 0o001 for p in [state_dir, *state_dir.parents] if p.exists()):
+        return inside
+    import hashlib
+
+    return Path("/tmp") / f"fl-postgres-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]}"
 
 
 def _wait_http(url: str, name: str, log: Path, proc: subprocess.Popen | None, timeout: float,
@@ -148,7 +157,9 @@ class LocalStack:
 
     @property
     def postgres(self) -> Postgres:
-        return Postgres(self.state_dir / "postgres", self.ports["postgres"], self.logs / "postgres.log")
+        data_dir = _postgres_data_dir(self.state_dir)
+        # pg_ctl writes its log as the `postgres` user: keep it in the cluster's own folder.
+        return Postgres(data_dir, self.ports["postgres"], data_dir / "server.log")
 
     @property
     def password_file(self) -> Path:
@@ -204,6 +215,7 @@ class LocalStack:
         # would point at models that are gone: every stack starts empty.
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
+        shutil.rmtree(self.postgres.data_dir, ignore_errors=True)
         self.state_dir.mkdir(parents=True)
         os.chmod(self.state_dir, 0o755)  # the postgres user must reach its data folder
         (self.state_dir / "airflow").mkdir(exist_ok=True)
@@ -289,6 +301,8 @@ class LocalStack:
                 except ProcessLookupError:
                     pass
         self.postgres.stop()
+        if self.postgres.data_dir.parent != self.state_dir:
+            shutil.rmtree(self.postgres.data_dir, ignore_errors=True)
         if state.exists():
             state.unlink()
 
