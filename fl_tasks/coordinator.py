@@ -158,18 +158,28 @@ class Coordinator:
         """
         claim = self._get_json(self._claim_key(ctx.run_id))
         if claim is not None:
-            return claim["round_id"]
+            planned = self.store.get_bytes(self.bucket, self.round_key(claim["round_id"], "plan.json"))
+            if planned is not None:
+                owner = RoundPlan.from_json(planned).run_id
+                if owner != ctx.run_id:
+                    raise RoundFailed(f"round {claim['round_id']} claimed by this run was taken by run {owner!r}")
+                return claim["round_id"]
         settings = self.effective_settings(ctx.params)
-        if ctx.params.get("round_id"):
-            round_id = protocol.validate_round_id(str(ctx.params["round_id"]))
-        elif ctx.run_type in ("scheduled", "backfill") and ctx.data_interval_start:
-            round_id = protocol.round_id_for_interval(datetime.fromisoformat(ctx.data_interval_start))
+        if claim is not None:  # an earlier try claimed the round and died before writing the plan
+            round_id = claim["round_id"]
         else:
-            round_id = protocol.round_id_for_number(self._next_round_number())
-        existing = self.store.get_bytes(self.bucket, self.round_key(round_id, "plan.json"))
-        if existing is not None:
-            other = RoundPlan.from_json(existing).run_id
-            raise RoundFailed(f"round {round_id} already belongs to run {other!r}; pick another round_id")
+            if ctx.params.get("round_id"):
+                round_id = protocol.validate_round_id(str(ctx.params["round_id"]))
+            elif ctx.run_type in ("scheduled", "backfill") and ctx.data_interval_start:
+                round_id = protocol.round_id_for_interval(datetime.fromisoformat(ctx.data_interval_start))
+            else:
+                round_id = protocol.round_id_for_number(self._next_round_number())
+            existing = self.store.get_bytes(self.bucket, self.round_key(round_id, "plan.json"))
+            if existing is not None:
+                other = RoundPlan.from_json(existing).run_id
+                raise RoundFailed(f"round {round_id} already belongs to run {other!r}; pick another round_id")
+            # Claimed first: a retry after a crash below finds the same round, never a new number.
+            self._put_json(self._claim_key(ctx.run_id), {"round_id": round_id, "run_id": ctx.run_id})
 
         from fl_tasks import registry
 
@@ -197,7 +207,6 @@ class Coordinator:
             created_at=_now().isoformat(),
         )
         self._put_json(self.round_key(round_id, "plan.json"), asdict(plan))
-        self._put_json(self._claim_key(ctx.run_id), {"round_id": round_id, "run_id": ctx.run_id})
         return round_id
 
     def _seed_payload(self) -> bytes:

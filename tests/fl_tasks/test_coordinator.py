@@ -213,3 +213,14 @@ def test_norm_screening_rejects_a_scaled_attacker_before_the_strategy(s3_server,
     assert [r["client_id"] for r in report["clients_rejected"]] == ["silo-2"]
     assert "median norm" in report["clients_rejected"][0]["reason"]
     assert report["clients_accepted"] == ["silo-0", "silo-1"]
+
+
+def test_prepare_killed_after_claiming_resumes_the_same_round(federation):
+    _, coordinator, _ = federation
+    coordinator.prepare(RunContext(run_id="earlier"))  # round 000001 exists
+    # A try that died right after claiming round 000002, before writing its plan.
+    coordinator._put_json(coordinator._claim_key("crashed"), {"round_id": "000002", "run_id": "crashed"})
+    assert coordinator.prepare(RunContext(run_id="crashed")) == "000002"
+    assert coordinator.load_plan("000002").run_id == "crashed"
+    assert coordinator.prepare(RunContext(run_id="crashed")) == "000002"
+    assert coordinator.prepare(RunContext(run_id="later")) == "000003"
