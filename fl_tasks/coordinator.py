@@ -305,8 +305,7 @@ class Coordinator:
         for client_id in committed:
             try:
                 manifest = self._read_manifest(plan, client_id)
-                norms[client_id] = float(np.linalg.norm(
-                    screening.delta_vector(self._read_state(plan, manifest, base), base)))
+                norms[client_id] = screening.update_norm(self._read_state(plan, manifest, base), base)
                 accepted[client_id] = manifest
             except (ValueError, ManifestError, CodecError, ObjectTooLarge) as exc:
                 rejected.append({"client_id": client_id, "reason": str(exc)})

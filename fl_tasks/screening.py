@@ -12,6 +12,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fl_tasks.aggregation.checks import floating_names
+from fl_tasks.aggregation.clip import update_norm
+
+__all__ = ["ScreeningError", "check_structure", "delta_vector", "leave_one_out_cosine", "norm_outliers",
+           "update_norm"]
+
 StateDict = Mapping[str, np.ndarray]
 
 
@@ -29,10 +35,6 @@ def check_structure(state: StateDict, base: StateDict) -> None:
             raise ScreeningError(f"tensor '{name}' is {value.shape} {value.dtype}, expected {ref.shape} {ref.dtype}")
         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
             raise ScreeningError(f"tensor '{name}' has NaN or Inf values")
-
-
-def floating_names(base: StateDict) -> list[str]:
-    return sorted(name for name, value in base.items() if np.issubdtype(value.dtype, np.floating))
 
 
 def delta_vector(state: StateDict, base: StateDict) -> np.ndarray:

@@ -29,8 +29,8 @@ class Bulyan(RobustStrategy):
         return 4 * self.f + 3
 
     def check_count(self, n: int) -> None:
-        if n < 4 * self.f + 3:
-            raise ValueError(f"{self.name} with f={self.f} needs at least {4 * self.f + 3} client updates "
+        if n < self.min_updates:
+            raise ValueError(f"{self.name} with f={self.f} needs at least {self.min_updates} client updates "
                              f"(n >= 4f + 3), got {n}")
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
