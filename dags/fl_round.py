@@ -33,7 +33,7 @@ worker slot while clients train) → **aggregate** the screened updates ({aggreg
 **validate** against the quality gates → **register** the candidate in MLflow as
 `{model_name}` → **promote** (alias `champion`) or **rollback** (tag `rejected`) → **summary**.
 
-Clients: {clients}. Quorum: {min_clients} by the deadline. Federation file: `{source}`.
+Clients: {clients}. Quorum: {quorum}. Federation file: `{source}`.
 """
 
 
@@ -48,8 +48,14 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
                                                "empty: the federation file's (for its own strategy)"),
         "min_clients": Param(q.min_clients, type="integer", minimum=1, maximum=len(spec.clients),
                              description="Updates needed at the deadline for the round to proceed"),
+        "min_fraction": Param(q.min_fraction, type=["null", "number"], exclusiveMinimum=0, maximum=1,
+                              description="Quorum as a share of the clients (the larger of this and "
+                                          "min_clients counts); empty: min_clients alone"),
         "round_timeout_minutes": Param(q.round_timeout_minutes, type="number", exclusiveMinimum=0, maximum=10080,
                                        description="Minutes from dispatch to the deadline"),
+        "grace_period_minutes": Param(q.grace_period_minutes, type=["null", "number"], minimum=0, maximum=10080,
+                                      description="Once the quorum is in, minutes to wait for stragglers before "
+                                                  "closing; empty: wait until the deadline"),
         "local_epochs": Param(t.local_epochs, type="integer", minimum=1, maximum=100,
                               description="Epochs each client trains locally"),
         "learning_rate": Param(t.learning_rate, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
@@ -74,6 +80,17 @@ def _step(federation_file: str, step: str, round_id: str) -> Any:
         raise AirflowFailException(str(exc)) from None
 
 
+def _quorum_text(spec: FederationSpec) -> str:
+    q = spec.quorum
+    text = f"{q.min_clients} of {len(spec.clients)} clients"
+    if q.min_fraction is not None:
+        text += f" and at least {q.min_fraction:.0%} of them"
+    text += f", within {q.round_timeout_minutes:g} minutes of dispatch"
+    if q.grace_period_minutes is not None:
+        text += f"; stragglers get {q.grace_period_minutes:g} more minutes once the quorum is in"
+    return text
+
+
 def _utc(value: str) -> datetime:
     moment = datetime.fromisoformat(value)
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
@@ -95,7 +112,7 @@ def build_round_dag(spec: FederationSpec):
         tags=["federated-learning", spec.federation],
         doc_md=DOC.format(federation=spec.federation, description=spec.description, aggregator=spec.aggregation,
                           model_name=spec.model_name, clients=", ".join(c.id for c in spec.clients),
-                          min_clients=spec.quorum.min_clients, source=spec.source),
+                          quorum=_quorum_text(spec), source=spec.source),
         default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "retry_exponential_backoff": True},
     )
     def fl_round():

@@ -49,8 +49,25 @@ class ClientSpec:
 @dataclass(frozen=True)
 class QuorumSpec:
     min_clients: int = 1
+    min_fraction: float | None = None  # quorum = max(min_clients, ceil(min_fraction * clients))
     round_timeout_minutes: float = 30.0
+    # Once the quorum is in, wait this long for stragglers, then close (never past the
+    # deadline); null: keep the round open until the deadline or until every client commits.
+    grace_period_minutes: float | None = None
     poll_interval_seconds: float = 10.0
+
+
+STALENESS_POLICIES = ("reject", "polynomial")
+
+
+@dataclass(frozen=True)
+class StalenessSpec:
+    """Updates trained on another base than the round dispatched (staleness s = how many
+    registered versions the update's base is behind the round's base)."""
+
+    policy: str = "reject"  # reject | polynomial: weight x (1 + s) ** -exponent (FedAsync, Xie et al. 2019)
+    exponent: float = 0.5
+    max_staleness: int = 3  # older still: rejected under any policy
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,7 @@ class FederationSpec:
     clip_norm: float | None = None  # server-side clipping of ||update - base|| before the strategy
     screening: ScreeningSpec = field(default_factory=ScreeningSpec)
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
+    staleness: StalenessSpec = field(default_factory=StalenessSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     gates: GatesSpec = field(default_factory=GatesSpec)
@@ -212,7 +230,7 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
-             "quorum", "aggregation", "screening", "model", "training", "gates", "mlflow", "data")
+             "quorum", "staleness", "aggregation", "screening", "model", "training", "gates", "mlflow", "data")
 
 
 def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
@@ -299,6 +317,7 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         clip_norm=clip_norm,
         screening=_section(ScreeningSpec, raw.get("screening"), source, "screening"),
         quorum=_section(QuorumSpec, raw.get("quorum"), source, "quorum"),
+        staleness=_section(StalenessSpec, raw.get("staleness"), source, "staleness"),
         model=_section(ModelSpec, raw.get("model"), source, "model"),
         training=_section(TrainingSpec, raw.get("training"), source, "training"),
         gates=_section(GatesSpec, raw.get("gates"), source, "gates"),
@@ -346,6 +365,15 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
              f"set it between 1 and {len(spec.clients)}")
     _require(q.round_timeout_minutes > 0, source, "quorum.round_timeout_minutes", "must be positive",
              "e.g. 30")
+    _require(q.min_fraction is None or 0 < q.min_fraction <= 1, source, "quorum.min_fraction",
+             f"{q.min_fraction} is outside (0, 1]", "e.g. 0.6 for three clients in five, or leave it out")
+    _require(q.grace_period_minutes is None or q.grace_period_minutes >= 0, source, "quorum.grace_period_minutes",
+             "must not be negative", "e.g. 5, or leave it out to wait until the deadline")
+    st = spec.staleness
+    _require(st.policy in STALENESS_POLICIES, source, "staleness.policy", f"unknown policy {st.policy!r}",
+             f"choose one of {', '.join(STALENESS_POLICIES)}")
+    _require(st.exponent >= 0, source, "staleness.exponent", "must not be negative", "e.g. 0.5")
+    _require(st.max_staleness >= 1, source, "staleness.max_staleness", "must be at least 1", "e.g. 3")
     _require(q.poll_interval_seconds > 0, source, "quorum.poll_interval_seconds", "must be positive", "e.g. 10")
     _require(t.local_epochs >= 1, source, "training.local_epochs", "must be at least 1", "e.g. 1")
     _require(0 < t.learning_rate < 1, source, "training.learning_rate", "must be in (0, 1)", "e.g. 0.001")

@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from fl_tasks import protocol, quorum, screening
+from fl_tasks import protocol, quorum, screening, staleness
+from fl_tasks.audit import AuditLog
 from fl_tasks.codec import CodecError, decode_state, encode_state
 from fl_tasks.config import FederationSpec
 from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.storage import ObjectStore, ObjectTooLarge
 
-OVERRIDABLE = ("aggregator", "aggregator_params", "min_clients", "round_timeout_minutes", "local_epochs", "learning_rate",
-               "min_roc_auc", "min_pr_auc", "max_regression")
+OVERRIDABLE = ("aggregator", "aggregator_params", "min_clients", "min_fraction", "round_timeout_minutes",
+               "grace_period_minutes", "local_epochs", "learning_rate", "min_roc_auc", "min_pr_auc", "max_regression")
 
 
 class RoundFailed(RuntimeError):
@@ -71,10 +72,21 @@ class RoundPlan:
     training: dict[str, Any]
     data_window: dict[str, str | None]
     created_at: str
+    staleness: dict[str, Any]  # the federation's staleness policy
 
     @classmethod
     def from_json(cls, data: bytes) -> "RoundPlan":
         return cls(**json.loads(data))
+
+
+@dataclass(frozen=True)
+class ScreenedUpdate:
+    """An update that passed screening, with its aggregation weight (example count, times
+    the staleness share for a stale one)."""
+
+    manifest: UpdateManifest
+    staleness: int
+    weight: float
 
 
 def _now() -> datetime:
@@ -92,6 +104,7 @@ class Coordinator:
         self.spec = spec
         self.store = store or ObjectStore(spec.endpoint_url)
         self.bucket = spec.coordinator_bucket
+        self.audit = AuditLog(self.store, self.bucket, spec.federation)
 
     # --- keys and small helpers ---------------------------------------------------------
     def round_key(self, round_id: str, name: str) -> str:
@@ -112,13 +125,15 @@ class Coordinator:
 
     def _fail(self, round_id: str, step: str, reason: str) -> RoundFailed:
         self._put_json(self.round_key(round_id, "failure.json"), {"step": step, "reason": reason, "at": _now().isoformat()})
+        self.audit.append(round_id, step, [{"event": "round_failed", "reason": reason}], failed=True)
         return RoundFailed(reason)
 
     def effective_settings(self, params: dict[str, Any]) -> dict[str, Any]:
         s = self.spec
         settings = {
-            "aggregator": s.aggregation, "min_clients": s.quorum.min_clients,
-            "round_timeout_minutes": s.quorum.round_timeout_minutes, "local_epochs": s.training.local_epochs,
+            "aggregator": s.aggregation, "min_clients": s.quorum.min_clients, "min_fraction": s.quorum.min_fraction,
+            "round_timeout_minutes": s.quorum.round_timeout_minutes,
+            "grace_period_minutes": s.quorum.grace_period_minutes, "local_epochs": s.training.local_epochs,
             "learning_rate": s.training.learning_rate, "min_roc_auc": s.gates.min_roc_auc,
             "min_pr_auc": s.gates.min_pr_auc, "max_regression": s.gates.max_regression,
         }
@@ -136,6 +151,10 @@ class Coordinator:
                              f"{strategy.min_updates} client updates; the federation has {len(s.clients)} clients")
         if not 1 <= int(settings["min_clients"]) <= len(s.clients):
             raise ValueError(f"param 'min_clients'={settings['min_clients']} must be between 1 and {len(s.clients)}")
+        if settings["min_fraction"] is not None and not 0 < float(settings["min_fraction"]) <= 1:
+            raise ValueError(f"param 'min_fraction'={settings['min_fraction']} must be in (0, 1]")
+        if settings["grace_period_minutes"] is not None and float(settings["grace_period_minutes"]) < 0:
+            raise ValueError(f"param 'grace_period_minutes'={settings['grace_period_minutes']} must not be negative")
         return settings
 
     # --- step 1: prepare -----------------------------------------------------------------
@@ -163,6 +182,7 @@ class Coordinator:
                 owner = RoundPlan.from_json(planned).run_id
                 if owner != ctx.run_id:
                     raise RoundFailed(f"round {claim['round_id']} claimed by this run was taken by run {owner!r}")
+                self._audit_plan(RoundPlan.from_json(planned))
                 return claim["round_id"]
         settings = self.effective_settings(ctx.params)
         if claim is not None:  # an earlier try claimed the round and died before writing the plan
@@ -204,10 +224,17 @@ class Coordinator:
                       "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec},
             data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
             if ctx.run_type in ("scheduled", "backfill") and t.window == "interval" else {"start": None, "end": None},
-            created_at=_now().isoformat(),
+            created_at=_now().isoformat(), staleness=asdict(self.spec.staleness),
         )
         self._put_json(self.round_key(round_id, "plan.json"), asdict(plan))
+        self._audit_plan(plan)
         return round_id
+
+    def _audit_plan(self, plan: RoundPlan) -> None:
+        # The whole plan, who started the run included: a replay needs nothing else from us.
+        self.audit.append(plan.round_id, "prepare", [{"event": "round_planned", "run_id": plan.run_id,
+                                                      "run_type": plan.run_type, "triggered_by": plan.triggered_by,
+                                                      "plan": asdict(plan)}])
 
     def _seed_payload(self) -> bytes:
         from fl_tasks.models import build_model, state_to_numpy
@@ -234,37 +261,50 @@ class Coordinator:
             model_version=plan.base_version, model=asdict(self.spec.model), payload_sha256=plan.base_sha256, payload_bytes=plan.base_bytes,
             training=plan.training, data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at,
         ).to_json()
+        events = []
         for client in self.spec.clients:
             manifest_key = protocol.global_manifest_key(client.prefix, plan.federation, round_id)
+            events.append({"event": "model_dispatched", "client_id": client.id, "bucket": client.bucket_name,
+                           "manifest_key": manifest_key, "manifest_sha256": sha256_hex(manifest),
+                           "payload_sha256": plan.base_sha256, "model_version": plan.base_version})
             if self.store.get_bytes(client.bucket_name, manifest_key) == manifest:
                 continue  # already committed by an earlier try
             self.store.put_bytes(client.bucket_name,
                                  protocol.global_model_key(client.prefix, plan.federation, round_id), payload)
             self.store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
+        self.audit.append(round_id, "dispatch", events)
         return plan.clients
 
     # --- step 3: wait for quorum ---------------------------------------------------------
-    def committed_clients(self, round_id: str) -> list[str]:
-        """Clients whose update manifest (the commit marker) exists for this round."""
-        return [c.id for c in self.spec.clients
-                if self.store.exists(c.bucket_name, protocol.update_manifest_key(c.prefix, self.spec.federation, round_id))]
+    def commits(self, round_id: str) -> dict[str, datetime]:
+        """Clients whose update manifest (the commit marker) exists for this round, and when
+        it was written."""
+        found = {}
+        for c in self.spec.clients:
+            written = self.store.last_modified(c.bucket_name,
+                                               protocol.update_manifest_key(c.prefix, self.spec.federation, round_id))
+            if written is not None:
+                found[c.id] = written
+        return found
 
     def check_quorum(self, round_id: str, now: datetime | None = None) -> quorum.QuorumDecision:
         plan = self.load_plan(round_id)
-        return quorum.decide(self.committed_clients(round_id), plan.clients, int(plan.settings["min_clients"]),
-                             datetime.fromisoformat(plan.deadline), now or _now())
+        return quorum.decide(self.commits(round_id), plan.clients, required_clients(plan),
+                             datetime.fromisoformat(plan.deadline), now or _now(), grace_period(plan))
 
     def close_round(self, round_id: str, decision: quorum.QuorumDecision) -> dict[str, Any]:
         """Record who is in the round; the first close wins so a re-run cannot change it."""
         key = self.round_key(round_id, "quorum.json")
-        existing = self._get_json(key)
-        if existing is not None:
-            return existing
-        record = {"state": decision.state, "committed": list(decision.committed), "reason": decision.reason,
-                  "closed_at": _now().isoformat()}
-        if decision.state == quorum.FAILED:
-            self._fail(round_id, "quorum", decision.reason)
-        self._put_json(key, record)
+        record = self._get_json(key)
+        if record is None:
+            commits = self.commits(round_id)
+            record = {"state": decision.state, "committed": list(decision.committed), "reason": decision.reason,
+                      "closed_at": _now().isoformat(),
+                      "commit_times": {c: commits[c].isoformat() for c in decision.committed if c in commits}}
+            if decision.state == quorum.FAILED:
+                self._fail(round_id, "quorum", decision.reason)
+            self._put_json(key, record)
+        self.audit.append(round_id, "quorum", [{"event": "round_closed", **record}])
         return record
 
     # --- step 4: aggregate ---------------------------------------------------------------
@@ -276,12 +316,41 @@ class Coordinator:
         if raw is None:
             raise ValueError("update manifest disappeared")
         manifest = UpdateManifest.from_json(raw)
-        expected = {"client_id": client_id, "federation": plan.federation, "round_id": plan.round_id,
-                    "base_sha256": plan.base_sha256, "base_model_version": plan.base_version}
+        expected = {"client_id": client_id, "federation": plan.federation, "round_id": plan.round_id}
         for name, value in expected.items():
             if getattr(manifest, name) != value:
                 raise ValueError(f"manifest {name}={getattr(manifest, name)!r} does not match the round ({value!r})")
         return manifest
+
+    def _staleness(self, plan: RoundPlan, manifest: UpdateManifest) -> int:
+        """0 for an update on the dispatched base; for an older base, how many versions behind,
+        when the federation's staleness policy accepts it; raises ValueError otherwise."""
+        if manifest.base_model_version == plan.base_version and manifest.base_sha256 == plan.base_sha256:
+            return 0
+        if manifest.base_model_version == plan.base_version:
+            raise ValueError(f"base_sha256 does not match the dispatched version {plan.base_version}")
+        behind = staleness.versions_behind(plan.base_version, manifest.base_model_version)
+        if behind is None:
+            raise ValueError(f"base version {manifest.base_model_version!r} is not an earlier version of this "
+                             f"federation's model (the round dispatched {plan.base_version})")
+        policy = plan.staleness
+        where = f"stale update: trained on version {manifest.base_model_version}, {behind} behind the dispatched " \
+                f"{plan.base_version}"
+        if policy["policy"] == "reject":
+            raise ValueError(f"{where}; staleness.policy is 'reject'")
+        if behind > policy["max_staleness"]:
+            raise ValueError(f"{where}, over staleness.max_staleness={policy['max_staleness']}")
+        if manifest.base_sha256 != self._version_sha256(manifest.base_model_version):
+            raise ValueError(f"base_sha256 does not match the registered weights of version "
+                             f"{manifest.base_model_version}")
+        return behind
+
+    def _version_sha256(self, version: str) -> str | None:
+        if version == "seed":
+            return sha256_hex(self._seed_payload())
+        from fl_tasks import registry
+
+        return registry.version_weights_sha256(self.spec, version)
 
     def _read_state(self, plan: RoundPlan, manifest: UpdateManifest, base: dict[str, np.ndarray]) -> dict:
         """The update's tensors; the payload must still match the manifest's sha256 at every read."""
@@ -298,27 +367,35 @@ class Coordinator:
         return state
 
     def _screen(self, plan: RoundPlan, committed: list[str], base: dict[str, np.ndarray],
-                rejected: list[dict[str, Any]]) -> dict[str, UpdateManifest]:
-        """Every check before aggregation; returns the accepted manifests, records the rest."""
-        accepted: dict[str, UpdateManifest] = {}
+                rejected: list[dict[str, Any]], seen: dict[str, dict[str, Any]]) -> dict[str, "ScreenedUpdate"]:
+        """Every check before aggregation; returns the accepted updates, records the rest in
+        `rejected`, and what each readable manifest said in `seen`."""
+        accepted: dict[str, ScreenedUpdate] = {}
         norms: dict[str, float] = {}
+        rules = plan.screening
+        exponent = plan.staleness["exponent"]
         for client_id in committed:
             try:
                 manifest = self._read_manifest(plan, client_id)
+                seen[client_id] = {"payload_sha256": manifest.payload_sha256, "num_examples": manifest.num_examples,
+                                   "base_model_version": manifest.base_model_version,
+                                   "manifest_sha256": sha256_hex(manifest.to_json())}
+                behind = self._staleness(plan, manifest)
                 norms[client_id] = screening.update_norm(self._read_state(plan, manifest, base), base)
-                accepted[client_id] = manifest
+                weight = manifest.num_examples * (staleness.staleness_weight(behind, exponent) if behind else 1.0)
+                accepted[client_id] = ScreenedUpdate(manifest, behind, weight)
             except (ValueError, ManifestError, CodecError, ObjectTooLarge) as exc:
                 rejected.append({"client_id": client_id, "reason": str(exc)})
-        rules = plan.screening
         for client_id, reason in screening.norm_outliers(norms, rules.get("max_update_norm"),
                                                          rules.get("max_norm_ratio")).items():
             rejected.append({"client_id": client_id, "reason": reason})
             del accepted[client_id]
         if rules.get("min_cosine") is not None and len(accepted) > 2:
             # Two more reads per update keep memory at O(one model): the sum, then each cosine.
-            total = sum(screening.delta_vector(self._read_state(plan, m, base), base) for m in accepted.values())
-            for client_id, manifest in list(accepted.items()):
-                delta = screening.delta_vector(self._read_state(plan, manifest, base), base)
+            total = sum(screening.delta_vector(self._read_state(plan, u.manifest, base), base)
+                        for u in accepted.values())
+            for client_id, update in list(accepted.items()):
+                delta = screening.delta_vector(self._read_state(plan, update.manifest, base), base)
                 cosine = screening.leave_one_out_cosine(delta, total, len(accepted))
                 if cosine < rules["min_cosine"]:
                     rejected.append({"client_id": client_id, "reason": f"cosine {cosine:.3f} to the mean of the "
@@ -329,57 +406,92 @@ class Coordinator:
     def _state_key(self, round_id: str, strategy: str) -> str:
         return self.round_key(round_id, f"candidate/server_state/{strategy}.safetensors")
 
-    def aggregate(self, round_id: str) -> dict[str, Any]:
-        """Screen the committed updates, then stream the accepted ones into the strategy."""
+    def build_candidate(self, plan: RoundPlan, committed: list[str]) -> tuple[dict[str, Any], bytes, dict | None]:
+        """Screen the committed updates and stream the accepted ones into the strategy; writes
+        nothing. Returns the summary, the candidate payload and the server-optimiser state
+        (None for stateless strategies). Raises ValueError when no model can come out."""
         from fl_tasks import aggregation
 
+        payload = self.store.get_bytes(self.bucket, self.round_key(plan.round_id, "base/model.safetensors"))
+        if payload is None or sha256_hex(payload) != plan.base_sha256:
+            raise ValueError("the round's base model is missing or does not match the plan's sha256")
+        base = decode_state(payload)
+        rejected: list[dict[str, Any]] = []
+        seen: dict[str, dict[str, Any]] = {}
+        accepted = self._screen(plan, committed, base, rejected, seen)
+        required = required_clients(plan)
+        if len(accepted) < required:
+            raise ValueError(f"only {len(accepted)} updates passed screening, quorum {required}; rejected: {rejected}")
+        settings = plan.aggregation
+        strategy = aggregation.build(settings["strategy"], clip_norm=settings["clip_norm"], **settings["params"])
+        stateful = getattr(strategy, "stateful", False)
+        if stateful and plan.base_round_id:
+            saved = self.store.get_bytes(self.bucket, self._state_key(plan.base_round_id, strategy.name))
+            if saved is not None:
+                strategy.set_state(decode_state(saved))
+
+        def updates() -> Iterator[tuple[dict[str, np.ndarray], float]]:
+            for update in accepted.values():
+                yield self._read_state(plan, update.manifest, base), update.weight
+
+        try:
+            candidate = encode_state(strategy.aggregate(base, updates()))
+        except ValueError as exc:
+            raise ValueError(f"{strategy.name}: {exc}") from exc
+        total = sum(u.weight for u in accepted.values())
+        summary = {"round_id": plan.round_id, "aggregator": strategy.name, "params": settings["params"],
+                   "clip_norm": settings["clip_norm"], "rejected": rejected, "seen": seen,
+                   "total_examples": sum(u.manifest.num_examples for u in accepted.values()),
+                   "accepted": [{"client_id": u.manifest.client_id, "num_examples": u.manifest.num_examples,
+                                 "staleness": u.staleness, "weight": u.weight / total,
+                                 "payload_sha256": u.manifest.payload_sha256, "metrics": u.manifest.metrics}
+                                for u in accepted.values()],
+                   "candidate_sha256": sha256_hex(candidate)}
+        return summary, candidate, strategy.get_state() if stateful else None
+
+    def aggregate(self, round_id: str) -> dict[str, Any]:
+        """Build the candidate from the round's closed set of updates and store it."""
         plan = self.load_plan(round_id)
         closed = self._get_json(self.round_key(round_id, "quorum.json"))
         if closed is None:
             raise self._fail(round_id, "aggregate", "the round has not closed yet; run the quorum step first")
         if closed["state"] != quorum.MET:
             raise RoundFailed(closed["reason"])
-        existing = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
-        if existing is not None:
-            return existing
-        base = decode_state(self.store.get_bytes(self.bucket, self.round_key(round_id, "base/model.safetensors")))
-        rejected: list[dict[str, Any]] = []
-        accepted = self._screen(plan, closed["committed"], base, rejected)
-        min_clients = int(plan.settings["min_clients"])
-        if len(accepted) < min_clients:
-            raise self._fail(round_id, "aggregate", f"only {len(accepted)} updates passed screening, "
-                                                    f"min_clients={min_clients}; rejected: {rejected}")
-        settings = plan.aggregation
-        strategy = aggregation.build(settings["strategy"], clip_norm=settings["clip_norm"], **settings["params"])
-        if getattr(strategy, "stateful", False) and plan.base_round_id:
-            saved = self.store.get_bytes(self.bucket, self._state_key(plan.base_round_id, strategy.name))
-            if saved is not None:
-                strategy.set_state(decode_state(saved))
-
-        def updates() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-            for manifest in accepted.values():
-                yield self._read_state(plan, manifest, base), manifest.num_examples
-
-        try:
-            candidate = strategy.aggregate(base, updates())
-        except ValueError as exc:
-            raise self._fail(round_id, "aggregate", f"{strategy.name}: {exc}") from exc
-        total = sum(m.num_examples for m in accepted.values())
-        payload = encode_state(candidate)
-        self.store.put_bytes(self.bucket, self.round_key(round_id, "candidate/model.safetensors"), payload)
-        if getattr(strategy, "stateful", False):
-            # Keyed by this round: the next round continues from it only if this candidate
-            # becomes the champion, so a rolled-back round never advances the optimiser.
-            self.store.put_bytes(self.bucket, self._state_key(round_id, strategy.name),
-                                 encode_state(strategy.get_state()))
-        summary = {"round_id": round_id, "aggregator": strategy.name, "params": settings["params"],
-                   "clip_norm": settings["clip_norm"], "rejected": rejected, "total_examples": total,
-                   "accepted": [{"client_id": m.client_id, "num_examples": m.num_examples,
-                                 "weight": m.num_examples / total, "payload_sha256": m.payload_sha256,
-                                 "metrics": m.metrics} for m in accepted.values()],
-                   "candidate_sha256": sha256_hex(payload)}
-        self._put_json(self.round_key(round_id, "candidate/manifest.json"), summary)
+        summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
+        if summary is None:
+            try:
+                summary, payload, server_state = self.build_candidate(plan, closed["committed"])
+            except ValueError as exc:
+                raise self._fail(round_id, "aggregate", str(exc)) from exc
+            self.store.put_bytes(self.bucket, self.round_key(round_id, "candidate/model.safetensors"), payload)
+            if server_state is not None:
+                # Keyed by this round: the next round continues from it only if this candidate
+                # becomes the champion, so a rolled-back round never advances the optimiser.
+                self.store.put_bytes(self.bucket, self._state_key(round_id, summary["aggregator"]),
+                                     encode_state(server_state))
+            # Written last: its presence means the candidate (and state) above are complete.
+            self._put_json(self.round_key(round_id, "candidate/manifest.json"), summary)
+        self.audit.append(round_id, "aggregate", aggregate_events(summary))
         return summary
+
+    def replay(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rebuild a round's screening and candidate from its audit events alone: the plan and
+        the closed set come from the log, the updates from the client buckets, and every
+        manifest must still hash to what the log recorded. Writes nothing."""
+        planned = [e for e in events if e.get("event") == "round_planned"]
+        closed = [e for e in events if e.get("event") == "round_closed"]
+        if len(planned) != 1 or len(closed) != 1:
+            raise ValueError("the log needs exactly one round_planned and one round_closed event")
+        plan = RoundPlan(**planned[0]["plan"])
+        summary, _, _ = self.build_candidate(plan, closed[0]["committed"])
+        logged = {e["client_id"]: e["manifest_sha256"] for e in events if e.get("event") == "update_seen"}
+        now = {client_id: seen["manifest_sha256"] for client_id, seen in summary["seen"].items()}
+        if logged != now:
+            changed = sorted(c for c in set(logged) | set(now) if logged.get(c) != now.get(c))
+            raise ValueError(f"the client buckets no longer hold the manifests the round saw: {changed}")
+        return {"accepted": sorted(a["client_id"] for a in summary["accepted"]),
+                "rejected": {r["client_id"]: r["reason"] for r in summary["rejected"]},
+                "candidate_sha256": summary["candidate_sha256"]}
 
     # --- step 5: validate ----------------------------------------------------------------
     def _load_model(self, key: str, sha256: str | None = None):
@@ -397,6 +509,7 @@ class Coordinator:
 
         existing = self._get_json(self.round_key(round_id, "validation.json"))
         if existing is not None:
+            self._audit_validation(round_id, existing)
             return existing
         plan = self.load_plan(round_id)
         summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
@@ -411,7 +524,13 @@ class Coordinator:
         result = {"candidate": candidate_metrics, "champion": champion_metrics, "gates": gates,
                   "passed": all(g["passed"] for g in gates), "validation_rows": len(validation)}
         self._put_json(self.round_key(round_id, "validation.json"), result)
+        self._audit_validation(round_id, result)
         return result
+
+    def _audit_validation(self, round_id: str, result: dict[str, Any]) -> None:
+        self.audit.append(round_id, "validate", [{"event": "gates_evaluated", "passed": result["passed"],
+                                                  "gates": result["gates"], "candidate": result["candidate"],
+                                                  "champion": result["champion"]}])
 
     # --- step 6: register ----------------------------------------------------------------
     def register(self, round_id: str) -> str:
@@ -420,6 +539,7 @@ class Coordinator:
 
         existing = self._get_json(self.round_key(round_id, "registration.json"))
         if existing is not None:
+            self._audit_registration(round_id, existing["version"])
             return existing["version"]
         plan = self.load_plan(round_id)
         summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
@@ -441,7 +561,14 @@ class Coordinator:
             metrics=metrics, report={"plan": asdict(plan), "aggregation": summary, "validation": result},
         )
         self._put_json(self.round_key(round_id, "registration.json"), {"version": version})
+        self._audit_registration(round_id, version)
         return version
+
+    def _audit_registration(self, round_id: str, version: str) -> None:
+        summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
+        self.audit.append(round_id, "register", [{"event": "model_registered", "model_name": self.spec.model_name,
+                                                  "version": version,
+                                                  "candidate_sha256": summary["candidate_sha256"]}])
 
     # --- step 7: promote or roll back ----------------------------------------------------
     def decide(self, round_id: str) -> str:
@@ -456,6 +583,8 @@ class Coordinator:
         registry.promote(self.spec, version)
         decision = {"decision": "promoted", "version": version, "reasons": []}
         self._put_json(self.round_key(round_id, "decision.json"), decision)
+        self.audit.append(round_id, "decision", [{"event": "model_promoted", "version": version, "alias": "champion",
+                                                  "previous_champion": self.load_plan(round_id).base_version}])
         return decision
 
     def rollback(self, round_id: str) -> dict[str, Any]:
@@ -467,6 +596,8 @@ class Coordinator:
         registry.reject(self.spec, version, reasons)
         decision = {"decision": "rejected", "version": version, "reasons": reasons}
         self._put_json(self.round_key(round_id, "decision.json"), decision)
+        self.audit.append(round_id, "decision", [{"event": "model_rolled_back", "version": version, "reasons": reasons,
+                                                  "champion": self.load_plan(round_id).base_version}])
         return decision
 
     # --- step 8: summary -----------------------------------------------------------------
@@ -476,6 +607,7 @@ class Coordinator:
         read = lambda name: self._get_json(self.round_key(round_id, name))  # noqa: E731
         closed, summary, result = read("quorum.json"), read("candidate/manifest.json"), read("validation.json")
         decision, failure = read("decision.json"), read("failure.json")
+        late = self.late_updates(round_id, closed)
         report = {
             "federation": plan.federation, "round_id": round_id, "run_id": plan.run_id, "run_type": plan.run_type,
             "base_version": plan.base_version, "data_window": plan.data_window, "settings": plan.settings,
@@ -489,9 +621,50 @@ class Coordinator:
             "decision": decision["decision"] if decision else "no_model",
             "version": decision["version"] if decision else None,
             "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
+            "late": late,
+            "audit_log": f"s3://{self.bucket}/{self.audit.prefix(round_id)}",
         }
         self._put_json(self.round_key(round_id, "report.json"), report)
+        self.audit.append(round_id, "summary", [*({"event": "update_late", **entry} for entry in late),
+                                                {"event": "round_summarized", "decision": report["decision"],
+                                                 "version": report["version"], "reason": report["reason"]}])
+        from fl_tasks import registry
+
+        # The bucket holds the log of record; the MLflow copy is for people browsing runs.
+        registry.log_audit(self.spec, round_id, self.audit.jsonl(round_id))
         return report
+
+    def late_updates(self, round_id: str, closed: dict[str, Any] | None) -> list[dict[str, str]]:
+        """Updates committed after the round closed: never aggregated, only recorded."""
+        if closed is None:
+            return []
+        return [{"client_id": client_id, "committed_at": at.isoformat()}
+                for client_id, at in sorted(self.commits(round_id).items()) if client_id not in closed["committed"]]
+
+
+def aggregate_events(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The aggregate step's audit events: every update seen, each verdict, the candidate."""
+    events = [{"event": "update_seen", "client_id": c, **seen} for c, seen in summary["seen"].items()]
+    events += [{"event": "update_accepted", "client_id": a["client_id"], "payload_sha256": a["payload_sha256"],
+                "num_examples": a["num_examples"], "staleness": a["staleness"], "weight": a["weight"]}
+               for a in summary["accepted"]]
+    events += [{"event": "update_rejected", "client_id": r["client_id"], "reason": r["reason"],
+                "payload_sha256": summary["seen"].get(r["client_id"], {}).get("payload_sha256")}
+               for r in summary["rejected"]]
+    events.append({"event": "candidate_built", "candidate_sha256": summary["candidate_sha256"],
+                   "aggregator": summary["aggregator"], "params": summary["params"], "clip_norm": summary["clip_norm"]})
+    return events
+
+
+def required_clients(plan: RoundPlan) -> int:
+    """The round's quorum from its settings (min_clients and min_fraction)."""
+    return quorum.required_clients(len(plan.clients), int(plan.settings["min_clients"]),
+                                   plan.settings.get("min_fraction"))
+
+
+def grace_period(plan: RoundPlan) -> timedelta | None:
+    minutes = plan.settings.get("grace_period_minutes")
+    return None if minutes is None else timedelta(minutes=float(minutes))
 
 
 def validation_split(spec: FederationSpec):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 MET, WAITING, FAILED = "met", "waiting", "failed"
 
@@ -16,18 +17,43 @@ class QuorumDecision:
     reason: str
 
 
-def decide(committed: Collection[str], expected: Collection[str], min_clients: int,
-           deadline: datetime, now: datetime) -> QuorumDecision:
-    """Met when every expected client committed, or at the deadline when at least
-    `min_clients` did; failed at the deadline otherwise; waiting before it."""
-    done = tuple(sorted(set(committed) & set(expected)))
+def required_clients(num_expected: int, min_clients: int, min_fraction: float | None = None) -> int:
+    """The quorum: `min_clients`, raised to `ceil(min_fraction * clients)` when a fraction is set."""
+    needed = int(min_clients)
+    if min_fraction is not None:
+        needed = max(needed, math.ceil(float(min_fraction) * num_expected - 1e-9))
+    return needed
+
+
+def decide(committed: Mapping[str, datetime] | Collection[str], expected: Collection[str], required: int,
+           deadline: datetime, now: datetime, grace: timedelta | None = None) -> QuorumDecision:
+    """Met when every expected client committed; with a grace period, also once `grace` has
+    passed since the quorum was reached (the `required`-th commit time); at the deadline,
+    met with at least `required` commits and failed with fewer; waiting otherwise.
+
+    `committed` maps client ids to their commit times (the update manifest's LastModified);
+    a plain collection is enough when no grace period is set. Commit times come from the
+    object store, so the decision needs no memory of earlier polls and survives restarts.
+    """
+    times = committed if isinstance(committed, Mapping) else dict.fromkeys(committed)
+    done = tuple(sorted(set(times) & set(expected)))
     missing = sorted(set(expected) - set(done))
     if not missing:
         return QuorumDecision(MET, done, f"all {len(done)} clients committed")
+    if len(done) >= required and grace is not None:
+        if any(times[c] is None for c in done):
+            raise ValueError("a grace period needs the commit time of every committed client")
+        reached = sorted(times[c] for c in done)[required - 1]
+        closes = min(deadline, reached + grace)
+        if now >= closes:
+            return QuorumDecision(MET, done, f"quorum of {required} reached at {reached.isoformat()}; grace period "
+                                             f"ended with {len(done)} of {len(expected)} committed; missing {missing}")
+        return QuorumDecision(WAITING, done, f"quorum of {required} reached; waiting for stragglers {missing} "
+                                             f"until {closes.isoformat()}")
     if now < deadline:
         return QuorumDecision(WAITING, done, f"{len(done)} of {len(expected)} committed, waiting for {missing}")
-    if len(done) >= min_clients:
+    if len(done) >= required:
         return QuorumDecision(MET, done, f"deadline passed with {len(done)} of {len(expected)} committed "
-                                         f"(min_clients={min_clients}); missing {missing}")
+                                         f"(quorum {required}); missing {missing}")
     return QuorumDecision(FAILED, done, f"quorum not met: {len(done)} of {len(expected)} clients committed by the "
-                                        f"deadline {deadline.isoformat()}, min_clients={min_clients}; missing {missing}")
+                                        f"deadline {deadline.isoformat()}, quorum {required}; missing {missing}")

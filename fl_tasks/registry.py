@@ -62,6 +62,17 @@ def get_champion(spec: FederationSpec) -> ChampionRef | None:
     return ChampionRef(str(version.version), tags[f"{TAG}weights_uri"], tags[f"{TAG}weights_sha256"], tags[f"{TAG}round_id"])
 
 
+def version_weights_sha256(spec: FederationSpec, version: str) -> str | None:
+    """The sha256 tag of a registered version's weights, or None when there is no such version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = _client(spec).get_model_version(spec.model_name, version)
+    except MlflowException:
+        return None
+    return found.tags.get(f"{TAG}weights_sha256")
+
+
 def find_round_version(spec: FederationSpec, round_id: str):
     """The model version already registered for this round, if any (re-runs reuse it)."""
     client = _client(spec)
@@ -119,6 +130,22 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
         description=f"Federated round {round_id} of {spec.federation}",
     )
     return str(version.version)
+
+
+def log_audit(spec: FederationSpec, round_id: str, jsonl: bytes) -> str:
+    """Attach the round's audit log to its MLflow run (created, marked FAILED, when the round
+    never reached register); rewriting it on a retry replaces the same artifact. Returns the run id."""
+    client = _client(spec)
+    experiment_id = _experiment_id(client, spec)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG}round_id` = '{round_id}'", max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name=f"round-{round_id}",
+                                   tags={f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id}).info.run_id
+        client.set_terminated(run_id, "FAILED")
+    client.log_text(run_id, jsonl.decode(), "audit/audit.jsonl")
+    return run_id
 
 
 def promote(spec: FederationSpec, version: str) -> None:

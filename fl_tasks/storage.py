@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import datetime
 
 import boto3
 from botocore.config import Config
@@ -32,6 +33,16 @@ class ObjectStore:
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
+    def put_if_absent(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        """Write the object only if the key is free (S3 conditional write); False when it was taken."""
+        try:
+            self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+
     def get_bytes(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
         try:
@@ -53,6 +64,15 @@ class ObjectStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
                 return False
+            raise
+
+    def last_modified(self, bucket: str, key: str) -> datetime | None:
+        """When the object was last written (the store's clock), or None when it does not exist."""
+        try:
+            return self._client.head_object(Bucket=bucket, Key=key)["LastModified"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                return None
             raise
 
     def list_keys(self, bucket: str, prefix: str) -> Iterator[str]:

@@ -83,3 +83,26 @@ def write_federation(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def make_federation(s3_server, mlflow_uri, write_federation):
+    """Build a federation on the moto server: (spec, coordinator, {client id: ClientRuntime})."""
+    from fl_tasks.client import ClientRuntime
+    from fl_tasks.config import load_federation
+    from fl_tasks.coordinator import Coordinator
+    from fl_tasks.datasets import dirichlet_partition, holdout_split, load_dataset
+    from fl_tasks.embedded import create_buckets
+
+    def make(**overrides):
+        spec = load_federation(write_federation(**overrides))
+        coordinator = Coordinator(spec)
+        create_buckets(spec, coordinator.store)
+        pool = holdout_split(load_dataset("synthetic", seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows),
+                             seed=spec.data.seed)[0]
+        parts = dirichlet_partition(pool.y, len(spec.clients), alpha=1.0, seed=1, min_rows=200)
+        clients = {c.id: ClientRuntime(c.id, spec.federation, c.bucket, pool.take(p), coordinator.store)
+                   for c, p in zip(spec.clients, parts)}
+        return spec, coordinator, clients
+
+    return make

@@ -12,7 +12,8 @@ from fl_airflow.triggers import QuorumTrigger
 
 
 class QuorumSensor(BaseSensorOperator):
-    """Succeeds when every client committed, or at the deadline when `min_clients` did.
+    """Succeeds when the round may close (every client committed, the grace period after the
+    quorum ended, or the deadline passed with the quorum in).
 
     Checks once on the worker; if the round is still open it defers to `QuorumTrigger` and
     frees the slot. A round that misses quorum fails this task with the reason, and nothing
@@ -41,6 +42,7 @@ class QuorumSensor(BaseSensorOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from fl_tasks import protocol, quorum
+        from fl_tasks.coordinator import grace_period, required_clients
 
         coordinator = self._coordinator()
         decision = coordinator.check_quorum(self.round_id)
@@ -54,7 +56,8 @@ class QuorumSensor(BaseSensorOperator):
         self.log.info("round %s: %s; deferring until quorum or %s", self.round_id, decision.reason, plan.deadline)
         self.defer(
             trigger=QuorumTrigger(round_id=self.round_id, manifests=manifests, deadline=plan.deadline,
-                                  min_clients=int(plan.settings["min_clients"]),
+                                  required=required_clients(plan),
+                                  grace_seconds=None if (grace := grace_period(plan)) is None else grace.total_seconds(),
                                   poll_interval=spec.quorum.poll_interval_seconds, endpoint_url=spec.endpoint_url),
             method_name="execute_complete",
             timeout=max(left, timedelta(0)) + timedelta(minutes=10),

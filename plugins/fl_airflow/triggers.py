@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -13,52 +13,57 @@ from fl_tasks import quorum
 
 
 class QuorumTrigger(BaseTrigger):
-    """Fires once the round may close: all clients committed, or the deadline passed.
+    """Fires once the round may close (`fl_tasks.quorum.decide`): all clients committed, the
+    grace period after the quorum ended, or the deadline passed.
 
     Holds only serialisable fields: for each expected client the (bucket, manifest key) to
-    look for, the deadline, `min_clients` and the S3 endpoint. Credentials come from the
-    triggerer's environment (the standard AWS chain), never from the serialised trigger.
+    look for, the deadline, the quorum size, the grace period and the S3 endpoint. Commit
+    times are the manifests' LastModified, so a restarted triggerer decides the same way.
+    Credentials come from the triggerer's environment (the standard AWS chain), never from
+    the serialised trigger.
     """
 
-    def __init__(self, round_id: str, manifests: dict[str, list[str]], deadline: str, min_clients: int,
-                 poll_interval: float = 10.0, endpoint_url: str | None = None):
+    def __init__(self, round_id: str, manifests: dict[str, list[str]], deadline: str, required: int,
+                 grace_seconds: float | None = None, poll_interval: float = 10.0, endpoint_url: str | None = None):
         super().__init__()
         self.round_id = round_id
         self.manifests = manifests  # client id -> [bucket, key]
         self.deadline = deadline
-        self.min_clients = min_clients
+        self.required = required
+        self.grace_seconds = grace_seconds
         self.poll_interval = poll_interval
         self.endpoint_url = endpoint_url
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("fl_airflow.triggers.QuorumTrigger", {
             "round_id": self.round_id, "manifests": self.manifests, "deadline": self.deadline,
-            "min_clients": self.min_clients, "poll_interval": self.poll_interval, "endpoint_url": self.endpoint_url,
+            "required": self.required, "grace_seconds": self.grace_seconds, "poll_interval": self.poll_interval,
+            "endpoint_url": self.endpoint_url,
         })
 
-    async def _committed(self, client) -> list[str]:
-        async def exists(bucket: str, key: str) -> bool:
+    async def _committed(self, client) -> dict[str, datetime]:
+        async def written(bucket: str, key: str) -> datetime | None:
             try:
-                await client.head_object(Bucket=bucket, Key=key)
-                return True
+                return (await client.head_object(Bucket=bucket, Key=key))["LastModified"]
             except client.exceptions.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
+                    return None
                 raise
 
         ids = list(self.manifests)
-        found = await asyncio.gather(*(exists(*self.manifests[i]) for i in ids))
-        return [i for i, ok in zip(ids, found) if ok]
+        found = await asyncio.gather(*(written(*self.manifests[i]) for i in ids))
+        return {i: at for i, at in zip(ids, found) if at is not None}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from aiobotocore.session import get_session
 
         deadline = datetime.fromisoformat(self.deadline)
+        grace = None if self.grace_seconds is None else timedelta(seconds=self.grace_seconds)
         async with get_session().create_client("s3", endpoint_url=self.endpoint_url) as client:
             while True:
                 committed = await self._committed(client)
-                decision = quorum.decide(committed, list(self.manifests), self.min_clients, deadline,
-                                         datetime.now(timezone.utc))
+                decision = quorum.decide(committed, list(self.manifests), self.required, deadline,
+                                         datetime.now(timezone.utc), grace)
                 self.log.info("round %s: %s", self.round_id, decision.reason)
                 if decision.state != quorum.WAITING:
                     yield TriggerEvent({"state": decision.state, "committed": list(decision.committed),

@@ -21,16 +21,8 @@ from fl_tasks.protocol import UpdateManifest
 
 
 @pytest.fixture
-def federation(s3_server, mlflow_uri, write_federation):
-    spec = load_federation(write_federation())
-    coordinator = Coordinator(spec)
-    create_buckets(spec, coordinator.store)
-    pool = holdout_split(load_dataset("synthetic", seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows),
-                         seed=spec.data.seed)[0]
-    parts = dirichlet_partition(pool.y, len(spec.clients), alpha=1.0, seed=1, min_rows=200)
-    clients = {c.id: ClientRuntime(c.id, spec.federation, c.bucket, pool.take(p), coordinator.store)
-               for c, p in zip(spec.clients, parts)}
-    return spec, coordinator, clients
+def federation(make_federation):
+    return make_federation()
 
 
 def read_json(coordinator, round_id, name):

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fl_tasks.quorum import FAILED, MET, WAITING, QuorumDecision, decide
+from fl_tasks.quorum import FAILED, MET, WAITING, QuorumDecision, decide, required_clients
 
 DEADLINE = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
 BEFORE = DEADLINE - timedelta(seconds=1)
@@ -40,7 +40,7 @@ def test_partial_at_or_after_deadline_with_min_is_met(now):
     d = decide(["bank-b", "bank-a"], EXPECTED, 2, DEADLINE, now)
     assert d.state == MET
     assert d.committed == ("bank-a", "bank-b")
-    assert "2 of 4" in d.reason and "min_clients=2" in d.reason and "['bank-c', 'bank-d']" in d.reason
+    assert "2 of 4" in d.reason and "quorum 2" in d.reason and "['bank-c', 'bank-d']" in d.reason
 
 
 @pytest.mark.parametrize("now", [DEADLINE, AFTER])
@@ -49,7 +49,7 @@ def test_below_min_at_deadline_fails_with_counts_and_missing(now):
     assert d.state == FAILED
     assert d.committed == ("bank-c",)
     assert d.reason == ("quorum not met: 1 of 4 clients committed by the deadline 2024-01-01T12:00:00+00:00, "
-                        "min_clients=3; missing ['bank-a', 'bank-b', 'bank-d']")
+                        "quorum 3; missing ['bank-a', 'bank-b', 'bank-d']")
 
 
 def test_nobody_at_deadline_fails():
@@ -77,3 +77,54 @@ def test_duplicates_count_once():
 def test_accepts_sets_and_tuples():
     d = decide({"bank-a", "bank-b"}, ("bank-a", "bank-b"), 2, DEADLINE, BEFORE)
     assert d.state == MET
+
+
+@pytest.mark.parametrize("min_clients, fraction, expected", [
+    (1, None, 1), (3, None, 3), (1, 0.5, 2), (1, 0.75, 3), (3, 0.5, 3), (1, 1.0, 4), (1, 0.26, 2), (2, 0.0, 2),
+])
+def test_required_is_the_larger_of_count_and_fraction(min_clients, fraction, expected):
+    assert required_clients(len(EXPECTED), min_clients, fraction) == expected
+
+
+def at(minutes: float) -> datetime:
+    return DEADLINE - timedelta(minutes=30) + timedelta(minutes=minutes)
+
+
+GRACE = timedelta(minutes=5)
+
+
+def test_grace_waits_for_stragglers_after_quorum():
+    commits = {"bank-a": at(1), "bank-b": at(2), "bank-c": at(9)}
+    d = decide(commits, EXPECTED, 2, DEADLINE, at(6), GRACE)
+    # quorum of 2 was reached at minute 2: the round stays open until minute 7
+    assert d.state == WAITING and "stragglers ['bank-d']" in d.reason and at(7).isoformat() in d.reason
+
+
+def test_grace_over_closes_before_the_deadline_with_everyone_in_by_then():
+    commits = {"bank-a": at(1), "bank-b": at(2), "bank-c": at(6.5)}
+    d = decide(commits, EXPECTED, 2, DEADLINE, at(7), GRACE)
+    assert d.state == MET and d.committed == ("bank-a", "bank-b", "bank-c")
+    assert "grace period ended with 3 of 4" in d.reason and "['bank-d']" in d.reason
+
+
+def test_grace_counts_from_the_required_commit_not_the_first():
+    commits = {"bank-a": at(1), "bank-b": at(2), "bank-c": at(20)}
+    assert decide(commits, EXPECTED, 3, DEADLINE, at(24), GRACE).state == WAITING
+    assert decide(commits, EXPECTED, 3, DEADLINE, at(25), GRACE).state == MET
+
+
+def test_grace_never_extends_past_the_deadline():
+    commits = {"bank-a": at(28), "bank-b": at(29)}
+    assert decide(commits, EXPECTED, 2, DEADLINE, DEADLINE - timedelta(seconds=1), GRACE).state == WAITING
+    assert decide(commits, EXPECTED, 2, DEADLINE, DEADLINE, GRACE).state == MET
+
+
+def test_grace_below_quorum_keeps_waiting_then_fails_at_deadline():
+    commits = {"bank-a": at(1)}
+    assert decide(commits, EXPECTED, 2, DEADLINE, at(20), GRACE).state == WAITING
+    assert decide(commits, EXPECTED, 2, DEADLINE, AFTER, GRACE).state == FAILED
+
+
+def test_grace_needs_commit_times():
+    with pytest.raises(ValueError, match="commit time"):
+        decide(["bank-a", "bank-b"], EXPECTED, 2, DEADLINE, BEFORE, GRACE)

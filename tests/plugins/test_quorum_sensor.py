@@ -33,7 +33,7 @@ def test_defers_to_the_quorum_trigger_while_clients_train(prepared):
     trigger = deferred.value.trigger
     assert isinstance(trigger, QuorumTrigger)
     assert deferred.value.method_name == "execute_complete"
-    assert trigger.min_clients == 2 and sorted(trigger.manifests) == ["silo-0", "silo-1", "silo-2"]
+    assert trigger.required == 2 and trigger.grace_seconds is None and sorted(trigger.manifests) == ["silo-0", "silo-1", "silo-2"]
     assert trigger.manifests["silo-1"][1] == f"{coordinator.spec.federation}/rounds/{round_id}/update/manifest.json"
     assert coordinator.store.get_bytes(coordinator.bucket, coordinator.round_key(round_id, "quorum.json")) is None
 

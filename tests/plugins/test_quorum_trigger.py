@@ -12,9 +12,10 @@ from fl_airflow.triggers import QuorumTrigger
 from fl_tasks.storage import ObjectStore
 
 
-def make_trigger(manifests, deadline, min_clients=2, endpoint_url=None, poll_interval=0.2):
+def make_trigger(manifests, deadline, min_clients=2, endpoint_url=None, poll_interval=0.2, grace_seconds=None):
     return QuorumTrigger(round_id="000007", manifests=manifests, deadline=deadline.isoformat(),
-                         min_clients=min_clients, poll_interval=poll_interval, endpoint_url=endpoint_url)
+                         required=min_clients, grace_seconds=grace_seconds, poll_interval=poll_interval,
+                         endpoint_url=endpoint_url)
 
 
 def test_serialize_round_trips_through_its_classpath():
@@ -26,7 +27,8 @@ def test_serialize_round_trips_through_its_classpath():
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
     assert kwargs == {"round_id": "000007", "manifests": {"a": ["bucket-a", "k/a"], "b": ["bucket-b", "k/b"]},
-                      "deadline": "2030-01-01T00:00:00+00:00", "min_clients": 2, "poll_interval": 0.2,
+                      "deadline": "2030-01-01T00:00:00+00:00", "required": 2, "grace_seconds": None,
+                      "poll_interval": 0.2,
                       "endpoint_url": "http://127.0.0.1:9"}
 
 
@@ -82,3 +84,20 @@ def test_waits_then_meets_quorum_at_the_deadline(buckets, s3_server):
     event = asyncio.run(scenario())
     assert event["state"] == "met" and event["committed"] == ["b", "c"]
     assert "deadline passed with 2 of 3" in event["reason"]
+
+
+def test_grace_period_closes_after_the_quorum_long_before_the_deadline(buckets, s3_server):
+    trigger = make_trigger(MANIFESTS, datetime.now(timezone.utc) + timedelta(hours=1), min_clients=2,
+                           endpoint_url=s3_server.endpoint_url, grace_seconds=3.0)
+
+    async def scenario():
+        task = asyncio.create_task(first_event(trigger))
+        buckets.put_bytes("trig-a", "m.json", b"{}")
+        buckets.put_bytes("trig-b", "m.json", b"{}")
+        await asyncio.sleep(0.5)
+        assert not task.done()  # quorum in, but the stragglers' grace period is still running
+        return await task
+
+    event = asyncio.run(scenario())
+    assert event["state"] == "met" and event["committed"] == ["a", "b"]
+    assert "grace period ended with 2 of 3" in event["reason"]
