@@ -127,7 +127,10 @@ def build_round_dag(spec: FederationSpec):
                 run_id=run.run_id, run_type=str(getattr(run.run_type, "value", run.run_type)),
                 data_interval_start=start.isoformat() if start else None,
                 data_interval_end=end.isoformat() if end else None,
-                params=dict(context["params"]), triggered_by=getattr(run, "triggering_user_name", None) or "",
+                params=dict(context["params"]),
+                # For the audit log: the user Airflow names, else the scheduler for scheduled runs.
+                triggered_by=getattr(run, "triggering_user_name", None) or (
+                    "scheduler" if str(getattr(run.run_type, "value", run.run_type)) == "scheduled" else ""),
             )
             try:
                 return Coordinator(load_federation(federation_file)).prepare(ctx)

@@ -260,7 +260,7 @@ class LocalStack:
         self.say("starting Airflow: " + ", ".join(AIRFLOW_COMPONENTS))
         api = None
         for component in AIRFLOW_COMPONENTS:
-            proc = self._spawn(f"airflow-{component}", [self._bin("airflow"), *component.split()], env)
+            proc = self.start_airflow(component)
             api = proc if component == "api-server" else api
         self.say("starting the silo agents")
         for spec in specs:
@@ -275,6 +275,21 @@ class LocalStack:
         _wait_http(f"{self.airflow_url}/api/v2/monitor/health", "Airflow", self.logs / "airflow-api-server.log",
                    api, left, _airflow_healthy)
         self.say(f"stack healthy in {time.monotonic() - started:.0f}s")
+
+    def start_airflow(self, component: str) -> subprocess.Popen:
+        """Start one Airflow component (api-server, scheduler, dag-processor, triggerer)."""
+        return self._spawn(f"airflow-{component}", [self._bin("airflow"), *component.split()], self.env())
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process group, e.g. 'airflow-scheduler': a crash, not a clean shutdown."""
+        pid = self.processes.pop(name)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while _alive(pid):
+            time.sleep(0.1)
+        self._save()
 
     def _prepare_silos(self, specs) -> dict[str, dict[str, Path]]:
         from fl_tasks.simulate import prepare_silos

@@ -38,6 +38,8 @@ FEDERATIONS = {
     # Nobody serves it: its quorum sensor can only wait, deferred, until the deadline.
     "e2e-idle": {"quorum": {"min_clients": 2, "round_timeout_minutes": 2}},
     "e2e-sched": {"schedule": "@hourly", "training": {"window": "all"}},
+    # Its silos are played by the test, so that the round waits while the scheduler dies.
+    "e2e-restart": {"quorum": {"min_clients": 3, "round_timeout_minutes": 15, "poll_interval_seconds": 1}},
     # Replays the dataset's first day in 8-hour windows; no scheduled runs after end_date.
     "e2e-backfill": {"schedule": "0 */8 * * *", "end_date": "2013-09-02", "gates": {"min_roc_auc": 0.5},
                      "data": {"dataset": "synthetic", "synthetic_rows": 12000, "seed": 5}},
@@ -94,7 +96,7 @@ def stack():
     federations.mkdir(parents=True)
     for name, overrides in FEDERATIONS.items():
         (federations / f"{name}.yaml").write_text(yaml.safe_dump(federation_doc(federation=name, **overrides)))
-    local = LocalStack(state, federations, {name: free_port() for name in DEFAULT_PORTS}, no_silos=("e2e-idle",))
+    local = LocalStack(state, federations, {name: free_port() for name in DEFAULT_PORTS}, no_silos=("e2e-idle", "e2e-restart"))
     started = time.monotonic()
     try:
         local.up(timeout=240)
@@ -155,6 +157,73 @@ def test_rest_trigger_runs_a_round_and_refuses_bad_params(stack):
     assert report["settings"]["local_epochs"] == 1 and report["settings"]["min_roc_auc"] == 0.55
     version = stack["mlflow"].get_model_version(stack["specs"][name].model_name, report["version"])
     assert version.tags["fl.airflow_run_id"] == run["dag_run_id"]
+
+
+def audit_counts(env, name: str, round_id: str) -> dict[str, int]:
+    spec = env["specs"][name]
+    counts: dict[str, int] = {}
+    for key in env["store"].list_keys(spec.coordinator_bucket, f"{spec.federation}/audit/{round_id}/"):
+        for line in env["store"].get_bytes(spec.coordinator_bucket, key).splitlines():
+            event = json.loads(line)["event"]
+            counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
+def test_cleared_tasks_rerun_to_the_same_outcome(stack):
+    """Clear aggregate and everything after it, as from the UI: same model, same version,
+    no second MLflow version, no audit event twice."""
+    api, name = stack["api"], "e2e-rest"
+    spec = stack["specs"][name]
+    run = [r for r in api.runs(dag_id(name)) if r["state"] == "success"][0]
+    before, counts = report_of(stack, name, "000001"), audit_counts(stack, name, "000001")
+    versions = len(stack["mlflow"].search_model_versions(f"name = '{spec.model_name}'"))
+    cleared = api.post(f"/api/v2/dags/{dag_id(name)}/clearTaskInstances", {
+        "dag_run_id": run["dag_run_id"], "task_ids": ["aggregate"], "include_downstream": True,
+        "only_failed": False, "dry_run": False, "reset_dag_runs": True})
+    assert {ti["task_id"] for ti in cleared["task_instances"]} >= {"aggregate", "register", "promote", "summary"}
+    api.wait_for("the cleared run to start again", lambda: api.get(
+        f"/api/v2/dags/{dag_id(name)}/dagRuns/{run['dag_run_id']}")["state"] != "success", timeout=60, interval=1)
+    assert api.wait_for_run(dag_id(name), run["dag_run_id"])["state"] == "success"
+    after = report_of(stack, name, "000001")
+    assert (after["version"], after["decision"], after["clients_accepted"]) == (
+        before["version"], before["decision"], before["clients_accepted"])
+    assert len(stack["mlflow"].search_model_versions(f"name = '{spec.model_name}'")) == versions
+    alias = stack["mlflow"].get_model_version_by_alias(spec.model_name, "champion")
+    assert str(alias.version) == before["version"]
+    assert audit_counts(stack, name, "000001") == counts
+
+
+def test_scheduler_and_triggerer_killed_mid_round_then_restarted_finish_the_round(stack):
+    api, name, local = stack["api"], "e2e-restart", stack["stack"]
+    spec = stack["specs"][name]
+    run = api.post(f"/api/v2/dags/{dag_id(name)}/dagRuns", {"logical_date": None, "conf": {}})
+
+    def sensor_deferred():
+        try:
+            ti = api.get(f"/api/v2/dags/{dag_id(name)}/dagRuns/{run['dag_run_id']}/taskInstances/wait_for_quorum")
+        except urllib.error.HTTPError:
+            return False
+        return ti["state"] == "deferred"
+
+    api.wait_for("the quorum sensor to defer", sensor_deferred, timeout=120, interval=1)
+    local.kill("airflow-scheduler")
+    local.kill("airflow-triggerer")
+    # The clients answer while no scheduler or triggerer is alive.
+    from fl_tasks.client import ClientRuntime
+    from fl_tasks.simulate import prepare_silos
+
+    silos = prepare_silos(spec, local.state_dir / "data" / name)
+    for client in spec.clients:
+        runtime = ClientRuntime(client.id, spec.federation, client.bucket, Table.load(silos[client.id]),
+                                stack["store"])
+        assert runtime.answer("000001")
+    local.start_airflow("scheduler")
+    local.start_airflow("triggerer")
+    finished = api.wait_for_run(dag_id(name), run["dag_run_id"], timeout=300)
+    assert finished["state"] == "success"
+    report = report_of(stack, name, "000001")
+    assert report["decision"] == "promoted" and report["clients_accepted"] == [c.id for c in spec.clients]
+    assert len(stack["mlflow"].search_model_versions(f"name = '{spec.model_name}'")) == 1
 
 
 def test_quorum_sensor_is_deferred_while_clients_are_slow(stack):

@@ -195,6 +195,12 @@ def test_wrong_type_rejected(section, key, value, expected):
     ("quorum", {"min_clients": 1, "round_timeout_minutes": 0}, "quorum.round_timeout_minutes"),
     ("model", {"factory": "resnet"}, "model.factory"),
     ("data", {"dataset": "mnist"}, "data.dataset"),
+    ("quorum", {"min_clients": 1, "min_fraction": 0}, "quorum.min_fraction"),
+    ("quorum", {"min_clients": 1, "min_fraction": 1.5}, "quorum.min_fraction"),
+    ("quorum", {"min_clients": 1, "grace_period_minutes": -1}, "quorum.grace_period_minutes"),
+    ("staleness", {"policy": "discount"}, "staleness.policy"),
+    ("staleness", {"exponent": -1}, "staleness.exponent"),
+    ("staleness", {"max_staleness": 0}, "staleness.max_staleness"),
 ])
 def test_out_of_range_values_rejected(section, values, field):
     config_error(doc(**{section: values}), field)
@@ -271,3 +277,13 @@ def test_load_federations_sorted_by_file_name(tmp_path):
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(doc(federation="zeta")))
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(doc(federation="alpha")))
     assert [s.federation for s in load_federations(tmp_path)] == ["alpha", "zeta"]
+
+
+def test_quorum_fraction_grace_and_staleness_load_with_defaults_off():
+    spec = parse_federation(doc(), SOURCE)
+    assert spec.quorum.min_fraction is None and spec.quorum.grace_period_minutes is None
+    assert spec.staleness.policy == "reject"
+    spec = parse_federation(doc(quorum={"min_clients": 1, "min_fraction": 0.5, "grace_period_minutes": 2},
+                                staleness={"policy": "polynomial", "exponent": 1, "max_staleness": 2}), SOURCE)
+    assert (spec.quorum.min_fraction, spec.quorum.grace_period_minutes) == (0.5, 2.0)
+    assert (spec.staleness.policy, spec.staleness.exponent, spec.staleness.max_staleness) == ("polynomial", 1.0, 2)
