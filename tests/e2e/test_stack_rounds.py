@@ -159,6 +159,18 @@ def test_rest_trigger_runs_a_round_and_refuses_bad_params(stack):
     assert version.tags["fl.airflow_run_id"] == run["dag_run_id"]
 
 
+def wait_for_sensor(api: Api, name: str, run_id: str) -> str:
+    """The quorum sensor's first settled state: deferred, success or failed."""
+    def sensor_state():
+        try:
+            ti = api.get(f"/api/v2/dags/{dag_id(name)}/dagRuns/{run_id}/taskInstances/wait_for_quorum")
+        except urllib.error.HTTPError:
+            return None
+        return ti["state"] if ti["state"] in ("deferred", "success", "failed") else None
+
+    return api.wait_for("the quorum sensor to settle", sensor_state, timeout=120, interval=1)
+
+
 def audit_counts(env, name: str, round_id: str) -> dict[str, int]:
     spec = env["specs"][name]
     counts: dict[str, int] = {}
@@ -198,14 +210,7 @@ def test_scheduler_and_triggerer_killed_mid_round_then_restarted_finish_the_roun
     spec = stack["specs"][name]
     run = api.post(f"/api/v2/dags/{dag_id(name)}/dagRuns", {"logical_date": None, "conf": {}})
 
-    def sensor_deferred():
-        try:
-            ti = api.get(f"/api/v2/dags/{dag_id(name)}/dagRuns/{run['dag_run_id']}/taskInstances/wait_for_quorum")
-        except urllib.error.HTTPError:
-            return False
-        return ti["state"] == "deferred"
-
-    api.wait_for("the quorum sensor to defer", sensor_deferred, timeout=120, interval=1)
+    assert wait_for_sensor(api, name, run["dag_run_id"]) == "deferred"
     local.kill("airflow-scheduler")
     local.kill("airflow-triggerer")
     # The clients answer while no scheduler or triggerer is alive.
@@ -230,14 +235,7 @@ def test_quorum_sensor_is_deferred_while_clients_are_slow(stack):
     api, name = stack["api"], "e2e-idle"
     run = api.post(f"/api/v2/dags/{dag_id(name)}/dagRuns", {"logical_date": None, "conf": {}})
 
-    def sensor_state():
-        try:
-            ti = api.get(f"/api/v2/dags/{dag_id(name)}/dagRuns/{run['dag_run_id']}/taskInstances/wait_for_quorum")
-        except urllib.error.HTTPError:
-            return None
-        return ti["state"] if ti["state"] in ("deferred", "success", "failed") else None
-
-    assert api.wait_for("the quorum sensor to defer", sensor_state, timeout=120, interval=1) == "deferred"
+    assert wait_for_sensor(api, name, run["dag_run_id"]) == "deferred"
 
 
 def test_scheduled_federation_produces_rounds_on_its_own(stack):
