@@ -69,13 +69,23 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
     }
 
 
+def _coordinator(federation_file: str):
+    """The coordinator of every task: signing keys come from Airflow connections."""
+    from fl_airflow.keys import ConnectionKeys
+
+    from fl_tasks.config import load_federation
+    from fl_tasks.coordinator import Coordinator
+
+    spec = load_federation(federation_file)
+    return Coordinator(spec, keys=ConnectionKeys(spec))
+
+
 def _step(federation_file: str, step: str, round_id: str) -> Any:
     """Run one coordinator step; a round that cannot go on fails at once, without retries."""
-    from fl_tasks.config import load_federation
-    from fl_tasks.coordinator import Coordinator, RoundFailed
+    from fl_tasks.coordinator import RoundFailed
 
     try:
-        return getattr(Coordinator(load_federation(federation_file)), step)(round_id)
+        return getattr(_coordinator(federation_file), step)(round_id)
     except RoundFailed as exc:
         raise AirflowFailException(str(exc)) from None
 
@@ -118,8 +128,7 @@ def build_round_dag(spec: FederationSpec):
     def fl_round():
         @task
         def prepare_round(**context) -> str:
-            from fl_tasks.config import load_federation
-            from fl_tasks.coordinator import Coordinator, RoundFailed, RunContext
+            from fl_tasks.coordinator import RoundFailed, RunContext
 
             run = context["dag_run"]
             start, end = context.get("data_interval_start"), context.get("data_interval_end")
@@ -133,7 +142,7 @@ def build_round_dag(spec: FederationSpec):
                     "scheduler" if str(getattr(run.run_type, "value", run.run_type)) == "scheduled" else ""),
             )
             try:
-                return Coordinator(load_federation(federation_file)).prepare(ctx)
+                return _coordinator(federation_file).prepare(ctx)
             except (RoundFailed, ValueError) as exc:
                 raise AirflowFailException(str(exc)) from None
 

@@ -7,6 +7,7 @@ a manifest; the silo's rows never leave the machine.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from fl_tasks import protocol
+from fl_tasks import protocol, signing
 from fl_tasks.behaviours import BEHAVIOURS, DROPOUT, STRAGGLER, poison_data, poison_model
 from fl_tasks.codec import decode_state, encode_state
 from fl_tasks.config import BUCKET_URI_PATTERN, ModelSpec
@@ -37,8 +38,11 @@ class ClientRuntime:
     delay_seconds: float = 0.0
     seed: int = 0
     attack_scale: float = 10.0
+    signing_key: bytes | str | None = None  # signs each update manifest (HMAC-SHA256) when set
 
     def __post_init__(self) -> None:
+        if self.signing_key is not None:
+            self.signing_key = signing.as_key(self.signing_key, f"the signing key of {self.client_id}")
         if not protocol.NAME_PATTERN.fullmatch(self.client_id):
             raise ValueError(f"client id {self.client_id!r} must match {protocol.NAME_PATTERN.pattern}")
         match = BUCKET_URI_PATTERN.fullmatch(self.bucket_uri)
@@ -118,6 +122,8 @@ class ClientRuntime:
             timings={"fetch_seconds": fetch_seconds, "train_seconds": metrics["train_seconds"]},
             created_at=datetime.now(timezone.utc).isoformat(),
         )
+        if self.signing_key is not None:
+            commit = signing.sign_manifest(commit, self.signing_key)
         # The manifest goes last: until it exists the coordinator ignores the payload.
         self.store.put_bytes(self.bucket, protocol.update_manifest_key(self.prefix, self.federation, round_id),
                              commit.to_json(), "application/json")
@@ -158,7 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="k of sign_flip/scaled, noise std of noise/colluding")
     parser.add_argument("--delay-seconds", type=float, default=0.0, help="straggler delay")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--signing-key-file", default=None,
+                        help="file holding this silo's signing key (default: the FL_SIGNING_KEY variable; "
+                             "neither: updates go unsigned)")
     return parser
+
+
+def read_signing_key(path: str | None) -> str | None:
+    """The key from --signing-key-file (surrounding whitespace stripped), else FL_SIGNING_KEY."""
+    if path:
+        with open(path) as handle:
+            return handle.read().strip()
+    return os.environ.get("FL_SIGNING_KEY") or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = Table.load(args.data)
         runtime = ClientRuntime(args.client_id, args.federation, args.bucket, data, ObjectStore(args.endpoint_url),
-                                args.behaviour, args.delay_seconds, args.seed, args.attack_scale)
+                                args.behaviour, args.delay_seconds, args.seed, args.attack_scale,
+                                read_signing_key(args.signing_key_file))
     except (OSError, ValueError, KeyError) as exc:
         print(f"fl-client: {exc}", file=sys.stderr)
         return 2
-    runtime.log(f"serving federation {args.federation} from {args.bucket} with {len(data)} local rows")
+    runtime.log(f"serving federation {args.federation} from {args.bucket} with {len(data)} local rows; "
+                f"updates {'signed' if runtime.signing_key else 'unsigned'}")
     try:
         runtime.run(args.poll_seconds, args.max_rounds, args.idle_exit_seconds)
     except KeyboardInterrupt:

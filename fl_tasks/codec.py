@@ -30,3 +30,5 @@ def decode_state(data: bytes, codec: str = "fp32") -> dict[str, np.ndarray]:
         return load(data)
     except (SafetensorError, ValueError, OSError) as exc:
         raise CodecError(f"payload is not a valid safetensors file: {exc}") from None
+    except (KeyError, TypeError) as exc:  # a dtype numpy cannot hold (BF16, F8_*): safetensors' numpy map misses it
+        raise CodecError(f"payload has a tensor of unsupported dtype {exc}") from None

@@ -107,6 +107,25 @@ class ScreeningSpec:
     min_cosine: float | None = None  # direction against the mean of the other updates
 
 
+CONN_ID_PLACEHOLDERS = ("{client}", "{federation}")
+# After the placeholders are filled in: letters, digits and underscores only, so that the id
+# is also a valid environment-variable suffix (AIRFLOW_CONN_<ID>, upper-cased by Airflow).
+CONN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,200}$")
+
+
+@dataclass(frozen=True)
+class SecuritySpec:
+    """Update signatures (HMAC-SHA256, one key per client; see fl_tasks.signing)."""
+
+    require_signatures: bool = False
+    # Airflow connection holding a client's key (its password); '-' in ids becomes '_'.
+    signing_key_conn_id: str = "fl_signing_{client}"
+
+    def conn_id(self, federation: str, client_id: str) -> str:
+        return (self.signing_key_conn_id.replace("{client}", client_id.replace("-", "_"))
+                .replace("{federation}", federation.replace("-", "_")))
+
+
 @dataclass(frozen=True)
 class MlflowSpec:
     model_name: str = ""
@@ -142,6 +161,7 @@ class FederationSpec:
     gates: GatesSpec = field(default_factory=GatesSpec)
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
     data: DataSpec = field(default_factory=DataSpec)
+    security: SecuritySpec = field(default_factory=SecuritySpec)
     storage_endpoint_url: str = ""
     source: str = ""
 
@@ -230,7 +250,8 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
-             "quorum", "staleness", "aggregation", "screening", "model", "training", "gates", "mlflow", "data")
+             "quorum", "staleness", "aggregation", "screening", "model", "training", "gates", "mlflow", "data",
+             "security")
 
 
 def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
@@ -323,6 +344,7 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         gates=_section(GatesSpec, raw.get("gates"), source, "gates"),
         mlflow=_section(MlflowSpec, raw.get("mlflow"), source, "mlflow"),
         data=_section(DataSpec, raw.get("data"), source, "data"),
+        security=_section(SecuritySpec, raw.get("security"), source, "security"),
         source=source,
     )
     _validate_values(spec, source)
@@ -389,6 +411,15 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
              f"unknown model factory {spec.model.factory!r}", "use 'fraud_mlp'")
     _require(spec.model.input_dim >= 1 and all(h >= 1 for h in spec.model.hidden), source, "model",
              "sizes must be positive", "e.g. input_dim: 30, hidden: [64, 32]")
+    template = spec.security.signing_key_conn_id
+    _require(template.count("{client}") == 1, source, "security.signing_key_conn_id",
+             f"{template!r} does not contain '{{client}}' exactly once (each client needs its own key)",
+             "e.g. 'fl_signing_{client}' or 'fl_{federation}_{client}'")
+    filled = template.replace("{client}", "x").replace("{federation}", "x")
+    _require(bool(CONN_ID_PATTERN.fullmatch(filled)), source, "security.signing_key_conn_id",
+             f"{template!r} is not a usable Airflow connection id",
+             "use letters, digits, underscores and the placeholders {client} and {federation} "
+             "(ids must also work as AIRFLOW_CONN_<ID> variable names)")
     _require(spec.data.dataset in DATASETS, source, "data.dataset", f"unknown dataset {spec.data.dataset!r}",
              f"choose one of {', '.join(DATASETS)}")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_tasks import protocol, quorum, screening, staleness
+from fl_tasks import protocol, quorum, screening, signing, staleness
 from fl_tasks.audit import AuditLog
 from fl_tasks.codec import CodecError, decode_state, encode_state
 from fl_tasks.config import FederationSpec
@@ -100,11 +100,15 @@ def _dump(obj: Any) -> bytes:
 class Coordinator:
     """Holds the federation spec and the object store; methods are the round's steps."""
 
-    def __init__(self, spec: FederationSpec, store: ObjectStore | None = None):
+    def __init__(self, spec: FederationSpec, store: ObjectStore | None = None,
+                 keys: signing.KeyProvider | None = None):
+        """`keys`: client id -> that client's signing key (bytes) or None; by default the
+        FL_SIGNING_KEY_<CLIENT_ID> variables (the DAG passes Airflow connections)."""
         self.spec = spec
         self.store = store or ObjectStore(spec.endpoint_url)
         self.bucket = spec.coordinator_bucket
         self.audit = AuditLog(self.store, self.bucket, spec.federation)
+        self.keys = keys if keys is not None else signing.EnvKeys()
 
     # --- keys and small helpers ---------------------------------------------------------
     def round_key(self, round_id: str, name: str) -> str:
@@ -312,10 +316,12 @@ class Coordinator:
         """One client's committed update manifest, checked against the round."""
         client = self.spec.client(client_id)
         raw = self.store.get_bytes(client.bucket_name, protocol.update_manifest_key(client.prefix, plan.federation,
-                                                                                  plan.round_id))
+                                                                                  plan.round_id),
+                                   max_bytes=protocol.MAX_MANIFEST_BYTES)
         if raw is None:
             raise ValueError("update manifest disappeared")
         manifest = UpdateManifest.from_json(raw)
+        self._check_signature(client_id, manifest)
         expected = {"client_id": client_id, "federation": plan.federation, "round_id": plan.round_id}
         for name, value in expected.items():
             if getattr(manifest, name) != value:
@@ -352,6 +358,22 @@ class Coordinator:
 
         return registry.version_weights_sha256(self.spec, version)
 
+    def _check_signature(self, client_id: str, manifest: UpdateManifest) -> None:
+        """Signed manifests are verified with the key of the bucket's owner; unsigned ones
+        pass only when the federation does not require signatures."""
+        if not manifest.signature:
+            if self.spec.security.require_signatures:
+                raise signing.SignatureError("unsigned update: federation requires signatures")
+            return
+        key = self.keys(client_id)
+        if not key:
+            where = getattr(self.keys, "source", None)
+            create = where(client_id) if where else \
+                f"Airflow connection '{self.spec.security.conn_id(self.spec.federation, client_id)}'"
+            raise signing.SignatureError(f"signed update but no signing key for client '{client_id}': create {create} "
+                                         "holding the client's key")
+        signing.verify_manifest(manifest, signing.as_key(key, f"the signing key of client '{client_id}'"))
+
     def _read_state(self, plan: RoundPlan, manifest: UpdateManifest, base: dict[str, np.ndarray]) -> dict:
         """The update's tensors; the payload must still match the manifest's sha256 at every read."""
         client = self.spec.client(manifest.client_id)
@@ -362,6 +384,8 @@ class Coordinator:
             raise ValueError("manifest committed but the payload is missing")
         if sha256_hex(payload) != manifest.payload_sha256:
             raise ValueError("payload sha256 does not match the manifest")
+        if len(payload) != manifest.payload_bytes:
+            raise ValueError(f"payload is {len(payload)} bytes, the manifest says {manifest.payload_bytes}")
         state = decode_state(payload, manifest.codec)
         screening.check_structure(state, base)
         return state

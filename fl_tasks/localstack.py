@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fl_tasks.config import ConfigError, load_federations
+from fl_tasks import signing
+from fl_tasks.config import ConfigError, FederationSpec, load_federations
 from fl_tasks.embedded import REPO, S3Server, create_buckets, free_port, service_env
 from fl_tasks.storage import ObjectStore
 
@@ -165,6 +166,21 @@ class LocalStack:
     def password_file(self) -> Path:
         return self.state_dir / "airflow" / "simple_auth_manager_passwords.json"
 
+    @property
+    def signing_keys_file(self) -> Path:
+        """Connection id -> key, generated at each `up` (one key per connection: federations
+        sharing the default `fl_signing_{client}` and a client id share that client's key)."""
+        return self.state_dir / "airflow" / "signing_keys.json"
+
+    def signing_keys(self) -> dict[str, str]:
+        return json.loads(self.signing_keys_file.read_text()) if self.signing_keys_file.exists() else {}
+
+    def _write_signing_keys(self, specs: list[FederationSpec]) -> None:
+        conn_ids = sorted({spec.security.conn_id(spec.federation, c.id) for spec in specs for c in spec.clients})
+        self.signing_keys_file.touch(mode=0o600)
+        self.signing_keys_file.chmod(0o600)
+        self.signing_keys_file.write_text(json.dumps(signing.generate_keys(conn_ids), indent=2))
+
     def env(self) -> dict[str, str]:
         env = service_env(self.state_dir, self.s3_url, self.federations_dir)
         secret_file = self.state_dir / "airflow" / "jwt_secret"
@@ -187,6 +203,9 @@ class LocalStack:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         })
+        # The silos' signing keys, as Airflow connections (the coordinator's key provider).
+        env.update({signing.airflow_conn_env_var(conn_id): signing.airflow_conn_value(key)
+                    for conn_id, key in self.signing_keys().items()})
         return env
 
     def password(self) -> str:
@@ -228,6 +247,7 @@ class LocalStack:
             specs = load_federations(self.federations_dir)
         except ConfigError as exc:
             raise StackError(str(exc)) from None
+        self._write_signing_keys(specs)
         self.say("starting PostgreSQL")
         self.postgres.start()
         self.processes["postgres"] = -1  # stopped with pg_ctl, not by signal
@@ -263,12 +283,15 @@ class LocalStack:
             proc = self.start_airflow(component)
             api = proc if component == "api-server" else api
         self.say("starting the silo agents")
+        keys = self.signing_keys()
+        silo_env = {k: v for k, v in env.items() if not k.startswith("AIRFLOW_CONN_")}  # no other silo's key
         for spec in specs:
             for client in spec.clients if spec.federation not in self.no_silos else ():
                 cmd = [sys.executable, "-m", "fl_tasks.client", "--client-id", client.id, "--federation",
                        spec.federation, "--bucket", client.bucket, "--data", str(silo_paths[spec.federation][client.id]),
                        "--endpoint-url", self.s3_url, "--poll-seconds", "2"]
-                self._spawn(f"silo-{spec.federation}-{client.id}", cmd, env)
+                self._spawn(f"silo-{spec.federation}-{client.id}", cmd,
+                            {**silo_env, "FL_SIGNING_KEY": keys[spec.security.conn_id(spec.federation, client.id)]})
         left = timeout - (time.monotonic() - started)
         _wait_http(f"{self.mlflow_url}/health", "MLflow", self.logs / "mlflow.log", mlflow, left)
         left = timeout - (time.monotonic() - started)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -83,6 +84,32 @@ def rounds_listing_prefix(prefix: str, federation: str) -> str:
 
 # --- manifests -------------------------------------------------------------------------
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        duplicated = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise ValueError(f"duplicate keys {duplicated}")
+    return body
+
+
+def strict_json_loads(data: bytes):
+    """RFC 8259 JSON only: no NaN/Infinity, no numbers that overflow, no duplicate keys
+    (readers that keep the first or the last value would see different manifests)."""
+    return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+
+
 # Field annotations are strings (postponed evaluation); JSON numbers may stand for floats.
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,)}
 
@@ -100,8 +127,10 @@ class _Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{cls.kind} manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
         try:
-            body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            body = strict_json_loads(data)
+        except RecursionError:
+            raise ManifestError(f"{cls.kind} manifest is not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ManifestError(f"{cls.kind} manifest is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ManifestError(f"{cls.kind} manifest must be a JSON object")
@@ -197,7 +226,11 @@ class UpdateManifest(_Manifest):
                f"update manifest field 'num_examples' must be in 1..{self.MAX_EXAMPLES - 1}, got {self.num_examples}")
         _check(self.payload_bytes > 0, "update manifest field 'payload_bytes' must be positive")
         _check(self.codec == "fp32", f"update manifest field 'codec' is unknown: {self.codec!r}")
+        _check(self.signature == "" or bool(SHA256_PATTERN.fullmatch(self.signature)),
+               "update manifest field 'signature' must be empty or a hex HMAC-SHA256 (64 lowercase hex digits)")
         for name in ("metrics", "drift", "timings"):
             values = getattr(self, name)
             _check(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                        for k, v in values.items()), f"update manifest field '{name}' must map names to numbers")
+            _check(all(isinstance(v, int) or math.isfinite(v) for v in values.values()),
+                   f"update manifest field '{name}' has a value that is not a finite number")

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from fl_tasks import signing
 from fl_tasks.behaviours import BEHAVIOURS
 from fl_tasks.config import ConfigError, FederationSpec, load_federation
 from fl_tasks.datasets import dirichlet_partition, holdout_split, load_dataset
@@ -44,8 +45,11 @@ class SiloProcesses:
 
     def __init__(self, spec: FederationSpec, silo_paths: dict[str, Path], log_dir: Path,
                  behaviours: dict[str, str] | None = None, delay_seconds: float = 0.0, poll_seconds: float = 1.0,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, signing_keys: dict[str, str] | None = None):
+        """`signing_keys`: client id -> its key (FL_SIGNING_KEY of that silo's process);
+        default: the FL_SIGNING_KEY_<CLIENT_ID> variables that are set."""
         self.spec, self.paths, self.log_dir = spec, silo_paths, log_dir
+        self.signing_keys = signing_keys if signing_keys is not None else env_signing_keys(spec)
         self.behaviours = behaviours or {}
         self.delay_seconds, self.poll_seconds = delay_seconds, poll_seconds
         self.extra_args = extra_args or []
@@ -61,9 +65,12 @@ class SiloProcesses:
                    "--delay-seconds", str(self.delay_seconds), *self.extra_args]
             if self.spec.endpoint_url:
                 cmd += ["--endpoint-url", self.spec.endpoint_url]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env.pop("FL_SIGNING_KEY", None)  # never one key for every silo
+            if self.signing_keys.get(client.id):
+                env["FL_SIGNING_KEY"] = self.signing_keys[client.id]
             log = open(self.log_dir / f"{client.id}.log", "ab")
-            self.procs[client.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.procs[client.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             log.close()
         return self
 
@@ -84,6 +91,30 @@ class SiloProcesses:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def env_signing_keys(spec: FederationSpec) -> dict[str, str]:
+    """The clients' keys found in FL_SIGNING_KEY_<CLIENT_ID> variables."""
+    return {c.id: os.environ[signing.env_var_for(c.id)] for c in spec.clients
+            if os.environ.get(signing.env_var_for(c.id))}
+
+
+def simulation_keys(spec: FederationSpec, state_dir: Path) -> dict[str, str]:
+    """Keys from the environment; when the federation requires signatures, missing ones are
+    generated and written, with the matching Airflow connections, to <state_dir>/signing-keys.env
+    for the coordinator (`set -a; . signing-keys.env`)."""
+    keys = env_signing_keys(spec)
+    missing = [c.id for c in spec.clients if c.id not in keys]
+    if not spec.security.require_signatures or not missing:
+        return keys
+    keys.update(signing.generate_keys(missing))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "signing-keys.env"
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # before the keys go in
+    path.write_text("".join(f"{name}='{value}'\n" for name, value in signing.coordinator_env(spec, keys).items()))
+    print(f"generated signing keys for {', '.join(missing)}; the coordinator's copy is in {path}", flush=True)
+    return keys
 
 
 def _parse_behaviours(items: list[str], spec: FederationSpec) -> dict[str, str]:
@@ -117,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     state_dir = Path(args.state_dir)
     paths = prepare_silos(spec, state_dir, args.alpha, args.size_alpha)
-    silos = SiloProcesses(spec, paths, state_dir / "logs", behaviours, args.delay_seconds).start()
+    keys = simulation_keys(spec, state_dir)
+    silos = SiloProcesses(spec, paths, state_dir / "logs", behaviours, args.delay_seconds,
+                          signing_keys=keys).start()
     print(f"{len(paths)} silos running; logs in {state_dir / 'logs'}; Ctrl-C stops them", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

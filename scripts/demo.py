@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fl_tasks import signing  # noqa: E402
 from fl_tasks.config import ConfigError, load_federation  # noqa: E402
 from fl_tasks.coordinator import Coordinator  # noqa: E402
 from fl_tasks.embedded import S3Server, airflow, create_buckets, service_env  # noqa: E402
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         env = service_env(state, s3.endpoint_url, federations_dir)
 
         os.environ.update(env)
+        # A fresh key per bank: the Airflow processes get them as connections (only env
+        # carries them, not this process's environment); each bank's agent gets its own.
+        keys = signing.generate_keys(c.id for c in spec.clients)
+        env.update(signing.coordinator_env(spec, keys))
         say(f"S3 server on {s3.endpoint_url}; MLflow store {env['MLFLOW_TRACKING_URI']}")
         create_buckets(spec, ObjectStore(s3.endpoint_url))
         say("initialising the Airflow metadata DB (SQLite)")
@@ -110,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         say(f"partitioning the data across {len(spec.clients)} banks (non-IID) and starting their fl-client agents")
         paths = prepare_silos(spec, state)
-        silos = SiloProcesses(spec, paths, state / "logs" / "silos").start()
+        silos = SiloProcesses(spec, paths, state / "logs" / "silos", signing_keys=keys).start()
+        say(f"each bank signs its updates with its own key; signatures required: "
+            f"{spec.security.require_signatures}")
 
         coordinator = Coordinator(spec, ObjectStore(s3.endpoint_url))
         rows = []

@@ -296,6 +296,30 @@ def test_fl_client_ids_buckets_and_data_match_the_federation(services, fl_client
         assert env.get("AWS_SECRET_ACCESS_KEY"), f"{name}: no secret key"
 
 
+def test_signing_keys_reach_the_coordinator_and_only_their_own_silo(airflow_services, fl_clients, monkeypatch):
+    from fl_airflow.keys import ConnectionKeys
+
+    from fl_tasks import signing
+
+    assert FEDERATION.security.require_signatures, "the compose federation should exercise signatures"
+    keys = {}
+    for name, (service, argv) in fl_clients.items():
+        client_id = build_parser().parse_args(argv[1:]).client_id
+        keys[client_id] = interpolate(environment(service).get("FL_SIGNING_KEY", ""))
+        signing.as_key(keys[client_id], f"{name}: FL_SIGNING_KEY")  # set, and long enough
+        assert not any(k.startswith("AIRFLOW_CONN_") for k in environment(service)), f"{name} sees connections"
+    assert len(set(keys.values())) == len(keys), "every silo needs its own key"
+    provider = ConnectionKeys(FEDERATION)
+    expected = {signing.airflow_conn_env_var(provider.conn_id(c)): key for c, key in keys.items()}
+    for name, service in airflow_services.items():
+        env = {k: interpolate(v) for k, v in environment(service).items()}
+        assert {k for k in env if k.startswith("AIRFLOW_CONN_")} == set(expected), name
+        for variable in expected:
+            monkeypatch.setenv(variable, env[variable])
+        # What the coordinator's key provider reads through Airflow is each silo's key.
+        assert {c: provider(c) for c in keys} == {c: key.encode() for c, key in keys.items()}, name
+
+
 # --- MinIO buckets, users, policies -------------------------------------------------------
 
 def test_minio_init_creates_every_bucket(services):
@@ -920,6 +944,8 @@ def _read_by_library(key: str) -> bool:
         return re.search(rf"^{key}\b", help_env, re.M) is not None
     if key == "AIRFLOW_CONFIG":
         return "AIRFLOW_CONFIG" in _source_of("airflow.configuration")
+    if key.startswith("AIRFLOW_CONN_"):  # connections, read by Airflow's environment secrets backend
+        return 'CONN_ENV_PREFIX = "AIRFLOW_CONN_"' in _source_of("airflow.secrets.environment_variables")
     return False
 
 

@@ -34,7 +34,8 @@ from tests.conftest import federation_doc
 pytestmark = pytest.mark.e2e
 
 FEDERATIONS = {
-    "e2e-rest": {},
+    # Its silos' updates must be signed: the stack's Airflow reads their keys from connections.
+    "e2e-rest": {"security": {"require_signatures": True}},
     # Nobody serves it: its quorum sensor can only wait, deferred, until the deadline.
     "e2e-idle": {"quorum": {"min_clients": 2, "round_timeout_minutes": 2}},
     "e2e-sched": {"schedule": "@hourly", "training": {"window": "all"}},

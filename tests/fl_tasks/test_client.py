@@ -99,3 +99,47 @@ def test_cli_rejects_a_bad_client_id_without_a_traceback(tmp_path, capsys, s3_se
                  "--endpoint-url", s3_server.endpoint_url])
     assert code == 2
     assert "client id '../etc' must match" in capsys.readouterr().err
+
+
+def test_a_signing_key_signs_the_committed_manifest(runtime):
+    from fl_tasks.signing import SignatureError, verify_manifest
+
+    signer = replace(runtime, signing_key="silo-key-" * 4)
+    publish(runtime.store, runtime.bucket, "000007")
+    assert signer.answer("000007") is True
+    update = read_update(runtime, "000007")
+    verify_manifest(update, "silo-key-" * 4)
+    with pytest.raises(SignatureError):
+        verify_manifest(update, "another-key-" * 4)
+    # Without a key the manifest goes unsigned, as before.
+    publish(runtime.store, runtime.bucket, "000008")
+    assert runtime.answer("000008") is True and read_update(runtime, "000008").signature == ""
+
+
+def test_cli_takes_the_key_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from fl_tasks.client import read_signing_key
+
+    monkeypatch.delenv("FL_SIGNING_KEY", raising=False)
+    assert read_signing_key(None) is None
+    monkeypatch.setenv("FL_SIGNING_KEY", "from-the-environment")
+    assert read_signing_key(None) == "from-the-environment"
+    path = tmp_path / "key"
+    path.write_text("from-the-file-0123456789\n")
+    assert read_signing_key(str(path)) == "from-the-file-0123456789"  # the file wins, newline stripped
+    assert build_parser_flags() >= {"--signing-key-file"}
+
+
+def build_parser_flags() -> set[str]:
+    from fl_tasks.client import build_parser
+
+    return {opt for action in build_parser()._actions for opt in action.option_strings}
+
+
+def test_cli_refuses_a_short_key_without_a_traceback(tmp_path, capsys, s3_server, monkeypatch):
+    data = tmp_path / "silo.npz"
+    make_synthetic(100).save(data)
+    monkeypatch.setenv("FL_SIGNING_KEY", "short")
+    code = main(["--client-id", "bank-a", "--federation", "fed", "--bucket", "s3://b", "--data", str(data),
+                 "--endpoint-url", s3_server.endpoint_url])
+    assert code == 2
+    assert "at least 16" in capsys.readouterr().err

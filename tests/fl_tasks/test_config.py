@@ -287,3 +287,50 @@ def test_quorum_fraction_grace_and_staleness_load_with_defaults_off():
                                 staleness={"policy": "polynomial", "exponent": 1, "max_staleness": 2}), SOURCE)
     assert (spec.quorum.min_fraction, spec.quorum.grace_period_minutes) == (0.5, 2.0)
     assert (spec.staleness.policy, spec.staleness.exponent, spec.staleness.max_staleness) == ("polynomial", 1.0, 2)
+
+
+# --- security: update signatures ----------------------------------------------------------
+
+
+def test_security_defaults_and_connection_ids():
+    spec = parse_federation(doc(federation="banks-eu"), SOURCE)
+    assert spec.security.require_signatures is False
+    assert spec.security.signing_key_conn_id == "fl_signing_{client}"
+    # '-' becomes '_': the id doubles as the AIRFLOW_CONN_<ID> variable name.
+    assert spec.security.conn_id(spec.federation, "bank-a") == "fl_signing_bank_a"
+    custom = parse_federation(doc(federation="banks-eu", security={
+        "require_signatures": True, "signing_key_conn_id": "fl_{federation}_key_{client}"}), SOURCE)
+    assert custom.security.require_signatures is True
+    assert custom.security.conn_id(custom.federation, "bank-b") == "fl_banks_eu_key_bank_b"
+
+
+def test_banks_yaml_requires_signatures():
+    assert load_federation(REPO / "federations" / "banks.yaml").security.require_signatures is True
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("require_signatures", "yes", "true or false"),
+    ("require_signatures", 1, "true or false"),
+    ("signing_key_conn_id", 5, "a string"),
+])
+def test_security_wrong_types_rejected(key, value, expected):
+    err = config_error(doc(security={key: value}), f"security.{key}")
+    assert f"expected {expected}, got {value!r}" in str(err)
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("fl_signing", "does not contain '{client}' exactly once"),
+    ("fl_{client}_{client}", "does not contain '{client}' exactly once"),
+    ("fl-signing-{client}", "is not a usable Airflow connection id"),
+    ("fl/{client}", "is not a usable Airflow connection id"),
+    ("fl_{clients}_{client}", "is not a usable Airflow connection id"),
+    ("fl_{region}_{client}", "is not a usable Airflow connection id"),
+])
+def test_bad_signing_key_conn_id_rejected(template, problem):
+    err = config_error(doc(security={"signing_key_conn_id": template}), "security.signing_key_conn_id")
+    assert problem in str(err)
+
+
+def test_unknown_security_field_suggests_close_name():
+    err = config_error(doc(security={"require_signature": True}), "security.require_signature")
+    assert "did you mean 'require_signatures'?" in str(err)

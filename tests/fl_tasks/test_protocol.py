@@ -259,12 +259,12 @@ def test_oversized_manifest_rejected_before_parsing():
 
 
 def test_manifest_at_the_size_limit_is_read():
-    body = body_of(update_manifest(signature=""))
+    body = body_of(update_manifest(created_at=""))  # a free-form string field as filler
     base = len(encode(body))
-    body["signature"] = "s" * (MAX_MANIFEST_BYTES - base)
+    body["created_at"] = "s" * (MAX_MANIFEST_BYTES - base)
     data = encode(body)
     assert len(data) == MAX_MANIFEST_BYTES
-    assert UpdateManifest.from_json(data).signature == body["signature"]
+    assert UpdateManifest.from_json(data).created_at == body["created_at"]
 
 
 def test_wrong_kind_rejected():
@@ -295,3 +295,33 @@ def test_name_pattern_limits():
     assert protocol.NAME_PATTERN.fullmatch("a" * 40)
     assert not protocol.NAME_PATTERN.fullmatch("a" * 41)
     assert protocol.NAME_PATTERN.fullmatch("bank-north")
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b'{"num_examples": NaN}', "NaN is not a JSON number"),
+    (b'{"num_examples": Infinity}', "Infinity is not a JSON number"),
+    (b'{"num_examples": -Infinity}', "-Infinity is not a JSON number"),
+    (b'{"x": 1e999}', "out of range"),
+    (b'{"kind": "update", "kind": "update"}', "duplicate keys ['kind']"),
+    (b"[" * 30000 + b"]" * 30000, "nested too deeply"),  # under the size limit, over Python's recursion limit
+], ids=["nan", "inf", "-inf", "overflow", "duplicate-key", "deep"])
+def test_only_strict_json_is_read(data, fragment):
+    expect_error(UpdateManifest, data, "update manifest is not valid JSON", fragment)
+
+
+def test_metric_values_must_be_finite():
+    body = body_of(update_manifest())
+    data = encode(body).replace(b'"train_loss": 0.25', b'"train_loss": 1e999')
+    expect_error(UpdateManifest, data, "out of range")
+    # Constructed in code (not parsed), a non-finite value is still refused by validate().
+    with pytest.raises(ManifestError, match="not a finite number"):
+        update_manifest(metrics={"train_loss": float("nan")}).validate()
+
+
+@pytest.mark.parametrize("signature", ["abc", "A" * 64, "g" * 64, "0" * 63, "0" * 65])
+def test_signature_is_empty_or_64_hex_digits(signature):
+    body = body_of(update_manifest())
+    body["signature"] = signature
+    expect_error(UpdateManifest, body, "field 'signature' must be empty or a hex HMAC-SHA256")
+    body["signature"] = "0" * 64
+    assert UpdateManifest.from_json(encode(body)).signature == "0" * 64

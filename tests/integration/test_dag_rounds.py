@@ -9,6 +9,7 @@ import os
 import pytest
 from mlflow import MlflowClient
 
+from fl_tasks import signing
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator
 from fl_tasks.embedded import airflow, create_buckets, service_env
@@ -28,23 +29,27 @@ def stack(s3_server, tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
     federations = state / "federations"
     federations.mkdir()
-    active = federation_doc(federation="itest")
+    # Its silos sign their updates and the DAG's coordinator checks them with the keys it
+    # reads from Airflow connections (AIRFLOW_CONN_FL_SIGNING_<CLIENT>).
+    active = federation_doc(federation="itest", security={"require_signatures": True})
     # Nobody serves this one: its rounds can only miss quorum.
     idle = federation_doc(federation="itest-idle", quorum={"min_clients": 2, "round_timeout_minutes": 0.1})
     for doc in (active, idle):
         (federations / f"{doc['federation']}.yaml").write_text(yaml.safe_dump(doc))
     env = service_env(state, s3_server.endpoint_url, federations)
     env.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    specs = {name: load_federation(federations / f"{name}.yaml") for name in ("itest", "itest-idle")}
+    keys = signing.generate_keys(c.id for c in specs["itest"].clients)
+    env.update({k: v for k, v in signing.coordinator_env(specs["itest"], keys).items() if k.startswith("AIRFLOW_CONN_")})
     saved = dict(os.environ)
     os.environ.update(env)
-    specs = {name: load_federation(federations / f"{name}.yaml") for name in ("itest", "itest-idle")}
     store = ObjectStore(s3_server.endpoint_url)
     for spec in specs.values():
         create_buckets(spec, store)
     migrated = airflow(["db", "migrate"], env)
     assert migrated.returncode == 0, migrated.stderr[-3000:]
     paths = prepare_silos(specs["itest"], state)
-    silos = SiloProcesses(specs["itest"], paths, state / "silo-logs", poll_seconds=0.5).start()
+    silos = SiloProcesses(specs["itest"], paths, state / "silo-logs", poll_seconds=0.5, signing_keys=keys).start()
     try:
         yield {"env": env, "specs": specs, "store": store, "state": state}
     finally:
@@ -75,7 +80,7 @@ def test_round_promotes_and_sets_champion(stack):
     result, spec = run_round(stack, "itest")
     report = latest_report(stack, "itest")
     assert report["decision"] == "promoted", (report, result.stdout[-4000:])
-    assert report["clients_committed"] == 3 and len(report["clients_accepted"]) == 3
+    assert report["clients_committed"] == 3 and len(report["clients_accepted"]) == 3  # signatures verified
     client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(spec.model_name, "champion")
     assert str(champion.version) == report["version"]
