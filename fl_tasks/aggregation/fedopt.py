@@ -1,9 +1,11 @@
 """Server-optimiser strategies: FedAvgM, FedAdam, FedYogi, FedAdagrad.
 
-Each round they stream the example-weighted mean of the client models (O(one model), like
-FedAvg), take the pseudo-gradient delta = mean - base on the floating tensors and apply one
-optimiser step (maths in `server_opt`). Integer and bool tensors (batch-norm counters) are
-not optimised: they are the weighted mean, rounded half to even, in their dtype.
+Each round they stream the example-weighted mean of the client models in float64 (a float64
+running sum: O(one model) whatever the number of clients, and exact where FedAvg's float32
+running mean rounds once per client), take the pseudo-gradient delta = mean - base on the
+floating tensors and apply one optimiser step (maths in `server_opt`). Integer and bool
+tensors (batch-norm counters) are not optimised: they are the weighted mean, rounded half to
+even, in their dtype.
 
 The optimiser moments live OUTSIDE the object between rounds: `get_state()` returns them as a
 flat dict ('m/<tensor>', 'v/<tensor>' for each floating tensor of the model) and
@@ -77,11 +79,11 @@ class ServerOptimizer:
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
         moments = self._moments(base)  # fails before any update is read
-        acc = StreamingWeightedMean()
+        acc = StreamingWeightedMean(float64=True)
         for state, num_examples in updates:
             check_update(state, base)
             acc.add(state, num_examples)
-        mean = acc.result(keep_float64=True)
+        mean = acc.result(cast=False)
         out: StateDict = {}
         new_state: dict[str, np.ndarray] = {}
         for name in base:
