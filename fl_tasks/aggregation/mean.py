@@ -29,19 +29,31 @@ def _add_scaled(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
 _torch = None
 
 
-def _lerp(mean: np.ndarray, value: np.ndarray, fraction: float) -> None:
-    """mean += fraction * (value - mean), in place, in float32: one fused pass (torch.lerp_)
-    that reads the mean and the value and writes the mean, with no temporary."""
+def _tensor(value: np.ndarray):
+    """A flat float32 torch view of `value` (a copy only if it is not float32 and contiguous)."""
     global _torch
     if _torch is None:
         import torch
 
         _torch = torch
-    other = np.ascontiguousarray(np.asarray(value).reshape(-1), dtype=np.float32)  # no copy if already so
+    flat = np.ascontiguousarray(np.asarray(value).reshape(-1), dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only client array: it is only read
-        other_tensor = _torch.from_numpy(other)
-    _torch.from_numpy(mean.reshape(-1)).lerp_(other_tensor, fraction)
+        return _torch.from_numpy(flat)
+
+
+def _lerp(mean: np.ndarray, value: np.ndarray, fraction: float) -> None:
+    """mean += fraction * (value - mean), in place, in float32: one fused pass (torch.lerp_)
+    that reads the mean and the value and writes the mean, with no temporary."""
+    _tensor(mean).lerp_(_tensor(value), fraction)
+
+
+def _lerp_new(first: np.ndarray, second: np.ndarray, fraction: float) -> np.ndarray:
+    """first + fraction * (second - first) as a new float32 array, in one fused pass."""
+    out = np.empty(np.shape(first), dtype=np.float32)  # numpy's allocator: traced, huge pages
+    start, end = _tensor(first), _tensor(second)
+    _torch.lerp(start, end, fraction, out=_tensor(out))
+    return out
 
 
 class StreamingWeightedMean:
@@ -49,12 +61,15 @@ class StreamingWeightedMean:
 
     float32 tensors (as the first update sends them) keep a float32 running mean,
     m_k = m_{k-1} + (w_k / W_k) (x_k - m_{k-1}) with W_k = w_1 + ... + w_k, updated in place
-    by one fused pass per client: 12 bytes of memory traffic per 4-byte parameter, a third of
-    the float64 accumulator's, and the result is the buffer itself (no final division or cast).
-    Memory: one model. Rounding: one float32 rounding of the mean per client, scaled down by
-    the later steps; on random inputs the error stays within a few float32 ulps of
-    sum_i w_i |x_i| / sum_i w_i, whatever the number of clients. One client, or clients that
-    all send the same tensor, give that tensor back exactly.
+    by one fused pass per client (torch.lerp_, on torch's threads): 12 bytes of memory traffic
+    per 4-byte parameter, a third of a float64 accumulator's, and the result is the buffer
+    itself (no final division or cast). The first update's arrays are held by reference until
+    the second arrives, so that the first pass reads both and writes m_2 (the producer must
+    not reuse them). Memory: one model, three while the second update is folded in.
+    Rounding: one float32 rounding of the mean per client, scaled down by the later steps; on
+    random inputs the error stays within a few float32 ulps of sum_i w_i |x_i| / sum_i w_i
+    (about 2.5 ulps rms for 200 clients). One client, or clients that all send the same
+    tensor, give that tensor back exactly.
 
     Every other tensor (float64, integer, bool), and every tensor with `float64=True` (server
     optimisers), keeps a float64 running sum of w_i x_i and is divided at the end, so integer
@@ -65,6 +80,7 @@ class StreamingWeightedMean:
     def __init__(self, *, float64: bool = False) -> None:
         self.float64 = float64
         self._acc: StateDict = {}  # float32 running means, float64 running sums
+        self._held: StateDict = {}  # the first update's float32 tensors, until the second
         self._dtypes: dict[str, np.dtype] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.total_weight = 0.0
@@ -73,29 +89,30 @@ class StreamingWeightedMean:
     def add(self, state: Mapping[str, np.ndarray], weight: float) -> None:
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        first = not self._acc
+        first = self.count == 0
         if first:
             for name, value in state.items():
                 self._dtypes[name] = np.asarray(value).dtype
                 self._shapes[name] = np.shape(value)
-        elif set(state) != set(self._acc):
-            raise ValueError(f"state keys differ from the first update: {sorted(set(state) ^ set(self._acc))}")
+        elif set(state) != set(self._shapes):
+            raise ValueError(f"state keys differ from the first update: {sorted(set(state) ^ set(self._shapes))}")
         for name, value in state.items():
             if np.shape(value) != self._shapes[name]:
                 raise ValueError(f"tensor '{name}' has shape {np.shape(value)}, expected {self._shapes[name]}")
         weight = float(weight)
         total = self.total_weight + weight
         for name, value in state.items():
-            if first:
-                if self._dtypes[name] == np.float32 and not self.float64:
-                    self._acc[name] = np.array(value, dtype=np.float32, order="C")  # m_1 = x_1
-                    continue
+            if first and self._dtypes[name] == np.float32 and not self.float64:
+                self._held[name] = value  # m_1 = x_1
+            elif first:
                 self._acc[name] = np.zeros(self._shapes[name], dtype=np.float64)
-            acc = self._acc[name]
-            if acc.dtype == np.float32:
-                _lerp(acc, value, weight / total)
+                _add_scaled(self._acc[name], value, weight)
+            elif name in self._held:
+                self._acc[name] = _lerp_new(self._held.pop(name), value, weight / total)
+            elif self._acc[name].dtype == np.float32:
+                _lerp(self._acc[name], value, weight / total)
             else:
-                _add_scaled(acc, value, weight)
+                _add_scaled(self._acc[name], value, weight)
         self.total_weight = total
         self.count += 1
 
@@ -110,7 +127,10 @@ class StreamingWeightedMean:
         if self.count == 0:
             raise ValueError("no updates were added")
         out: StateDict = {}
-        for name in list(self._acc):
+        for name in self._shapes:
+            if name in self._held:  # a single update: its own values, in a new array
+                out[name] = np.array(self._held.pop(name), dtype=np.float32)
+                continue
             mean = self._acc.pop(name)
             if mean.dtype == np.float32:
                 out[name] = mean

@@ -134,7 +134,9 @@ def test_many_clients_match_the_float64_formula_to_float32_precision(seed):
 def test_float32_single_client_and_identical_clients_come_back_exactly():
     rng = np.random.default_rng(3)
     state = {"w": rng.standard_normal(1000, dtype=np.float32)}
-    np.testing.assert_array_equal(fedavg([(state, 7)])["w"], state["w"])
+    single = fedavg([(state, 7)])["w"]
+    np.testing.assert_array_equal(single, state["w"])
+    assert not np.shares_memory(single, state["w"])  # a new array, not the client's
     np.testing.assert_array_equal(fedavg([(state, 7), (dict(state), 1), (dict(state), 12345)])["w"], state["w"])
 
 
