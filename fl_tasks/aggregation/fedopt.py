@@ -1,9 +1,11 @@
 """Server-optimiser strategies: FedAvgM, FedAdam, FedYogi, FedAdagrad.
 
-Each round they stream the example-weighted mean of the client models (O(one model), like
-FedAvg), take the pseudo-gradient delta = mean - base on the floating tensors and apply one
-optimiser step (maths in `server_opt`). Integer and bool tensors (batch-norm counters) are
-not optimised: they are the weighted mean, rounded half to even, in their dtype.
+Each round they stream the example-weighted mean of the client models in float64 (a float64
+running sum: O(one model) whatever the number of clients, and exact where FedAvg's float32
+running mean rounds once per client), take the pseudo-gradient delta = mean - base on the
+floating tensors and apply one optimiser step (maths in `server_opt`). Integer and bool
+tensors (batch-norm counters) are not optimised: they are the weighted mean, rounded half to
+even, in their dtype.
 
 The optimiser moments live OUTSIDE the object between rounds: `get_state()` returns them as a
 flat dict ('m/<tensor>', 'v/<tensor>' for each floating tensor of the model) and
@@ -77,11 +79,11 @@ class ServerOptimizer:
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
         moments = self._moments(base)  # fails before any update is read
-        acc = StreamingWeightedMean()
+        acc = StreamingWeightedMean(float64=True)
         for state, num_examples in updates:
             check_update(state, base)
             acc.add(state, num_examples)
-        mean = acc.result(keep_float64=True)
+        mean = acc.result(cast=False)
         out: StateDict = {}
         new_state: dict[str, np.ndarray] = {}
         for name in base:
@@ -127,13 +129,15 @@ class FedAvgM(ServerOptimizer):
     """FedAvg with server momentum (Hsu et al. 2019): v = momentum * v + delta; x = base + eta * v.
 
     Weighted by example counts: delta = (sum_i n_i x_i / sum_i n_i) - base. State: 'v/<tensor>'.
-    With eta=1 and momentum=0 it is exactly FedAvg (up to float rounding).
+    With eta=1 and momentum=0 it is exactly FedAvg (up to float rounding). Default eta 0.3
+    (with momentum 0.9 the steady step is eta / (1 - momentum) = 3 FedAvg steps): the best of
+    0.1 / 0.3 / 1 on the real-data run of benchmarks/server_lr.py, where eta 1 diverged once.
     """
 
     name = "fedavgm"
     slots = ("v",)
 
-    def __init__(self, eta: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, eta: float = 0.3, momentum: float = 0.9) -> None:
         super().__init__()
         self.eta = positive_param(self.name, "eta", eta)
         self.momentum = unit_interval_param(self.name, "momentum", momentum)
@@ -144,11 +148,16 @@ class FedAvgM(ServerOptimizer):
 
 
 class _Adaptive(ServerOptimizer):
-    """FedAdam / FedYogi / FedAdagrad differ only in the second moment."""
+    """FedAdam / FedYogi / FedAdagrad differ only in the second moment.
+
+    The default server learning rates are those with the best validation ROC-AUC in a sweep
+    of eta on the clean real-data run (benchmarks/server_lr.py, results in the README); as in
+    Reddi et al. 2021, eta is task-dependent and worth tuning per federation. tau stays 1e-3.
+    """
 
     slots = ("m", "v")
 
-    def __init__(self, eta: float = 0.01, beta1: float = 0.9, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float, beta1: float = 0.9, tau: float = 1e-3) -> None:
         super().__init__()
         self.eta = positive_param(self.name, "eta", eta)
         self.beta1 = unit_interval_param(self.name, "beta1", beta1)
@@ -165,7 +174,7 @@ class _Adaptive(ServerOptimizer):
 
 class FedAdam(_Adaptive):
     """FedAdam (Reddi et al. 2021, Alg. 2): m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2;
-    x = base + eta * m / (sqrt(v) + tau). No bias correction.
+    x = base + eta * m / (sqrt(v) + tau). No bias correction. Default eta 0.03.
 
     Weighted by example counts: delta = (sum_i n_i x_i / sum_i n_i) - base.
     State: 'm/<tensor>', 'v/<tensor>', both starting at zero.
@@ -173,7 +182,7 @@ class FedAdam(_Adaptive):
 
     name = "fedadam"
 
-    def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         super().__init__(eta, beta1, tau)
         self.beta2 = unit_interval_param(self.name, "beta2", beta2)
 
@@ -183,7 +192,7 @@ class FedAdam(_Adaptive):
 
 class FedYogi(_Adaptive):
     """FedYogi (Reddi et al. 2021, Alg. 2): as FedAdam, but v = v - (1-b2) delta^2 sign(v - delta^2),
-    which lets v grow fast and shrink slowly.
+    which lets v grow fast and shrink slowly. Default eta 0.03.
 
     Weighted by example counts: delta = (sum_i n_i x_i / sum_i n_i) - base.
     State: 'm/<tensor>', 'v/<tensor>', both starting at zero (as Flower).
@@ -191,7 +200,7 @@ class FedYogi(_Adaptive):
 
     name = "fedyogi"
 
-    def __init__(self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         super().__init__(eta, beta1, tau)
         self.beta2 = unit_interval_param(self.name, "beta2", beta2)
 
@@ -201,12 +210,16 @@ class FedYogi(_Adaptive):
 
 class FedAdagrad(_Adaptive):
     """FedAdagrad (Reddi et al. 2021, Alg. 2): v = v + delta^2 (no beta2), m and x as FedAdam.
+    Default eta 0.3: v only grows, so the steps shrink round after round.
 
     Weighted by example counts: delta = (sum_i n_i x_i / sum_i n_i) - base.
     State: 'm/<tensor>', 'v/<tensor>', both starting at zero (as Flower).
     """
 
     name = "fedadagrad"
+
+    def __init__(self, eta: float = 0.3, beta1: float = 0.9, tau: float = 1e-3) -> None:
+        super().__init__(eta, beta1, tau)
 
     def second_moment(self, v, delta):
         return server_opt.adagrad_second_moment(v, delta)

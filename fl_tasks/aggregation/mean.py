@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -9,8 +10,8 @@ import numpy as np
 StateDict = dict[str, np.ndarray]
 
 
-# Elements per step of the scaled add: the float64 temporary stays cache-sized instead of
-# costing a second full-size copy of the model.
+# Elements per step of the float64 scaled add: the float64 temporary stays cache-sized instead
+# of costing a second full-size copy of the model.
 CHUNK = 1 << 16
 
 
@@ -25,16 +26,61 @@ def _add_scaled(acc: np.ndarray, value: np.ndarray, weight: float) -> None:
         flat_acc[start:stop] += part
 
 
-class StreamingWeightedMean:
-    """Running sum of w_i * x_i and of w_i, one client at a time.
+_torch = None
 
-    Memory is one float64 accumulator per tensor (O(one model)), whatever the number of
-    clients. Integer tensors (e.g. batch-norm `num_batches_tracked`) are averaged in float64
-    and rounded back to their dtype instead of being truncated or zeroed.
+
+def _tensor(value: np.ndarray):
+    """A flat float32 torch view of `value` (a copy only if it is not float32 and contiguous)."""
+    global _torch
+    if _torch is None:
+        import torch
+
+        _torch = torch
+    flat = np.ascontiguousarray(np.asarray(value).reshape(-1), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only client array: it is only read
+        return _torch.from_numpy(flat)
+
+
+def _lerp(mean: np.ndarray, value: np.ndarray, fraction: float) -> None:
+    """mean += fraction * (value - mean), in place, in float32: one fused pass (torch.lerp_)
+    that reads the mean and the value and writes the mean, with no temporary."""
+    _tensor(mean).lerp_(_tensor(value), fraction)
+
+
+def _lerp_new(first: np.ndarray, second: np.ndarray, fraction: float) -> np.ndarray:
+    """first + fraction * (second - first) as a new float32 array, in one fused pass."""
+    out = np.empty(np.shape(first), dtype=np.float32)  # numpy's allocator: traced, huge pages
+    start, end = _tensor(first), _tensor(second)
+    _torch.lerp(start, end, fraction, out=_tensor(out))
+    return out
+
+
+class StreamingWeightedMean:
+    """Weighted mean sum_i w_i x_i / sum_i w_i of state dicts, one client at a time.
+
+    float32 tensors (as the first update sends them) keep a float32 running mean,
+    m_k = m_{k-1} + (w_k / W_k) (x_k - m_{k-1}) with W_k = w_1 + ... + w_k, updated in place
+    by one fused pass per client (torch.lerp_, on torch's threads): 12 bytes of memory traffic
+    per 4-byte parameter, a third of a float64 accumulator's, and the result is the buffer
+    itself (no final division or cast). The first update's arrays are held by reference until
+    the second arrives, so that the first pass reads both and writes m_2 (the producer must
+    not reuse them). Memory: one model, three while the second update is folded in.
+    Rounding: one float32 rounding of the mean per client, scaled down by the later steps; on
+    random inputs the error stays within a few float32 ulps of sum_i w_i |x_i| / sum_i w_i
+    (about 2.5 ulps rms for 200 clients). One client, or clients that all send the same
+    tensor, give that tensor back exactly.
+
+    Every other tensor (float64, integer, bool), and every tensor with `float64=True` (server
+    optimisers), keeps a float64 running sum of w_i x_i and is divided at the end, so integer
+    tensors (e.g. batch-norm `num_batches_tracked`) are averaged in float64 and rounded back
+    to their dtype instead of being truncated or zeroed.
     """
 
-    def __init__(self) -> None:
-        self._sums: StateDict = {}
+    def __init__(self, *, float64: bool = False) -> None:
+        self.float64 = float64
+        self._acc: StateDict = {}  # float32 running means, float64 running sums
+        self._held: StateDict = {}  # the first update's float32 tensors, until the second
         self._dtypes: dict[str, np.dtype] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.total_weight = 0.0
@@ -43,54 +89,74 @@ class StreamingWeightedMean:
     def add(self, state: Mapping[str, np.ndarray], weight: float) -> None:
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        if not self._sums:
+        first = self.count == 0
+        if first:
             for name, value in state.items():
-                self._sums[name] = np.zeros(value.shape, dtype=np.float64)
-                self._dtypes[name] = value.dtype
-                self._shapes[name] = value.shape
-        elif set(state) != set(self._sums):
-            raise ValueError(f"state keys differ from the first update: {sorted(set(state) ^ set(self._sums))}")
+                self._dtypes[name] = np.asarray(value).dtype
+                self._shapes[name] = np.shape(value)
+        elif set(state) != set(self._shapes):
+            raise ValueError(f"state keys differ from the first update: {sorted(set(state) ^ set(self._shapes))}")
         for name, value in state.items():
-            if value.shape != self._shapes[name]:
-                raise ValueError(f"tensor '{name}' has shape {value.shape}, expected {self._shapes[name]}")
+            if np.shape(value) != self._shapes[name]:
+                raise ValueError(f"tensor '{name}' has shape {np.shape(value)}, expected {self._shapes[name]}")
+        weight = float(weight)
+        total = self.total_weight + weight
         for name, value in state.items():
-            _add_scaled(self._sums[name], value, float(weight))
-        self.total_weight += float(weight)
+            if first and self._dtypes[name] == np.float32 and not self.float64:
+                self._held[name] = value  # m_1 = x_1
+            elif first:
+                self._acc[name] = np.zeros(self._shapes[name], dtype=np.float64)
+                _add_scaled(self._acc[name], value, weight)
+            elif name in self._held:
+                self._acc[name] = _lerp_new(self._held.pop(name), value, weight / total)
+            elif self._acc[name].dtype == np.float32:
+                _lerp(self._acc[name], value, weight / total)
+            else:
+                _add_scaled(self._acc[name], value, weight)
+        self.total_weight = total
         self.count += 1
 
-    def result(self, *, keep_float64: bool = False) -> StateDict:
-        """The weighted mean. Divides the accumulators in place, so call it once.
+    def result(self, *, cast: bool = True) -> StateDict:
+        """The weighted means. Hands over (or divides in place) the accumulators: call it once.
 
-        With `keep_float64` every tensor comes back as the unrounded float64 mean (server
-        optimisers take their pseudo-gradient from it); otherwise each tensor is cast back to
-        its dtype, integer and bool tensors rounded to the nearest value (half to even).
+        float32 running means come back as they are. The float64 sums are divided by the total
+        weight; with `cast` each is cast back to its tensor's dtype, integer and bool tensors
+        rounded to the nearest value (half to even); without, they stay unrounded float64
+        (server optimisers take their pseudo-gradient from it; FedAvg casts to the base model).
         """
         if self.count == 0:
             raise ValueError("no updates were added")
         out: StateDict = {}
-        for name in list(self._sums):
-            mean = self._sums.pop(name)
+        for name in self._shapes:
+            if name in self._held:  # a single update: its own values, in a new array
+                out[name] = np.array(self._held.pop(name), dtype=np.float32)
+                continue
+            mean = self._acc.pop(name)
+            if mean.dtype == np.float32:
+                out[name] = mean
+                continue
             mean /= self.total_weight
-            if keep_float64:
+            if not cast:
                 out[name] = mean
                 continue
             dtype = self._dtypes[name]
-            if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            if not np.issubdtype(dtype, np.floating):
                 np.rint(mean, out=mean)
-            out[name] = mean.astype(dtype)
+            out[name] = mean.astype(dtype, copy=False)
         return out
 
 
 def cast_like(mean: StateDict, base: Mapping[str, np.ndarray]) -> StateDict:
-    """float64 tensors (popped from `mean`) in the base model's dtypes and key order; integer
-    and bool tensors rounded half to even rather than truncated."""
+    """Tensors (popped from `mean`) in the base model's dtypes and key order; floating values
+    bound for integer and bool tensors are rounded half to even rather than truncated. A
+    tensor already in the right dtype is passed on without a copy."""
     out: StateDict = {}
     for name, ref in base.items():
         value = mean.pop(name)
         dtype = np.asarray(ref).dtype
-        if not np.issubdtype(dtype, np.floating):
+        if not np.issubdtype(dtype, np.floating) and np.issubdtype(value.dtype, np.floating):
             np.rint(value, out=value)
-        out[name] = value.astype(dtype)
+        out[name] = value.astype(dtype, copy=False)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -96,6 +97,77 @@ def test_tensor_larger_than_one_chunk_matches_the_formula():
     out = weighted_mean(zip(states, weights))
     expected = sum(w * s["w"].astype(np.float64) for s, w in zip(states, weights)) / sum(weights)
     np.testing.assert_allclose(out["w"], expected.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def scaled_error(out, states, weights):
+    """max |out - formula| / (sum_i w_i |x_i| / sum_i w_i), in float32 epsilons: the error of a
+    weighted sum measured against the size of its terms, so that cancellation does not count."""
+    stacked = np.stack(states).astype(np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    expected = w @ stacked / w.sum()
+    scale = w @ np.abs(stacked) / w.sum()
+    return float(np.max(np.abs(out.astype(np.float64) - expected) / scale)) / EPS32
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_many_clients_match_the_float64_formula_to_float32_precision(seed):
+    # float32 tensors keep a float32 running mean: one rounding per client, each scaled down by
+    # the later steps. 200 clients stay within a few float32 ulps of the float64 formula.
+    rng = np.random.default_rng(seed)
+    num_clients, size = 200, 20_000
+    weights = rng.integers(1, 100_000, size=num_clients).tolist()
+    # Independent models: the terms cancel, the mean is small.
+    states = [rng.standard_normal(size, dtype=np.float32) for _ in range(num_clients)]
+    out = fedavg(({"w": s}, w) for s, w in zip(states, weights))["w"]
+    assert out.dtype == np.float32
+    assert scaled_error(out, states, weights) <= 4
+    # Clients near one model (the usual round): the mean is as large as the terms.
+    common = rng.standard_normal(size).astype(np.float32)
+    states = [common + np.float32(1e-2) * rng.standard_normal(size, dtype=np.float32) for _ in range(num_clients)]
+    out = fedavg(({"w": s}, w) for s, w in zip(states, weights))["w"]
+    assert scaled_error(out, states, weights) <= 16  # ~2.5 ulps rms, the max over 20k entries ~10
+
+
+def test_float32_single_client_and_identical_clients_come_back_exactly():
+    rng = np.random.default_rng(3)
+    state = {"w": rng.standard_normal(1000, dtype=np.float32)}
+    single = fedavg([(state, 7)])["w"]
+    np.testing.assert_array_equal(single, state["w"])
+    assert not np.shares_memory(single, state["w"])  # a new array, not the client's
+    np.testing.assert_array_equal(fedavg([(state, 7), (dict(state), 1), (dict(state), 12345)])["w"], state["w"])
+
+
+def test_float32_path_allocates_one_model_whatever_the_number_of_clients():
+    size = 1 << 20
+    rng = np.random.default_rng(4)
+    updates = [({"w": rng.standard_normal(size, dtype=np.float32)}, 10 + i) for i in range(12)]
+    base = {"w": np.zeros(size, dtype=np.float32)}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out = FedAvg().aggregate(base, iter(updates))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out["w"].dtype == np.float32
+    assert peak < 1.1 * 4 * size, peak / (4 * size)  # the running mean is the result: no cast, no copy
+
+
+def test_read_only_strided_and_mixed_dtype_updates():
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal(64, dtype=np.float32)
+    a.flags.writeable = False  # as decoded from a payload
+    b = rng.standard_normal(128, dtype=np.float32)[::-2]  # negative stride
+    c = rng.standard_normal(64)  # float64 update of a float32 tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = weighted_mean([({"w": a}, 1), ({"w": b}, 2), ({"w": c}, 3)])
+    expected = (a.astype(np.float64) + 2 * b + 3 * c) / 6
+    np.testing.assert_allclose(out["w"], expected, rtol=0, atol=4 * EPS32 * np.abs(expected).max())
+    assert out["w"].dtype == np.float32 and not a.flags.writeable
 
 
 def test_float_weights_in_weighted_mean():
@@ -235,8 +307,8 @@ def test_aggregate_streams_over_a_generator():
     model_bytes = 4 * sum(int(np.prod(s)) for s in MODEL_SHAPES.values() if s)
     peak_2, out_2 = peak_bytes(2, base)
     peak_20, out_20 = peak_bytes(20, base)
-    # Holding all 20 updates at once would need 20 model copies; streaming needs about 4
-    # (float64 accumulator = 2, the update being read, the next one being made).
+    # Holding all 20 updates at once would need 20 model copies; streaming needs about 3
+    # (the float32 running mean, the update being read, the next one being made).
     assert peak_20 < 1.5 * peak_2, (peak_2, peak_20)
     assert peak_20 < 8 * model_bytes, (peak_20, model_bytes)
     # And the answer is still the weighted mean: counters 100..119 weighted by 100..119.

@@ -19,6 +19,7 @@ from fl_tasks.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fl_tasks.codec import decode_state, encode_state
 
 OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+DEFAULT_ETA = {"fedavgm": 0.3, "fedadam": 0.03, "fedyogi": 0.03, "fedadagrad": 0.3}  # benchmarks/server_lr.py
 
 # --- reference: the update rules written out element by element, in Python floats ----------------
 
@@ -26,7 +27,7 @@ OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 def ref_round(name, params, base, updates, state):
     """One round; `state` maps 'm/<k>' / 'v/<k>' -> list of floats (absent = zeros). Returns
     (new model as float lists / ints, new state)."""
-    eta = params.get("eta", 1.0 if name == "fedavgm" else 0.01)
+    eta = params.get("eta", DEFAULT_ETA[name])
     b1, b2, tau = params.get("beta1", 0.9), params.get("beta2", 0.99), params.get("tau", 1e-3)
     momentum = params.get("momentum", 0.9)
     total = sum(n for _, n in updates)
@@ -99,7 +100,7 @@ PARAMS = [("fedavgm", {}), ("fedavgm", {"eta": 0.5, "momentum": 0.0}), ("fedadam
 
 
 def test_fedavgm_by_hand():
-    strategy = build("fedavgm")  # eta 1, momentum 0.9
+    strategy = build("fedavgm", eta=1.0)  # momentum 0.9 by default
     # round 1: mean of 1.5 (weight 1) and 2.5 (weight 3) = 2.25; delta 1.25; v = 1.25; x = 1 + 1.25
     out = strategy.aggregate({"w": np.array([1.0])}, [({"w": np.array([1.5])}, 1), ({"w": np.array([2.5])}, 3)])
     assert out["w"][0] == pytest.approx(2.25)
@@ -113,7 +114,7 @@ def test_fedadam_and_fedyogi_by_hand():
     base = {"w": np.array([0.0, 0.0])}
     ups = [({"w": np.array([1.0, -2.0])}, 1)]  # delta = (1, -2)
     for name in ("fedadam", "fedyogi"):
-        strategy = build(name)  # eta 0.01, b1 0.9, b2 0.99, tau 1e-3
+        strategy = build(name, eta=0.01)  # b1 0.9, b2 0.99, tau 1e-3 by default
         out = strategy.aggregate(base, ups)
         # m = 0.1 delta; v = 0.01 delta^2 (Yogi from v=0: v - 0.01 d^2 sign(-d^2) = 0.01 d^2)
         # x = 0.01 * 0.1 d / (0.1 |d| + 1e-3)
@@ -122,7 +123,7 @@ def test_fedadam_and_fedyogi_by_hand():
         np.testing.assert_allclose(strategy.get_state()["m/w"], [0.1, -0.2], rtol=1e-12)
         np.testing.assert_allclose(strategy.get_state()["v/w"], [0.01, 0.04], rtol=1e-12)
     # second round, same client model again: delta = (1, -2) - x1. Adam and Yogi now differ.
-    adam, yogi = build("fedadam"), build("fedyogi")
+    adam, yogi = build("fedadam", eta=0.01), build("fedyogi", eta=0.01)
     x1 = adam.aggregate(base, ups)
     yogi.aggregate(base, ups)
     adam.aggregate(x1, ups)
@@ -167,7 +168,7 @@ def test_fedavgm_without_momentum_is_fedavg():
     rng = np.random.default_rng(0)
     base = model(rng, dtype=np.float32)
     ups = client_round(rng, base)
-    a = build("fedavgm", momentum=0.0).aggregate(base, ups)
+    a = build("fedavgm", eta=1.0, momentum=0.0).aggregate(base, ups)
     b = build("fedavg").aggregate(base, ups)
     for key in base:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-6)
@@ -255,12 +256,12 @@ def test_classes_and_defaults():
     assert isinstance(build("fedavgm"), FedAvgM) and isinstance(build("fedadam"), FedAdam)
     assert isinstance(build("fedyogi"), FedYogi) and isinstance(build("fedadagrad"), FedAdagrad)
     m = build("fedavgm")
-    assert (m.eta, m.momentum) == (1.0, 0.9)
+    assert (m.eta, m.momentum) == (0.3, 0.9)
     for name in ("fedadam", "fedyogi"):
         s = build(name)
-        assert (s.eta, s.beta1, s.beta2, s.tau) == (0.01, 0.9, 0.99, 1e-3)
+        assert (s.eta, s.beta1, s.beta2, s.tau) == (0.03, 0.9, 0.99, 1e-3)
     s = build("fedadagrad")
-    assert (s.eta, s.beta1, s.tau) == (0.01, 0.9, 1e-3)
+    assert (s.eta, s.beta1, s.tau) == (0.3, 0.9, 1e-3)
 
 
 # --- errors ---------------------------------------------------------------------------------------------
