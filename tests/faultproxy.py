@@ -9,6 +9,7 @@ each request as it is, until a test switches a fault on:
     proxy.delay(5.0, times=1)                  # answer the next request 5 s late (read timeouts)
     proxy.cut(times=1, match=r"^GET ")         # send half of the response body, then close
     proxy.down(); proxy.up()                   # refuse every connection (server down), then back
+    proxy.down_at(match=r"^POST .*/alias")     # the server dies when such a request arrives
     proxy.clear()                              # pass-through again
 
 Faults apply to the requests whose "METHOD /path?query" matches `match` (a regex; None for
@@ -26,7 +27,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-PASS, FAIL, RESET, DELAY, CUT = "pass", "fail", "reset", "delay", "cut"
+PASS, FAIL, RESET, DELAY, CUT, DOWN = "pass", "fail", "reset", "delay", "cut", "down"
 _REASONS = {403: "Forbidden", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
             504: "Gateway Timeout"}
 _CODES = {403: "AccessDenied", 500: "InternalError", 503: "ServiceUnavailable"}  # S3's error codes
@@ -144,6 +145,11 @@ class FaultProxy:
     def cut(self, times: int | None = 1, match: str | None = None, keep: float = 0.5) -> None:
         self._add(Rule(CUT, times, _compile(match), keep=keep))
 
+    def down_at(self, match: str | None = None, times: int | None = 1) -> None:
+        """The server dies when a matching request arrives: that request is reset unanswered
+        and every later connection is refused until `up()`."""
+        self._add(Rule(DOWN, times, _compile(match)))
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
@@ -226,8 +232,10 @@ class FaultProxy:
             body = await reader.readexactly(int(headers.get("content-length", "0")))
 
         rule = self._decide(method, path)
-        if rule is not None and rule.action == RESET:
+        if rule is not None and rule.action in (RESET, DOWN):
             writer.transport.abort()
+            if rule.action == DOWN:
+                await self._close()
             return False
         if rule is not None and rule.action == FAIL:
             text = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{_CODES.get(rule.status, 'Error')}</Code>"

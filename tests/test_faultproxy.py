@@ -127,3 +127,15 @@ def test_clear_ends_lasting_faults(proxy):
     assert request(proxy)[0] == 500 and request(proxy)[0] == 500
     proxy.clear()
     assert request(proxy)[0] == 200
+
+
+def test_down_at_kills_the_server_when_a_matching_request_arrives(proxy):
+    proxy.down_at(match=r"^PUT /die")
+    assert request(proxy, "GET", "/x")[0] == 200
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+        request(proxy, "PUT", "/die", b"x")
+    with pytest.raises(ConnectionRefusedError):
+        request(proxy, "GET", "/x")
+    proxy.up()
+    assert request(proxy, "GET", "/x")[0] == 200
+    assert Handler.stored.get("/die") is None  # the request that killed it never reached the server
