@@ -241,7 +241,8 @@ class FaultProxy:
             text = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{_CODES.get(rule.status, 'Error')}</Code>"
                     f"<Message>injected {rule.status}</Message></Error>").encode()
             writer.write(f"HTTP/1.1 {rule.status} {_REASONS.get(rule.status, 'Error')}\r\nContent-Type: application/xml"
-                         f"\r\nContent-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode() + text)
+                         f"\r\nContent-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode()
+                         + (b"" if method == "HEAD" else text))
             await writer.drain()
             return False
 

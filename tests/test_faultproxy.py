@@ -86,7 +86,9 @@ def test_fails_the_next_n_matching_requests_then_passes(proxy):
     status, body = request(proxy, "GET", "/x")
     assert status == 503 and b"ServiceUnavailable" in body
     assert request(proxy, "GET", "/x") == (200, BODY)
-    assert [a for _, _, a in proxy.seen] == ["pass", "fail", "fail", "pass"]
+    proxy.fail(500, times=1)
+    assert request(proxy, "HEAD", "/x") == (500, b"")  # no body after a HEAD
+    assert [a for _, _, a in proxy.seen] == ["pass", "fail", "fail", "pass", "fail"]
 
 
 def test_cut_sends_part_of_the_body_then_closes(proxy):
