@@ -81,7 +81,8 @@ class ObjectStore:
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first try ("max_attempts" would count retries only).
+            config=Config(retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
                           connect_timeout=connect_timeout or _env_number("FL_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
                           read_timeout=read_timeout or _env_number("FL_S3_READ_TIMEOUT", READ_TIMEOUT),
                           s3={"addressing_style": "path"} if self.endpoint_url else None),

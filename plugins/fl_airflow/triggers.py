@@ -71,7 +71,7 @@ class QuorumTrigger(BaseTrigger):
 
         deadline = datetime.fromisoformat(self.deadline)
         # Two attempts per call: the polling loop itself is the retry (every poll_interval).
-        config = AioConfig(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=20,
+        config = AioConfig(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=20,
                            s3={"addressing_style": "path"} if self.endpoint_url else None)
         failures = 0
         async with get_session().create_client("s3", endpoint_url=self.endpoint_url, config=config) as client:

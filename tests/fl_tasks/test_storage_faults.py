@@ -95,3 +95,12 @@ def test_missing_objects_and_errors_that_are_not_outages_stay_as_they_were(store
     with pytest.raises(ClientError, match="AccessDenied"):  # not retried, not called an outage
         store.get_bytes(BUCKET, "payload.bin")
     assert [a for _, _, a in s3_proxy.seen] == ["fail", "pass", "fail"]
+
+
+def test_a_call_makes_exactly_max_attempts_tries_first_one_included(stores, s3_proxy):
+    _, store = stores
+    s3_proxy.fail(503, times=None)
+    with pytest.raises(StorageUnavailable, match="failed after 3 attempts"):
+        store.get_bytes(BUCKET, "payload.bin")
+    assert len(s3_proxy.seen) == 3
+    assert ObjectStore(s3_proxy.url)._client.meta.config.retries == {"total_max_attempts": 5, "mode": "standard"}
