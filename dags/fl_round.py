@@ -21,6 +21,26 @@ from fl_tasks.protocol import ROUND_ID_PATTERN
 
 FEDERATIONS_DIR = Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
 
+
+def retry_policy() -> dict[str, Any]:
+    """Task retries: the second line of defence against S3 and MLflow outages.
+
+    Each S3 and MLflow request is already retried inside the task (boto3: 5 attempts; MLflow:
+    5 retries over about 30 s). A task that still fails is retried by Airflow 4 times, after
+    30 s, then doubling (Airflow waits between 1x and 2x each step), at most 5 minutes
+    apart: an outage of about 8 minutes or more is ridden out. Every step is safe to re-run
+    (it finds its own earlier writes; commit markers are written last). What cannot get
+    better by waiting fails at once without retries (AirflowFailException): a bad trigger
+    param, RoundFailed (missed quorum, too few updates after screening, a corrupted base).
+    The FL_TASK_* variables tune it per deployment (read when the DAG file is parsed).
+    """
+    return {
+        "retries": int(os.environ.get("FL_TASK_RETRIES", "4")),
+        "retry_delay": timedelta(seconds=float(os.environ.get("FL_TASK_RETRY_DELAY_SECONDS", "30"))),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=float(os.environ.get("FL_TASK_MAX_RETRY_DELAY_SECONDS", "300"))),
+    }
+
 DOC = """
 ### Federated round: {federation}
 
@@ -123,7 +143,7 @@ def build_round_dag(spec: FederationSpec):
         doc_md=DOC.format(federation=spec.federation, description=spec.description, aggregator=spec.aggregation,
                           model_name=spec.model_name, clients=", ".join(c.id for c in spec.clients),
                           quorum=_quorum_text(spec), source=spec.source),
-        default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "retry_exponential_backoff": True},
+        default_args=retry_policy(),
     )
     def fl_round():
         @task
@@ -176,7 +196,7 @@ def build_round_dag(spec: FederationSpec):
         def rollback(round_id: str) -> dict[str, Any]:
             return _step(federation_file, "rollback", round_id)
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+        @task(trigger_rule=TriggerRule.ALL_DONE)  # retried like the others: it only rewrites report.json
         def summary(**context) -> dict[str, Any]:
             round_id = context["ti"].xcom_pull(task_ids="prepare_round")
             if not round_id:
@@ -192,8 +212,7 @@ def build_round_dag(spec: FederationSpec):
         previous = PreviousRoundSensor(task_id="wait_for_previous_round", retries=0)
         round_id = prepare_round()
         previous >> round_id
-        wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id,
-                            retries=2)
+        wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id)
         chain(dispatch(round_id), wait, aggregate(round_id), validate(round_id), register(round_id),
               promote_or_rollback(round_id), [promote(round_id), rollback(round_id)], summary())
 

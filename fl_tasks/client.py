@@ -23,7 +23,7 @@ from fl_tasks.codec import decode_state, encode_state
 from fl_tasks.config import BUCKET_URI_PATTERN, ModelSpec
 from fl_tasks.datasets import Table
 from fl_tasks.protocol import GlobalManifest, UpdateManifest, sha256_hex
-from fl_tasks.storage import ObjectStore
+from fl_tasks.storage import ObjectStore, StorageUnavailable
 
 
 
@@ -134,12 +134,19 @@ class ClientRuntime:
         """Poll until stopped; returns the number of rounds answered."""
         answered, idle_since = 0, time.monotonic()
         while max_rounds is None or answered < max_rounds:
-            pending = self.pending_rounds()
+            try:
+                pending = self.pending_rounds()
+            except StorageUnavailable as exc:  # S3 away: the agent waits for it, it does not die
+                self.log(f"S3 unavailable, polling again in {poll_seconds:g}s: {exc}")
+                pending = []
             for round_id in pending:
                 try:
                     answered += self.answer(round_id)
                 except (ValueError, KeyError) as exc:  # a bad manifest must not stop the agent
                     self.log(f"round {round_id}: skipped: {exc}")
+                except StorageUnavailable as exc:  # the manifest goes last: a retry starts over cleanly
+                    self.answered.discard(round_id)
+                    self.log(f"round {round_id}: S3 unavailable, trying again next poll: {exc}")
             if pending:
                 idle_since = time.monotonic()
             elif idle_exit_seconds is not None and time.monotonic() - idle_since > idle_exit_seconds:

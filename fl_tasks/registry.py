@@ -3,11 +3,21 @@
 Stages are deprecated in MLflow 3; lifecycle lives in the `champion` alias and version tags:
 `fl.decision` is `promoted` or `rejected` (with `fl.rejected_reason`). Every call is safe to
 repeat for the same round: versions are found again by their `fl.round_id` tag.
+
+Faults: MLflow's own HTTP client retries every request with exponential backoff
+(`HTTP_DEFAULTS` below, set unless the environment already sets them). It also retries
+POSTs whose answer was lost, which can create a second model version for one round; the
+round's versions are therefore deduplicated (the lowest number stays). A model version is
+only created from a logged model MLflow finalised as READY (all artifacts uploaded), and a
+registry that cannot be reached is an error, never "no champion yet".
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +29,20 @@ from fl_tasks.config import FederationSpec
 
 CHAMPION = "champion"
 TAG = "fl."
+log = logging.getLogger(__name__)
+
+# MLflow's client retry settings (mlflow/environment_variables.py, read at every request).
+# 5 retries with backoff factor 1 wait about 0+2+4+8+16 s (+ up to 1 s jitter each) before a
+# call gives up, i.e. they ride out a blip of about half a minute; longer outages are left
+# to the Airflow task retries (see dags/fl_round.py). The timeout bounds each request.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+# What MLflow answers when the model or the alias does not exist (anything else is an outage).
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 @dataclass(frozen=True)
@@ -29,10 +53,18 @@ class ChampionRef:
     round_id: str
 
 
+def configure_http_retries() -> dict[str, str]:
+    """Our retry defaults for MLflow's HTTP client; values already in the environment win."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in HTTP_DEFAULTS}
+
+
 def _client(spec: FederationSpec):
     import mlflow
     from mlflow import MlflowClient
 
+    configure_http_retries()
     if spec.mlflow.tracking_uri:
         mlflow.set_tracking_uri(spec.mlflow.tracking_uri)
     return MlflowClient()
@@ -56,8 +88,10 @@ def get_champion(spec: FederationSpec) -> ChampionRef | None:
     client = _client(spec)
     try:
         version = client.get_model_version_by_alias(spec.model_name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise  # MLflow unreachable: a round must not silently start from the seed instead
     tags = version.tags
     return ChampionRef(str(version.version), tags[f"{TAG}weights_uri"], tags[f"{TAG}weights_sha256"], tags[f"{TAG}round_id"])
 
@@ -68,23 +102,59 @@ def version_weights_sha256(spec: FederationSpec, version: str) -> str | None:
 
     try:
         found = _client(spec).get_model_version(spec.model_name, version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise  # MLflow unreachable: the step retries rather than reject an honest stale update
     return found.tags.get(f"{TAG}weights_sha256")
+
+
+def _round_versions(client, spec: FederationSpec, round_id: str) -> list:
+    found = client.search_model_versions(f"name = '{spec.model_name}' and tag.`{TAG}round_id` = '{round_id}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _one_version(client, spec: FederationSpec, round_id: str):
+    """The round's version (the lowest number); deletes duplicates a retried POST created."""
+    versions = _round_versions(client, spec, round_id)
+    for extra in versions[1:]:
+        if extra.aliases:
+            continue  # never pull a version that carries an alias
+        log.warning("round %s: deleting duplicate model version %s of %s (keeping %s)", round_id, extra.version,
+                    spec.model_name, versions[0].version)
+        client.delete_model_version(spec.model_name, extra.version)
+    return versions[0] if versions else None
 
 
 def find_round_version(spec: FederationSpec, round_id: str):
     """The model version already registered for this round, if any (re-runs reuse it)."""
-    client = _client(spec)
-    found = client.search_model_versions(f"name = '{spec.model_name}' and tag.`{TAG}round_id` = '{round_id}'")
-    return found[0] if found else None
+    return _one_version(_client(spec), spec, round_id)
 
 
 def _experiment_id(client, spec: FederationSpec) -> str:
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(spec.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(spec.experiment_name, tags={f"{TAG}federation": spec.federation})
+    try:
+        return client.create_experiment(spec.experiment_name, tags={f"{TAG}federation": spec.federation})
+    except MlflowException:
+        experiment = client.get_experiment_by_name(spec.experiment_name)  # a retried create found it made
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _ready_model(experiment_id: str, run_id: str):
+    """The model a previous try logged in full for this run, if any (not a PENDING or FAILED one)."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    ready = [m for m in models if str(m.status) == str(LoggedModelStatus.READY)]
+    return min(ready, key=lambda m: m.creation_timestamp) if ready else None
 
 
 def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_run_id: str, base_version: str,
@@ -113,23 +183,25 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
             path = Path(tmp) / "round_report.json"
             path.write_text(json.dumps(report, indent=2, sort_keys=True))
             mlflow.log_artifact(str(path))
-        models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                             filter_string=f"source_run_id = '{run.info.run_id}'")
-        if models:
-            model_id, model_uri = models[0].model_id, f"models:/{models[0].model_id}"
+        logged_model = _ready_model(experiment_id, run.info.run_id)
+        if logged_model is not None:
+            model_id, model_uri = logged_model.model_id, f"models:/{logged_model.model_id}"
         else:
+            # MLflow runs the input example through the model to infer a signature: in train
+            # mode that would move batch-norm statistics, and the registered model would no
+            # longer be the candidate that passed the gates (fl.weights_sha256).
             info = mlflow.pytorch.log_model(
-                model, name="model", input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
+                copy.deepcopy(model).eval(), name="model", input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
                 pip_requirements=["torch==2.13.0", "numpy==2.4.6"],
             )
             model_id, model_uri = info.model_id, info.model_uri
-    version = client.create_model_version(
+    client.create_model_version(
         spec.model_name, source=model_uri, run_id=run.info.run_id, model_id=model_id,
         tags={**tags, f"{TAG}weights_uri": weights_uri, f"{TAG}weights_sha256": weights_sha256,
               f"{TAG}decision": "pending"},
         description=f"Federated round {round_id} of {spec.federation}",
     )
-    return str(version.version)
+    return str(_one_version(client, spec, round_id).version)
 
 
 def log_audit(spec: FederationSpec, round_id: str, jsonl: bytes) -> str:

@@ -106,3 +106,44 @@ def make_federation(s3_server, mlflow_uri, write_federation):
         return spec, coordinator, clients
 
     return make
+
+
+# --- faults: a fault-injecting proxy in front of the real servers (tests/faultproxy.py) ---
+@pytest.fixture
+def s3_proxy(s3_server):
+    """A FaultProxy in front of the session's S3 server; pass-through until a test says otherwise."""
+    from tests.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite backend, local artifacts) for the session."""
+    from tests.mlflow_server import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_proxy(mlflow_server, monkeypatch):
+    """A FaultProxy in front of the MLflow server, as this test's tracking URI.
+
+    MLflow's HTTP retries are shortened (2 retries, no backoff, 3 s timeout) so that an
+    outage fails a call in seconds; the production values are in fl_tasks.registry.
+    """
+    import mlflow
+
+    from tests.faultproxy import FaultProxy
+
+    previous = mlflow.get_tracking_uri()
+    with FaultProxy("127.0.0.1", mlflow_server.port) as proxy:
+        for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+                            "MLFLOW_TRACKING_URI": proxy.url}.items():
+            monkeypatch.setenv(name, value)
+        mlflow.set_tracking_uri(proxy.url)
+        yield proxy
+    mlflow.set_tracking_uri(previous)

@@ -65,6 +65,12 @@ class QuorumSensor(BaseSensorOperator):
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
         from fl_tasks.quorum import QuorumDecision
+        from fl_tasks.storage import StorageUnavailable
+
+        if event["state"] == "error":
+            # The trigger could not read S3: nothing is recorded, and the Airflow retry of this
+            # task checks the quorum again on the worker (and defers again if it is still open).
+            raise StorageUnavailable(event["reason"])
 
         decision = QuorumDecision(event["state"], tuple(event["committed"]), event["reason"])
         return self._finish(self._coordinator(), decision)

@@ -21,6 +21,13 @@ class QuorumTrigger(BaseTrigger):
     times are the manifests' LastModified, so a restarted triggerer decides the same way.
     Credentials come from the triggerer's environment (the standard AWS chain), never from
     the serialised trigger.
+
+    S3 faults: a poll that fails with a transient error (no connection, a timeout, HTTP 5xx,
+    throttling) is logged and the trigger polls again, until the deadline. A poll that still
+    fails after the deadline, or fails with an error that is not transient (access denied,
+    no such bucket), fires an `error` event: the sensor then fails with the reason, and its
+    Airflow retry checks the quorum again on the worker. A deferred task never crashes on a
+    blip.
     """
 
     def __init__(self, round_id: str, manifests: dict[str, list[str]], deadline: str, required: int,
@@ -54,14 +61,45 @@ class QuorumTrigger(BaseTrigger):
         found = await asyncio.gather(*(written(*self.manifests[i]) for i in ids))
         return {i: at for i, at in zip(ids, found) if at is not None}
 
+    @staticmethod
+    def _transient(exc: Exception) -> bool:
+        import aiohttp
+
+        from fl_tasks.storage import is_transient
+
+        return is_transient(exc) or isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError))
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from aiobotocore.config import AioConfig
         from aiobotocore.session import get_session
 
         deadline = datetime.fromisoformat(self.deadline)
+        # Two attempts per call: the polling loop itself is the retry (every poll_interval).
+        config = AioConfig(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=20,
+                           s3={"addressing_style": "path"} if self.endpoint_url else None)
         grace = None if self.grace_seconds is None else timedelta(seconds=self.grace_seconds)
-        async with get_session().create_client("s3", endpoint_url=self.endpoint_url) as client:
+        failures = 0
+        async with get_session().create_client("s3", endpoint_url=self.endpoint_url, config=config) as client:
             while True:
-                committed = await self._committed(client)
+                try:
+                    committed = await self._committed(client)
+                except Exception as exc:  # noqa: BLE001 - sorted below; cancellation is not an Exception
+                    failures += 1
+                    past_deadline = datetime.now(timezone.utc) >= deadline
+                    if past_deadline or not self._transient(exc):
+                        reason = (f"cannot read the update manifests of round {self.round_id}"
+                                  f"{' at the deadline' if past_deadline else ''} ({failures} failed polls): "
+                                  f"{type(exc).__name__}: {exc}")
+                        self.log.error("round %s: %s", self.round_id, reason)
+                        yield TriggerEvent({"state": "error", "committed": [], "reason": reason})
+                        return
+                    self.log.warning("round %s: S3 error while polling (%d in a row), polling again in %ss: %s: %s",
+                                     self.round_id, failures, self.poll_interval, type(exc).__name__, exc)
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                if failures:
+                    self.log.info("round %s: S3 answers again after %d failed polls", self.round_id, failures)
+                    failures = 0
                 decision = quorum.decide(committed, list(self.manifests), self.required, deadline,
                                          datetime.now(timezone.utc), grace)
                 self.log.info("round %s: %s", self.round_id, decision.reason)
