@@ -12,6 +12,7 @@ Coordinator bucket, for round R of federation F:
     <F>/rounds/<R>/candidate/model.safetensors, candidate/manifest.json
     <F>/rounds/<R>/validation.json, registration.json, decision.json, failure.json
     <F>/rounds/<R>/report.json               the round summary
+    <F>/audit/<R>/NN-<step>.jsonl            the round's audit log, write-once (fl_tasks.audit)
 """
 
 from __future__ import annotations
