@@ -25,47 +25,75 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class S3Server:
-    """A moto S3 server on 127.0.0.1 in its own process group, stopped with the group."""
+class LoopbackServer:
+    """A server process on 127.0.0.1 in its own process group, stopped with the group.
 
-    def __init__(self, log_path: Path, port: int | None = None):
+    Subclasses name the command and the URL that answers once the server is up.
+    """
+
+    name = "server"
+    stop_grace_seconds = 10.0
+
+    def __init__(self, log_path: Path, port: int | None = None, cwd: Path | None = None):
         self.port = port or free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "S3Server":
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def health_url(self) -> str:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                          "-p", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the S3 server exited at start; see {self.log_path}")
+                raise RuntimeError(f"the {self.name} exited at start; see {self.log_path}")
             try:
-                urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1).close()
+                urllib.request.urlopen(self.health_url(), timeout=1).close()
                 return self
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"the S3 server did not answer on {self.endpoint_url} within {timeout:.0f}s")
+        raise RuntimeError(f"the {self.name} did not answer on {self.url} within {timeout:.0f}s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.stop_grace_seconds)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class S3Server(LoopbackServer):
+    """A moto S3 server."""
+
+    name = "S3 server"
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.url
+
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def health_url(self) -> str:
+        return f"{self.url}/moto-api/"
 
 
 def service_env(state_dir: Path, endpoint_url: str, federations_dir: Path) -> dict[str, str]:
