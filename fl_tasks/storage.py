@@ -107,13 +107,15 @@ class ObjectStore:
 
     def put_if_absent(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         """Write the object only if the key is free (S3 conditional write); False when it was taken."""
-        try:
-            self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise
+        with self._call("PUT", bucket, key):
+            try:
+                self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                 "ConditionalRequestConflict"):
+                    return False
+                raise
 
     def get_bytes(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes | None:
         """The object's bytes, or None when it does not exist; never a part of them."""
@@ -143,23 +145,17 @@ class ObjectStore:
         raise AssertionError("unreachable")
 
     def exists(self, bucket: str, key: str) -> bool:
-        with self._call("HEAD", bucket, key):
-            try:
-                self._client.head_object(Bucket=bucket, Key=key)
-                return True
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
-                    return False
-                raise
+        return self.last_modified(bucket, key) is not None
 
     def last_modified(self, bucket: str, key: str) -> datetime | None:
         """When the object was last written (the store's clock), or None when it does not exist."""
-        try:
-            return self._client.head_object(Bucket=bucket, Key=key)["LastModified"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
-                return None
-            raise
+        with self._call("HEAD", bucket, key):
+            try:
+                return self._client.head_object(Bucket=bucket, Key=key)["LastModified"]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                    return None
+                raise
 
     def list_keys(self, bucket: str, prefix: str) -> Iterator[str]:
         with self._call("LIST", bucket, prefix):
