@@ -151,15 +151,16 @@ def build_round_dag(spec: FederationSpec):
             from fl_tasks.coordinator import RoundFailed, RunContext
 
             run = context["dag_run"]
+            run_type = str(getattr(run.run_type, "value", run.run_type))
             start, end = context.get("data_interval_start"), context.get("data_interval_end")
             ctx = RunContext(
-                run_id=run.run_id, run_type=str(getattr(run.run_type, "value", run.run_type)),
+                run_id=run.run_id, run_type=run_type,
                 data_interval_start=start.isoformat() if start else None,
                 data_interval_end=end.isoformat() if end else None,
                 params=dict(context["params"]),
                 # For the audit log: the user Airflow names, else the scheduler for scheduled runs.
                 triggered_by=getattr(run, "triggering_user_name", None) or (
-                    "scheduler" if str(getattr(run.run_type, "value", run.run_type)) == "scheduled" else ""),
+                    "scheduler" if run_type == "scheduled" else ""),
             )
             try:
                 return _coordinator(federation_file).prepare(ctx)

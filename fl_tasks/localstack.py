@@ -177,9 +177,7 @@ class LocalStack:
 
     def _write_signing_keys(self, specs: list[FederationSpec]) -> None:
         conn_ids = sorted({spec.security.conn_id(spec.federation, c.id) for spec in specs for c in spec.clients})
-        self.signing_keys_file.touch(mode=0o600)
-        self.signing_keys_file.chmod(0o600)
-        self.signing_keys_file.write_text(json.dumps(signing.generate_keys(conn_ids), indent=2))
+        signing.write_private(self.signing_keys_file, json.dumps(signing.generate_keys(conn_ids), indent=2))
 
     def env(self) -> dict[str, str]:
         env = service_env(self.state_dir, self.s3_url, self.federations_dir)

@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from fl_tasks.protocol import UpdateManifest
 
@@ -117,6 +118,13 @@ def airflow_conn_env_var(conn_id: str) -> str:
 def airflow_conn_value(key: str) -> str:
     """An `AIRFLOW_CONN_*` value (JSON form) holding a signing key as the password."""
     return json.dumps({"conn_type": "generic", "password": key})
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write key material to a file only its owner can read (mode 0600 before the keys go in)."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
 
 
 def generate_keys(client_ids: Iterable[str]) -> dict[str, str]:

@@ -110,9 +110,8 @@ def simulation_keys(spec: FederationSpec, state_dir: Path) -> dict[str, str]:
     keys.update(signing.generate_keys(missing))
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "signing-keys.env"
-    path.touch(mode=0o600)
-    path.chmod(0o600)  # before the keys go in
-    path.write_text("".join(f"{name}='{value}'\n" for name, value in signing.coordinator_env(spec, keys).items()))
+    signing.write_private(path, "".join(f"{name}='{value}'\n"
+                                        for name, value in signing.coordinator_env(spec, keys).items()))
     print(f"generated signing keys for {', '.join(missing)}; the coordinator's copy is in {path}", flush=True)
     return keys
 
