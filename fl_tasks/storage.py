@@ -11,9 +11,10 @@ retried as a whole, because every step writes its commit marker last.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -70,6 +71,20 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError)  # includes TimeoutError and ConnectionError
 
 
+def _client_config(config_class, max_attempts: int, endpoint_url: str | None, connect_timeout: float | None = None,
+                   read_timeout: float | None = None):
+    """botocore's (or aiobotocore's) client config: bounded timeouts and total attempts."""
+    # total_max_attempts counts the first try ("max_attempts" would count retries only).
+    return config_class(retries={"total_max_attempts": max_attempts, "mode": "standard"},
+                        connect_timeout=connect_timeout or _env_number("FL_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+                        read_timeout=read_timeout or _env_number("FL_S3_READ_TIMEOUT", READ_TIMEOUT),
+                        s3={"addressing_style": "path"} if endpoint_url else None)
+
+
+def _is_missing(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in _MISSING_CODES
+
+
 class ObjectStore:
     """A thin owner of one boto3 S3 client; every method names bucket and key explicitly."""
 
@@ -82,11 +97,7 @@ class ObjectStore:
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            # total_max_attempts counts the first try ("max_attempts" would count retries only).
-            config=Config(retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
-                          connect_timeout=connect_timeout or _env_number("FL_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
-                          read_timeout=read_timeout or _env_number("FL_S3_READ_TIMEOUT", READ_TIMEOUT),
-                          s3={"addressing_style": "path"} if self.endpoint_url else None),
+            config=_client_config(Config, self.max_attempts, self.endpoint_url, connect_timeout, read_timeout),
         )
 
     @contextmanager
@@ -124,7 +135,7 @@ class ObjectStore:
                 try:
                     response = self._client.get_object(Bucket=bucket, Key=key)
                 except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                    if _is_missing(exc):
                         return None
                     raise
                 body = response["Body"]
@@ -153,7 +164,7 @@ class ObjectStore:
             try:
                 return self._client.head_object(Bucket=bucket, Key=key)["LastModified"]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                if _is_missing(exc):
                     return None
                 raise
 
@@ -176,3 +187,66 @@ class ObjectStore:
                 if is_transient(exc):
                     raise
                 self._client.create_bucket(Bucket=bucket)
+
+
+class AsyncObjectStore:
+    """S3 from an event loop (the triggerer's), through aiobotocore.
+
+    The triggerer runs every trigger on one event loop and warns when anything blocks it
+    for more than 0.2 s. Importing aiobotocore and loading botocore's service data take
+    about that long on an idle machine and seconds on a busy one, so `open()` does both in
+    a worker thread; the calls themselves are asynchronous. Use it as an async context
+    manager: `async with AsyncObjectStore(endpoint_url) as store: ...`.
+    """
+
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None, *, max_attempts: int = 2):
+        self.endpoint_url = endpoint_url or os.environ.get("FL_S3_ENDPOINT_URL") or None
+        self.region = region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        # Few attempts per call: a caller that polls (the quorum trigger) retries by polling again.
+        self.max_attempts = max_attempts
+        self._client = None
+        self._context = None
+
+    def _prepare(self):
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        session = get_session()
+        loader = session.get_component("data_loader")  # cached on the session: create_client reuses it
+        loader.load_service_model("s3", "service-2")
+        loader.load_service_model("s3", "endpoint-rule-set-1")
+        loader.load_data("endpoints")
+        loader.load_data("partitions")
+        return session, _client_config(AioConfig, self.max_attempts, self.endpoint_url)
+
+    async def __aenter__(self) -> "AsyncObjectStore":
+        session, config = await asyncio.to_thread(self._prepare)
+        self._context = session.create_client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                              config=config)
+        self._client = await self._context.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._context.__aexit__(*exc)
+
+    async def last_modified(self, bucket: str, key: str) -> datetime | None:
+        """When the object was last written, or None when it does not exist; other errors raise."""
+        try:
+            return (await self._client.head_object(Bucket=bucket, Key=key))["LastModified"]
+        except ClientError as exc:
+            if _is_missing(exc):
+                return None
+            raise
+
+    async def last_modified_many(self, objects: Mapping[str, tuple[str, str]]) -> dict[str, datetime | None]:
+        """`last_modified` of each name -> (bucket, key), all at once; the first error raises."""
+        names = list(objects)
+        found = await asyncio.gather(*(self.last_modified(*objects[name]) for name in names))
+        return dict(zip(names, found))
+
+
+def is_transient_async(exc: BaseException) -> bool:
+    """`is_transient`, plus the errors aiohttp and asyncio raise for an unreachable endpoint."""
+    import aiohttp
+
+    return is_transient(exc) or isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError))

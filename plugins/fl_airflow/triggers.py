@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from fl_tasks import quorum
+
+HEARTBEAT_SECONDS = 300  # while nothing changes, one "still waiting" line this often
 
 
 class QuorumTrigger(BaseTrigger):
@@ -21,6 +25,10 @@ class QuorumTrigger(BaseTrigger):
     times are the manifests' LastModified, so a restarted triggerer decides the same way.
     Credentials come from the triggerer's environment (the standard AWS chain), never from
     the serialised trigger.
+
+    Logs a line when the set of committed clients or the state changes, and otherwise one
+    line every five minutes. Nothing in it blocks the triggerer's event loop: the S3 client
+    is set up in a worker thread (`fl_tasks.storage.AsyncObjectStore`).
 
     S3 faults: a poll that fails with a transient error (no connection, a timeout, HTTP 5xx,
     throttling) is logged and the trigger polls again, until the deadline. A poll that still
@@ -48,45 +56,22 @@ class QuorumTrigger(BaseTrigger):
             "endpoint_url": self.endpoint_url,
         })
 
-    async def _committed(self, client) -> dict[str, datetime]:
-        async def written(bucket: str, key: str) -> datetime | None:
-            try:
-                return (await client.head_object(Bucket=bucket, Key=key))["LastModified"]
-            except client.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
-
-        ids = list(self.manifests)
-        found = await asyncio.gather(*(written(*self.manifests[i]) for i in ids))
-        return {i: at for i, at in zip(ids, found) if at is not None}
-
-    @staticmethod
-    def _transient(exc: Exception) -> bool:
-        import aiohttp
-
-        from fl_tasks.storage import is_transient
-
-        return is_transient(exc) or isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError))
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
-
+        # fl_tasks.storage imports boto3: a worker thread does it, never the triggerer's loop.
+        storage = await asyncio.to_thread(importlib.import_module, "fl_tasks.storage")
         deadline = datetime.fromisoformat(self.deadline)
-        # Two attempts per call: the polling loop itself is the retry (every poll_interval).
-        config = AioConfig(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=20,
-                           s3={"addressing_style": "path"} if self.endpoint_url else None)
         grace = None if self.grace_seconds is None else timedelta(seconds=self.grace_seconds)
         failures = 0
-        async with get_session().create_client("s3", endpoint_url=self.endpoint_url, config=config) as client:
+        logged: tuple[str, tuple[str, ...]] | None = None
+        logged_at = 0.0
+        async with storage.AsyncObjectStore(self.endpoint_url) as store:
             while True:
                 try:
-                    committed = await self._committed(client)
+                    found = await store.last_modified_many({c: (b, k) for c, (b, k) in self.manifests.items()})
                 except Exception as exc:  # noqa: BLE001 - sorted below; cancellation is not an Exception
                     failures += 1
                     past_deadline = datetime.now(timezone.utc) >= deadline
-                    if past_deadline or not self._transient(exc):
+                    if past_deadline or not storage.is_transient_async(exc):
                         reason = (f"cannot read the update manifests of round {self.round_id}"
                                   f"{' at the deadline' if past_deadline else ''} ({failures} failed polls): "
                                   f"{type(exc).__name__}: {exc}")
@@ -100,9 +85,13 @@ class QuorumTrigger(BaseTrigger):
                 if failures:
                     self.log.info("round %s: S3 answers again after %d failed polls", self.round_id, failures)
                     failures = 0
+                committed = {client: at for client, at in found.items() if at is not None}
                 decision = quorum.decide(committed, list(self.manifests), self.required, deadline,
                                          datetime.now(timezone.utc), grace)
-                self.log.info("round %s: %s", self.round_id, decision.reason)
+                # A line when something changed, and a heartbeat while nothing does.
+                if (decision.state, decision.committed) != logged or time.monotonic() - logged_at >= HEARTBEAT_SECONDS:
+                    self.log.info("round %s: %s (deadline %s)", self.round_id, decision.reason, self.deadline)
+                    logged, logged_at = (decision.state, decision.committed), time.monotonic()
                 if decision.state != quorum.WAITING:
                     yield TriggerEvent({"state": decision.state, "committed": list(decision.committed),
                                         "reason": decision.reason})
