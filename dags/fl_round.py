@@ -203,8 +203,6 @@ def build_round_dag(spec: FederationSpec):
             if not round_id:
                 raise AirflowFailException("the round was never prepared; see the prepare_round log")
             report = _step(federation_file, "summarize", round_id)
-            print(f"round {round_id}: decision={report['decision']} version={report['version']} "
-                  f"candidate={report['candidate']} champion={report['champion']} reason={report['reason']!r}")
             if report["decision"] == "no_model":
                 # The run must show red: no model came out of this round.
                 raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")

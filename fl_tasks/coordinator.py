@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,12 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from fl_tasks import protocol, quorum, screening, signing, staleness
+from fl_tasks import protocol, quorum, round_log, screening, signing, staleness
 from fl_tasks.audit import AuditLog
 from fl_tasks.codec import CodecError, decode_state, encode_state
 from fl_tasks.config import FederationSpec
 from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.storage import ObjectStore, ObjectTooLarge
+
+log = logging.getLogger(__name__)
 
 OVERRIDABLE = ("aggregator", "aggregator_params", "min_clients", "min_fraction", "round_timeout_minutes",
                "grace_period_minutes", "local_epochs", "learning_rate", "min_roc_auc", "min_pr_auc", "max_regression")
@@ -407,6 +410,7 @@ class Coordinator:
                                    "manifest_sha256": sha256_hex(manifest.to_json())}
                 behind = self._staleness(plan, manifest)
                 norms[client_id] = screening.update_norm(self._read_state(plan, manifest, base), base)
+                seen[client_id]["update_norm"] = norms[client_id]
                 weight = manifest.num_examples * (staleness.staleness_weight(behind, exponent) if behind else 1.0)
                 accepted[client_id] = ScreenedUpdate(manifest, behind, weight)
             except (ValueError, ManifestError, CodecError, ObjectTooLarge) as exc:
@@ -464,13 +468,21 @@ class Coordinator:
         except ValueError as exc:
             raise ValueError(f"{strategy.name}: {exc}") from exc
         total = sum(u.weight for u in accepted.values())
+        outcome = strategy.outcome
+        ids = list(accepted)
         summary = {"round_id": plan.round_id, "aggregator": strategy.name, "params": settings["params"],
                    "clip_norm": settings["clip_norm"], "rejected": rejected, "seen": seen,
                    "total_examples": sum(u.manifest.num_examples for u in accepted.values()),
+                   # What the rule did: `influence` is an update's share of the candidate under
+                   # this rule (None where the rule gives no update a weight), never its example share.
+                   "rule": outcome.rule,
+                   "selected": None if outcome.selected is None else [ids[i] for i in outcome.selected],
                    "accepted": [{"client_id": u.manifest.client_id, "num_examples": u.manifest.num_examples,
-                                 "staleness": u.staleness, "weight": u.weight / total,
+                                 "staleness": u.staleness, "example_share": u.weight / total,
+                                 "influence": None if outcome.influence is None else outcome.influence[i],
+                                 "krum_score": None if outcome.scores is None else outcome.scores[i],
                                  "payload_sha256": u.manifest.payload_sha256, "metrics": u.manifest.metrics}
-                                for u in accepted.values()],
+                                for i, u in enumerate(accepted.values())],
                    "candidate_sha256": sha256_hex(candidate)}
         return summary, candidate, strategy.get_state() if stateful else None
 
@@ -497,6 +509,7 @@ class Coordinator:
             # Written last: its presence means the candidate (and state) above are complete.
             self._put_json(self.round_key(round_id, "candidate/manifest.json"), summary)
         self.audit.append(round_id, "aggregate", aggregate_events(summary))
+        log_lines(f"round {round_id} aggregated", round_log.aggregate_account(summary, plan.screening))
         return summary
 
     def replay(self, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -574,20 +587,31 @@ class Coordinator:
         metrics = {f"candidate_{k}": v for k, v in result["candidate"].items()}
         if result["champion"]:
             metrics.update({f"champion_{k}": v for k, v in result["champion"].items()})
-        metrics.update({f"weight_{a['client_id']}": a["weight"] for a in summary["accepted"]})
+        # weight_<client>: the client's share of the candidate under the round's rule; rules that
+        # give no update a weight (median, trimmed mean, Bulyan) log none (see the `influence` param).
+        metrics.update({f"weight_{a['client_id']}": a["influence"] for a in summary["accepted"]
+                        if a["influence"] is not None})
+        if summary["selected"] is not None:
+            metrics.update({f"selected_{a['client_id']}": float(a["client_id"] in summary["selected"])
+                            for a in summary["accepted"]})
         metrics.update({"clients_accepted": len(summary["accepted"]), "clients_rejected": len(summary["rejected"]),
                         "total_examples": summary["total_examples"]})
         params = {**plan.settings, **{f"training_{k}": v for k, v in plan.training.items()},
                   "participating_clients": ",".join(a["client_id"] for a in summary["accepted"]),
+                  "influence": summary["rule"],
                   "base_version": plan.base_version, "round_id": round_id}
-        version = registry.register_candidate(
+        registered = registry.register_candidate(
             self.spec, model, round_id=round_id, airflow_run_id=plan.run_id, base_version=plan.base_version,
             weights_uri=f"s3://{self.bucket}/{key}", weights_sha256=summary["candidate_sha256"], params=params,
             metrics=metrics, report={"plan": asdict(plan), "aggregation": summary, "validation": result},
         )
-        self._put_json(self.round_key(round_id, "registration.json"), {"version": version})
-        self._audit_registration(round_id, version)
-        return version
+        self._put_json(self.round_key(round_id, "registration.json"), asdict(registered))
+        self._audit_registration(round_id, registered.version)
+        return registered.version
+
+    def registration(self, round_id: str) -> dict[str, Any]:
+        """What register stored: the version, and the MLflow run and experiment that logged it."""
+        return self._get_json(self.round_key(round_id, "registration.json")) or {}
 
     def _audit_registration(self, round_id: str, version: str) -> None:
         summary = self._get_json(self.round_key(round_id, "candidate/manifest.json"))
@@ -606,7 +630,7 @@ class Coordinator:
 
         version = self.register(round_id)
         registry.promote(self.spec, version)
-        decision = {"decision": "promoted", "version": version, "reasons": []}
+        decision = {"decision": "promoted", "version": version, "reasons": [], **self._mlflow_refs(round_id)}
         self._put_json(self.round_key(round_id, "decision.json"), decision)
         self.audit.append(round_id, "decision", [{"event": "model_promoted", "version": version, "alias": "champion",
                                                   "previous_champion": self.load_plan(round_id).base_version}])
@@ -619,11 +643,17 @@ class Coordinator:
         result = self._get_json(self.round_key(round_id, "validation.json"))
         reasons = [g["detail"] for g in result["gates"] if not g["passed"]]
         registry.reject(self.spec, version, reasons)
-        decision = {"decision": "rejected", "version": version, "reasons": reasons}
+        decision = {"decision": "rejected", "version": version, "reasons": reasons, **self._mlflow_refs(round_id)}
         self._put_json(self.round_key(round_id, "decision.json"), decision)
         self.audit.append(round_id, "decision", [{"event": "model_rolled_back", "version": version, "reasons": reasons,
                                                   "champion": self.load_plan(round_id).base_version}])
         return decision
+
+    def _mlflow_refs(self, round_id: str) -> dict[str, str]:
+        """Where the round lives in MLflow, for links from Airflow: model, version, run, experiment."""
+        registration = self.registration(round_id)
+        return {"model_name": self.spec.model_name, "mlflow_run_id": registration.get("run_id", ""),
+                "experiment_id": registration.get("experiment_id", "")}
 
     # --- step 8: summary -----------------------------------------------------------------
     def summarize(self, round_id: str) -> dict[str, Any]:
@@ -657,6 +687,7 @@ class Coordinator:
 
         # The bucket holds the log of record; the MLflow copy is for people browsing runs.
         registry.log_audit(self.spec, round_id, self.audit.jsonl(round_id))
+        log_lines(f"round {round_id} summary", round_log.summary_table(report))
         return report
 
     def late_updates(self, round_id: str, closed: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -671,14 +702,23 @@ def aggregate_events(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The aggregate step's audit events: every update seen, each verdict, the candidate."""
     events = [{"event": "update_seen", "client_id": c, **seen} for c, seen in summary["seen"].items()]
     events += [{"event": "update_accepted", "client_id": a["client_id"], "payload_sha256": a["payload_sha256"],
-                "num_examples": a["num_examples"], "staleness": a["staleness"], "weight": a["weight"]}
+                "num_examples": a["num_examples"], "staleness": a["staleness"], "example_share": a["example_share"],
+                "influence": a["influence"]}
                for a in summary["accepted"]]
     events += [{"event": "update_rejected", "client_id": r["client_id"], "reason": r["reason"],
                 "payload_sha256": summary["seen"].get(r["client_id"], {}).get("payload_sha256")}
                for r in summary["rejected"]]
     events.append({"event": "candidate_built", "candidate_sha256": summary["candidate_sha256"],
-                   "aggregator": summary["aggregator"], "params": summary["params"], "clip_norm": summary["clip_norm"]})
+                   "aggregator": summary["aggregator"], "params": summary["params"], "clip_norm": summary["clip_norm"],
+                   "rule": summary["rule"], "selected": summary["selected"]})
     return events
+
+
+def log_lines(title: str, text: str) -> None:
+    """A multi-line account as one log record per line, so that tables stay aligned in Airflow's log view."""
+    log.info("%s:", title)
+    for line in text.splitlines():
+        log.info("  %s", line)
 
 
 def required_clients(plan: RoundPlan) -> int:

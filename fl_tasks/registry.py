@@ -30,6 +30,10 @@ from fl_tasks.config import FederationSpec
 CHAMPION = "champion"
 TAG = "fl."
 log = logging.getLogger(__name__)
+# MLflow would attach its own stderr handler to its loggers, and Airflow shows whatever a task
+# writes to stderr as an ERROR line (e.g. "Waiting up to 300 seconds for model version to
+# finish creation"). Without it, MLflow's records reach the task log at their own level.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 # MLflow's client retry settings (mlflow/environment_variables.py, read at every request).
 # 5 retries with backoff factor 1 wait about 0+2+4+8+16 s (+ up to 1 s jitter each) before a
@@ -43,6 +47,15 @@ HTTP_DEFAULTS = {
 }
 # What MLflow answers when the model or the alias does not exist (anything else is an outage).
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A round's model version and the MLflow run that logged it."""
+
+    version: str
+    run_id: str
+    experiment_id: str
 
 
 @dataclass(frozen=True)
@@ -159,15 +172,16 @@ def _ready_model(experiment_id: str, run_id: str):
 
 def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_run_id: str, base_version: str,
                        weights_uri: str, weights_sha256: str, params: dict[str, Any], metrics: dict[str, float],
-                       report: dict[str, Any]) -> str:
-    """Log the round's MLflow run and register the candidate; returns the version number."""
+                       report: dict[str, Any]) -> RegisteredVersion:
+    """Log the round's MLflow run and register the candidate (once per round)."""
     import mlflow
     import mlflow.pytorch
 
-    existing = find_round_version(spec, round_id)
-    if existing is not None:
-        return str(existing.version)
     client = _client(spec)
+    existing = _one_version(client, spec, round_id)
+    if existing is not None:
+        return RegisteredVersion(str(existing.version), existing.run_id,
+                                 client.get_run(existing.run_id).info.experiment_id)
     _ensure_registered_model(client, spec.model_name)
     tags = {f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id, f"{TAG}airflow_run_id": airflow_run_id,
             f"{TAG}base_version": base_version}
@@ -201,7 +215,7 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
               f"{TAG}decision": "pending"},
         description=f"Federated round {round_id} of {spec.federation}",
     )
-    return str(_one_version(client, spec, round_id).version)
+    return RegisteredVersion(str(_one_version(client, spec, round_id).version), run.info.run_id, experiment_id)
 
 
 def log_audit(spec: FederationSpec, round_id: str, jsonl: bytes) -> str:

@@ -2,7 +2,8 @@
 
 Every strategy has `name`, `stateful` and `aggregate(base, updates) -> state dict`, where
 `base` is the round's starting model and `updates` an iterable of (client model, num_examples)
-with full client weights (not deltas). Stateful ones (the server optimisers) also have
+with full client weights (not deltas). After `aggregate`, `outcome` (an `Outcome`) says what
+the rule did with each update, for logs and MLflow. Stateful ones (the server optimisers) also have
 `get_state()` / `set_state(state)`; the caller keeps that state between rounds.
 
     fedavg                                  weighted mean, streamed                 fedavg.py
@@ -17,15 +18,33 @@ The maths lives in plain functions: `mean`, `server_opt`, `robust`, `clip`. This
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a strategy did with the updates of its last `aggregate`, in the updates' order.
+
+    `influence` is each update's share of the result where the rule has one (the weight in
+    a weighted mean, 1/m for each of the m updates a Krum rule averages, 0 for the others),
+    and None where no per-update weight exists (coordinate-wise rules: every update enters
+    every coordinate's statistic unweighted). Never the example share under another rule.
+    """
+
+    rule: str  # one line: the rule as applied, with its parameters
+    influence: tuple[float, ...] | None
+    selected: tuple[int, ...] | None = None  # rules that pick whole updates: the picked ones
+    scores: tuple[float, ...] | None = None  # Krum scores (lower is more central)
 
 
 class Strategy(Protocol):
     name: str
     stateful: bool
     min_updates: int  # fewest client updates aggregate() accepts with these parameters
+    outcome: Outcome | None  # set by aggregate()
 
     def aggregate(self, base, updates):  # (state dict, iterable of (state dict, n)) -> state dict
         ...
@@ -61,4 +80,4 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["STRATEGY_NAMES", "STRATEGY_PARAMS", "Strategy", "build", "clip_update"]
+__all__ = ["STRATEGY_NAMES", "STRATEGY_PARAMS", "Outcome", "Strategy", "build", "clip_update"]

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from fl_tasks.aggregation import Outcome
 from fl_tasks.aggregation.flat import StateDict, Stacked, assemble, stack_updates
 
 
@@ -19,6 +20,7 @@ class RobustStrategy:
 
     name = "robust"
     stateful = False
+    outcome: Outcome | None = None
 
     @property
     def min_updates(self) -> int:
@@ -29,6 +31,7 @@ class RobustStrategy:
         """Raise ValueError, naming the numbers, when n updates are too few for this rule."""
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
+        """The result's floating tensors as one vector; sets `outcome`."""
         raise NotImplementedError
 
     def aggregate(self, base: Mapping[str, np.ndarray],

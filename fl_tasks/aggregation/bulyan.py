@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_tasks.aggregation import robust
+from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.base import RobustStrategy
 from fl_tasks.aggregation.checks import integer_param
 
@@ -34,4 +34,9 @@ class Bulyan(RobustStrategy):
                              f"(n >= 4f + 3), got {n}")
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
-        return robust.bulyan(matrix, self.f)
+        vector, selected = robust.bulyan(matrix, self.f)
+        n = matrix.shape[0]
+        self.outcome = Outcome(f"bulyan (f={self.f}): {n - 2 * self.f} updates picked by iterated Krum, then per "
+                               f"coordinate the mean of the {n - 4 * self.f} picked values closest to their median: "
+                               "no update has a weight", None, tuple(sorted(int(i) for i in selected)))
+        return vector

@@ -68,6 +68,15 @@ class Clipped:
     def stateful(self) -> bool:
         return bool(getattr(self.inner, "stateful", False))
 
+    @property
+    def outcome(self):
+        inner = self.inner.outcome
+        if inner is None:
+            return None
+        from dataclasses import replace
+
+        return replace(inner, rule=f"{inner.rule}; every update clipped to norm {self.clip_norm:g} first")
+
     def get_state(self) -> dict[str, np.ndarray]:
         return self.inner.get_state()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_tasks.aggregation import robust
+from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.base import RobustStrategy
 from fl_tasks.aggregation.checks import fraction_param
 
@@ -18,6 +18,8 @@ class Median(RobustStrategy):
     name = "median"
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
+        self.outcome = Outcome(f"coordinate-wise median of {matrix.shape[0]} updates, unweighted: no update has "
+                               "a weight", None)
         return robust.coordinate_median(matrix)
 
 
@@ -41,4 +43,9 @@ class TrimmedMean(RobustStrategy):
                              f"{n} client updates, leaving {n - 2 * k}; it needs n - 2*int(beta*n) >= 1")
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
+        n = matrix.shape[0]
+        k = robust.trimmed_count(n, self.beta)
+        self.outcome = Outcome(f"coordinate-wise trimmed mean (beta={self.beta}): per coordinate the {k} lowest and "
+                               f"{k} highest of {n} values dropped, the rest averaged unweighted: no update has "
+                               "a weight", None)
         return robust.trimmed_mean(matrix, self.beta)

@@ -6,8 +6,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from fl_tasks.aggregation import Outcome
 from fl_tasks.aggregation.checks import check_update
-from fl_tasks.aggregation.mean import StateDict, StreamingWeightedMean, cast_like
+from fl_tasks.aggregation.mean import StateDict, StreamingWeightedMean, cast_like, weight_shares
 
 
 class FedAvg:
@@ -24,11 +25,16 @@ class FedAvg:
     name = "fedavg"
     stateful = False
     min_updates = 1
+    outcome: Outcome | None = None
 
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
         acc = StreamingWeightedMean()
+        weights = []
         for state, num_examples in updates:
             check_update(state, base)
             acc.add(state, num_examples)
-        return cast_like(acc.result(cast=False), base)
+            weights.append(num_examples)
+        result = cast_like(acc.result(cast=False), base)
+        self.outcome = Outcome("example-weighted mean", weight_shares(weights))
+        return result

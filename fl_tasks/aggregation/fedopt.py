@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fl_tasks.aggregation import server_opt
+from fl_tasks.aggregation import Outcome, server_opt
 from fl_tasks.aggregation.checks import (check_update, floating_names, positive_param, unit_interval_param)
-from fl_tasks.aggregation.mean import CHUNK, StateDict, StreamingWeightedMean, cast_like
+from fl_tasks.aggregation.mean import CHUNK, StateDict, StreamingWeightedMean, cast_like, weight_shares
 
 
 def _moment_dtype(value: np.ndarray) -> np.dtype:
@@ -37,6 +37,7 @@ class ServerOptimizer:
     name = "server_optimizer"
     stateful = True
     min_updates = 1
+    outcome: Outcome | None = None
     slots: tuple[str, ...] = ()  # the moment names in the state, e.g. ('m', 'v')
 
     def __init__(self) -> None:
@@ -80,9 +81,11 @@ class ServerOptimizer:
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
         moments = self._moments(base)  # fails before any update is read
         acc = StreamingWeightedMean(float64=True)
+        weights = []
         for state, num_examples in updates:
             check_update(state, base)
             acc.add(state, num_examples)
+            weights.append(num_examples)
         mean = acc.result(cast=False)
         out: StateDict = {}
         new_state: dict[str, np.ndarray] = {}
@@ -96,6 +99,7 @@ class ServerOptimizer:
             del average
             new_state.update({f"{slot}/{name}": value for slot, value in fresh.items()})
         self._state = new_state  # only once every tensor succeeded
+        self.outcome = Outcome(f"example-weighted mean, then one {self.name} server step", weight_shares(weights))
         return out
 
     def _step_tensor(self, ref: np.ndarray, average: np.ndarray,

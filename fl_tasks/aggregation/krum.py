@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_tasks.aggregation import robust
+from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.base import RobustStrategy
 from fl_tasks.aggregation.checks import integer_param
 
@@ -12,6 +12,14 @@ from fl_tasks.aggregation.checks import integer_param
 def require_krum_count(name: str, f: int, n: int) -> None:
     if n < 2 * f + 3:
         raise ValueError(f"{name} with f={f} needs at least {2 * f + 3} client updates (n >= 2f + 3), got {n}")
+
+
+def selection_outcome(rule: str, distances: np.ndarray, f: int, chosen: np.ndarray) -> Outcome:
+    """The picked updates share the result equally; the others have no influence."""
+    picked = sorted(int(i) for i in chosen)
+    n = distances.shape[0]
+    return Outcome(rule, tuple(1.0 / len(picked) if i in picked else 0.0 for i in range(n)), tuple(picked),
+                   tuple(float(s) for s in robust.krum_scores(distances, f)))
 
 
 class Krum(RobustStrategy):
@@ -36,7 +44,10 @@ class Krum(RobustStrategy):
         require_krum_count(self.name, self.f, n)
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
-        best = robust.krum_select(robust.pairwise_squared_distances(matrix), self.f, 1)
+        distances = robust.pairwise_squared_distances(matrix)
+        best = robust.krum_select(distances, self.f, 1)
+        self.outcome = selection_outcome(f"krum (f={self.f}): the one update with the lowest score",
+                                         distances, self.f, best)
         return matrix[int(best[0])].astype(np.float64)
 
 
@@ -69,5 +80,9 @@ class MultiKrum(RobustStrategy):
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
         n = matrix.shape[0]
-        chosen = robust.krum_select(robust.pairwise_squared_distances(matrix), self.f, self.selected_count(n))
+        distances = robust.pairwise_squared_distances(matrix)
+        m = self.selected_count(n)
+        chosen = robust.krum_select(distances, self.f, m)
+        self.outcome = selection_outcome(f"multi_krum (f={self.f}, m={m}): unweighted mean of the {m} updates "
+                                         "with the lowest scores", distances, self.f, chosen)
         return robust.row_mean(matrix, np.sort(chosen))

@@ -146,6 +146,12 @@ class StreamingWeightedMean:
         return out
 
 
+def weight_shares(weights: list[float]) -> tuple[float, ...]:
+    """Each weight's share of their sum."""
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
+
+
 def cast_like(mean: StateDict, base: Mapping[str, np.ndarray]) -> StateDict:
     """Tensors (popped from `mean`) in the base model's dtypes and key order; floating values
     bound for integer and bool tensors are rounded half to even rather than truncated. A

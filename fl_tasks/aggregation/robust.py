@@ -137,13 +137,14 @@ def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.nd
     return _by_columns(x, rule, rows)
 
 
-def bulyan(x: np.ndarray, f: int) -> np.ndarray:
+def bulyan(x: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
     """Bulyan: theta = n - 2f models by iterated Krum, then per coordinate the mean of the
-    beta = theta - 2f values closest to the median of the selected ones."""
+    beta = theta - 2f values closest to the median of the selected ones. Returns the vector
+    and the selected rows (in the order picked)."""
     n = x.shape[0]
     theta = n - 2 * f
     beta = theta - 2 * f
     if beta < 1:
         raise ValueError(f"bulyan with f={f} needs at least {4 * f + 1} models, got {n}")
     selected = bulyan_select(pairwise_squared_distances(x), f, theta)
-    return mean_closest_to_median(x, beta, selected)
+    return mean_closest_to_median(x, beta, selected), selected

@@ -273,7 +273,55 @@ def test_build_unknown_parameter_rejected():
 
 
 def test_module_exports():
-    assert set(aggregation.__all__) == {"STRATEGY_NAMES", "STRATEGY_PARAMS", "Strategy", "build", "clip_update"}
+    assert set(aggregation.__all__) == {"STRATEGY_NAMES", "STRATEGY_PARAMS", "Outcome", "Strategy", "build",
+                                        "clip_update"}
+
+
+# --- outcome: what each rule did with each update, never an example share it did not use ---------------
+def _updates_around(base, offsets, counts):
+    return [({"w": base["w"] + offset}, count) for offset, count in zip(offsets, counts)]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_weighted_rules_report_their_weight_shares(name):
+    base = {"w": np.zeros(3, dtype=np.float32)}
+    strategy = build(name)
+    strategy.aggregate(base, _updates_around(base, [1.0, 2.0, 3.0], [100, 300, 600]))
+    assert strategy.outcome.influence == pytest.approx((0.1, 0.3, 0.6))
+    assert "weighted" in strategy.outcome.rule and strategy.outcome.selected is None
+
+
+def test_krum_rules_report_what_they_picked_and_its_equal_share():
+    base = {"w": np.zeros(3, dtype=np.float32)}
+    offsets = [0.0, 0.1, 0.2, 0.15, 50.0]  # the last one is far from the rest
+    counts = [10, 10, 10, 10, 10_000]
+    krum = build("krum", f=1)
+    krum.aggregate(base, _updates_around(base, offsets, counts))
+    assert len(krum.outcome.selected) == 1 and 4 not in krum.outcome.selected
+    assert sorted(krum.outcome.influence) == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert krum.outcome.scores[4] == max(krum.outcome.scores)
+    multi = build("multi_krum", f=1)
+    multi.aggregate(base, _updates_around(base, offsets, counts))
+    assert multi.outcome.selected == (0, 1, 2, 3)
+    assert multi.outcome.influence == (0.25, 0.25, 0.25, 0.25, 0.0)  # the large silo's count plays no part
+
+
+@pytest.mark.parametrize("name, params", [("median", {}), ("trimmed_mean", {"beta": 0.2}), ("bulyan", {"f": 1})])
+def test_coordinate_rules_say_no_update_has_a_weight(name, params):
+    base = {"w": np.zeros(3, dtype=np.float32)}
+    strategy = build(name, **params)
+    strategy.aggregate(base, _updates_around(base, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 9.0], [1, 1, 1, 1, 1, 1, 99]))
+    assert strategy.outcome.influence is None and "no update has a weight" in strategy.outcome.rule
+    if name == "bulyan":
+        assert len(strategy.outcome.selected) == 5 and 6 not in strategy.outcome.selected
+
+
+def test_clipping_keeps_the_outcome_and_says_so():
+    base = {"w": np.zeros(3, dtype=np.float32)}
+    strategy = build("fedavg", clip_norm=0.5)
+    strategy.aggregate(base, _updates_around(base, [1.0, 2.0], [1, 3]))
+    assert strategy.outcome.influence == pytest.approx((0.25, 0.75))
+    assert strategy.outcome.rule.endswith("every update clipped to norm 0.5 first")
 
 
 # --- streaming: peak memory does not grow with the number of clients ------------------------------------

@@ -122,7 +122,7 @@ def test_a_tampered_update_is_rejected_and_the_round_goes_on(federation):
     assert [r["client_id"] for r in summary["rejected"]] == [victim.id]
     assert "sha256 does not match" in summary["rejected"][0]["reason"]
     assert len(summary["accepted"]) == 2
-    assert abs(sum(a["weight"] for a in summary["accepted"]) - 1) < 1e-12
+    assert abs(sum(a["influence"] for a in summary["accepted"]) - 1) < 1e-12
 
 
 def test_gate_failure_rolls_back_and_keeps_the_champion(federation):
@@ -216,3 +216,33 @@ def test_prepare_killed_after_claiming_resumes_the_same_round(federation):
     assert coordinator.load_plan("000002").run_id == "crashed"
     assert coordinator.prepare(RunContext(run_id="crashed")) == "000002"
     assert coordinator.prepare(RunContext(run_id="later")) == "000003"
+
+
+@pytest.mark.parametrize("aggregator, params", [("median", {}), ("krum", {"f": 0})])
+def test_mlflow_weights_are_the_rules_influence_never_an_example_share(make_federation, aggregator, params, caplog):
+    spec, coordinator, clients = make_federation(aggregation={"strategy": aggregator, "params": params})
+    round_id = coordinator.prepare(RunContext(run_id=f"run-{aggregator}"))
+    coordinator.dispatch(round_id)
+    for runtime in clients.values():
+        runtime.answer(round_id)
+    coordinator.close_round(round_id, coordinator.check_quorum(round_id))
+    with caplog.at_level("INFO", logger="fl_tasks.coordinator"):
+        summary = coordinator.aggregate(round_id)
+    coordinator.validate(round_id)
+    coordinator.register(round_id)
+    registration = coordinator.registration(round_id)
+    run = MlflowClient().get_run(registration["run_id"])
+    weights = {k: v for k, v in run.data.metrics.items() if k.startswith("weight_")}
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"strategy {aggregator}" in log and "screening: max_update_norm off" in log
+    for client_id in clients:
+        assert client_id in log and "accepted" in log
+    if aggregator == "median":
+        assert weights == {} and "no update has a weight" in run.data.params["influence"]
+        assert all(a["influence"] is None for a in summary["accepted"])
+    else:
+        chosen = summary["selected"]
+        assert len(chosen) == 1
+        assert weights == {f"weight_{c}": float(c in chosen) for c in clients}
+        assert run.data.metrics[f"selected_{chosen[0]}"] == 1.0
+        assert f"selected: {chosen[0]}" in log

@@ -21,7 +21,7 @@ def register(spec, round_id, base="seed"):
     return registry.register_candidate(
         spec, build_model(spec.model, seed=1), round_id=round_id, airflow_run_id=f"run-{round_id}",
         base_version=base, weights_uri=f"s3://coord/{round_id}.safetensors", weights_sha256="a" * 64,
-        params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id})
+        params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id}).version
 
 
 def test_register_is_idempotent_per_round_and_tags_lineage(spec):
@@ -70,3 +70,18 @@ def test_a_retry_after_an_interrupted_try_reuses_its_run_and_logged_model(spec):
     registered = client.get_model_version(spec.model_name, version)
     assert registered.run_id == interrupted.info.run_id and registered.source == f"models:/{info.model_id}"
     assert len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")) == 1
+
+
+def test_registration_names_the_run_and_experiment_that_logged_the_version(spec):
+    def registered():
+        return registry.register_candidate(
+            spec, build_model(spec.model, seed=1), round_id="000004", airflow_run_id="run-4", base_version="seed",
+            weights_uri="s3://coord/4.safetensors", weights_sha256="a" * 64, params={}, metrics={}, report={})
+
+    first = registered()
+    client = MlflowClient()
+    version = client.get_model_version(spec.model_name, first.version)
+    assert version.run_id == first.run_id
+    assert client.get_run(first.run_id).info.experiment_id == first.experiment_id
+    assert client.get_experiment(first.experiment_id).name == spec.experiment_name
+    assert registered() == first  # found again, not registered twice

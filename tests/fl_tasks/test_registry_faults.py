@@ -34,7 +34,7 @@ def register(spec, round_id, seed=1, base="seed"):
     return registry.register_candidate(
         spec, build_model(spec.model, seed=seed), round_id=round_id, airflow_run_id=f"run-{round_id}",
         base_version=base, weights_uri=f"s3://coord/{round_id}.safetensors", weights_sha256=f"{seed:064d}",
-        params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id})
+        params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id}).version
 
 
 def versions(direct, spec, round_id=None):
@@ -156,7 +156,7 @@ def test_prepare_with_mlflow_down_fails_then_resumes_the_same_round_from_the_cha
     version = registry.register_candidate(
         spec, build_model(spec.model, seed=4), round_id="000001", airflow_run_id="run-1", base_version="seed",
         weights_uri=f"s3://{coordinator.bucket}/champion.safetensors", weights_sha256=sha256_hex(weights),
-        params={}, metrics={}, report={})
+        params={}, metrics={}, report={}).version
     registry.promote(spec, version)
     mlflow_proxy.down()
     with pytest.raises(MlflowException):

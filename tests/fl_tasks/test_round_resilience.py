@@ -124,7 +124,7 @@ def test_stale_update_is_rejected_or_down_weighted_by_policy(make_federation, po
     raw = {a["client_id"]: a["num_examples"] * (0.5 if a["staleness"] else 1.0) for a in summary["accepted"]}
     total = sum(raw.values())
     for client_id, entry in weights.items():
-        assert entry["weight"] == pytest.approx(raw[client_id] / total)
+        assert entry["example_share"] == pytest.approx(raw[client_id] / total) == entry["influence"]
     assert weights["silo-2"]["num_examples"] == old.num_examples
 
 

@@ -1,0 +1,107 @@
+"""What a person reads about a round: the aggregate step's account, the summary table and
+the one-line note an Airflow run carries. Plain text from the records the steps store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An aligned text table: numbers right-aligned, text left-aligned, '-' for None."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and bool(rows)
+               for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _setting(value: Any, unit: str = "") -> str:
+    return "off" if value is None else f"{value:g}{unit}" if isinstance(value, (int, float)) else str(value)
+
+
+def aggregate_account(summary: dict[str, Any], screening: dict[str, Any]) -> str:
+    """The aggregate step's log: strategy and parameters, the screening thresholds, each
+    update's norm and verdict, and what the rule did with the accepted ones."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(summary["params"].items())) or "defaults"
+    accepted = {a["client_id"]: a for a in summary["accepted"]}
+    rejected = {r["client_id"]: r["reason"] for r in summary["rejected"]}
+    rows = []
+    for client_id in sorted(set(summary["seen"]) | set(accepted) | set(rejected)):
+        seen = summary["seen"].get(client_id, {})
+        entry = accepted.get(client_id, {})
+        verdict = "accepted" if client_id in accepted else f"rejected: {rejected[client_id]}"
+        rows.append([client_id, seen.get("num_examples"), seen.get("update_norm"), entry.get("influence"),
+                     entry.get("krum_score"), verdict])
+    headers = ["client", "examples", "norm", "influence", "krum score", "verdict"]
+    if not any(row[4] is not None for row in rows):
+        headers, rows = headers[:4] + headers[5:], [row[:4] + row[5:] for row in rows]
+    lines = [
+        f"strategy {summary['aggregator']} ({params}), clip_norm {_setting(summary['clip_norm'])}",
+        f"screening: max_update_norm {_setting(screening.get('max_update_norm'))}, "
+        f"max_norm_ratio {_setting(screening.get('max_norm_ratio'), ' x median')}, "
+        f"min_cosine {_setting(screening.get('min_cosine'))}",
+        table(headers, rows),
+        f"rule: {summary['rule']}",
+    ]
+    if summary.get("selected") is not None:
+        lines.append(f"selected: {', '.join(summary['selected'])}")
+    lines.append(f"candidate sha256 {summary['candidate_sha256']}")
+    return "\n".join(lines)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The summary step's log: the round in a few aligned lines."""
+    def metric_rows() -> list[list[Any]]:
+        names = sorted(set(report.get("candidate") or {}) | set(report.get("champion") or {}))
+        return [[name, (report.get("candidate") or {}).get(name), (report.get("champion") or {}).get(name)]
+                for name in names]
+
+    head = table(["round", "decision", "version", "base", "committed", "accepted", "rejected", "late"], [[
+        report["round_id"], report["decision"], report["version"], report["base_version"],
+        f"{report['clients_committed']}/{report['clients_expected']}", len(report["clients_accepted"]),
+        len(report["clients_rejected"]), len(report["late"])]])
+    parts = [head]
+    if metric_rows():
+        parts.append(table(["metric", "candidate", "champion"], metric_rows()))
+    if report["gates"]:
+        parts.append(table(["gate", "passed", "detail"], [[g["name"], g["passed"], g["detail"]] for g in report["gates"]]))
+    for entry in report["clients_rejected"]:
+        parts.append(f"rejected {entry['client_id']}: {entry['reason']}")
+    if report["reason"]:
+        parts.append(f"reason: {report['reason']}")
+    parts.append(f"audit log: {report['audit_log']}")
+    return "\n\n".join(parts)
+
+
+DECISION_WORDS = {"promoted": "promoted", "rejected": "rolled back", "no_model": "no model"}
+
+
+def run_note(report: dict[str, Any]) -> str:
+    """The Airflow run's note: round id, decision, version and reason, in Markdown."""
+    decision = DECISION_WORDS.get(report["decision"], report["decision"])
+    version = f" · version {report['version']}" if report["version"] else ""
+    lines = [f"**Round {report['round_id']}: {decision}**{version} · "
+             f"{len(report['clients_accepted'])} of {report['clients_expected']} updates accepted"]
+    if report["reason"]:
+        lines.append(f"Reason: {report['reason']}")
+    return "\n\n".join(lines)
+
+
+def running_note(round_id: str, base_version: str) -> str:
+    """The note a run carries while its round is under way."""
+    return f"**Round {round_id}: running** · base version {base_version}"
