@@ -14,6 +14,7 @@ from typing import Any
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, chain, dag, task
 from airflow.sdk.exceptions import AirflowFailException
 from fl_airflow.sensors import PreviousRoundSensor, QuorumSensor
+from fl_airflow.steps import RoundStepOperator
 
 from fl_tasks.aggregation.names import STRATEGY_NAMES
 from fl_tasks.config import FederationSpec, load_federations
@@ -89,25 +90,10 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
     }
 
 
-def _coordinator(federation_file: str):
-    """The coordinator of every task: signing keys come from Airflow connections."""
-    from fl_airflow.keys import ConnectionKeys
-
-    from fl_tasks.config import load_federation
-    from fl_tasks.coordinator import Coordinator
-
-    spec = load_federation(federation_file)
-    return Coordinator(spec, keys=ConnectionKeys(spec))
-
-
 def _step(federation_file: str, step: str, round_id: str) -> Any:
-    """Run one coordinator step; a round that cannot go on fails at once, without retries."""
-    from fl_tasks.coordinator import RoundFailed
+    from fl_airflow.steps import coordinator_for, run_step
 
-    try:
-        return getattr(_coordinator(federation_file), step)(round_id)
-    except RoundFailed as exc:
-        raise AirflowFailException(str(exc)) from None
+    return run_step(coordinator_for(federation_file), step, round_id)
 
 
 def _quorum_text(spec: FederationSpec) -> str:
@@ -148,6 +134,10 @@ def build_round_dag(spec: FederationSpec):
     def fl_round():
         @task
         def prepare_round(**context) -> str:
+            from fl_airflow.run_notes import set_run_note
+            from fl_airflow.steps import coordinator_for
+
+            from fl_tasks import round_log
             from fl_tasks.coordinator import RoundFailed, RunContext
 
             run = context["dag_run"]
@@ -162,47 +152,46 @@ def build_round_dag(spec: FederationSpec):
                 triggered_by=getattr(run, "triggering_user_name", None) or (
                     "scheduler" if run_type == "scheduled" else ""),
             )
+            coordinator = coordinator_for(federation_file)
             try:
-                return _coordinator(federation_file).prepare(ctx)
+                round_id = coordinator.prepare(ctx)
             except (RoundFailed, ValueError) as exc:
                 raise AirflowFailException(str(exc)) from None
+            set_run_note(run.dag_id, run.run_id,
+                         round_log.running_note(round_id, coordinator.load_plan(round_id).base_version))
+            return round_id
 
         @task
         def dispatch(round_id: str) -> list[str]:
             return _step(federation_file, "dispatch", round_id)
 
-        @task
+        # The steps log their results readably; Airflow's one-line dump of the return value would repeat them.
+        @task(show_return_value_in_logs=False)
         def aggregate(round_id: str) -> dict[str, Any]:
             summary = _step(federation_file, "aggregate", round_id)
             return {"accepted": [a["client_id"] for a in summary["accepted"]], "rejected": summary["rejected"]}
 
-        @task
+        @task(show_return_value_in_logs=False)
         def validate(round_id: str) -> dict[str, Any]:
             result = _step(federation_file, "validate", round_id)
             return {"passed": result["passed"], "candidate": result["candidate"], "champion": result["champion"]}
-
-        @task
-        def register(round_id: str) -> str:
-            return _step(federation_file, "register", round_id)
 
         @task.branch
         def promote_or_rollback(round_id: str) -> str:
             return _step(federation_file, "decide", round_id)
 
-        @task
-        def promote(round_id: str) -> dict[str, Any]:
-            return _step(federation_file, "promote", round_id)
-
-        @task
-        def rollback(round_id: str) -> dict[str, Any]:
-            return _step(federation_file, "rollback", round_id)
-
-        @task(trigger_rule=TriggerRule.ALL_DONE)  # retried like the others: it only rewrites report.json
+        @task(trigger_rule=TriggerRule.ALL_DONE, show_return_value_in_logs=False)  # retried like the others
         def summary(**context) -> dict[str, Any]:
+            from fl_airflow.run_notes import set_run_note
+
+            from fl_tasks import round_log
+
             round_id = context["ti"].xcom_pull(task_ids="prepare_round")
             if not round_id:
                 raise AirflowFailException("the round was never prepared; see the prepare_round log")
             report = _step(federation_file, "summarize", round_id)
+            run = context["dag_run"]
+            set_run_note(run.dag_id, run.run_id, round_log.run_note(report))
             if report["decision"] == "no_model":
                 # The run must show red: no model came out of this round.
                 raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")
@@ -212,8 +201,10 @@ def build_round_dag(spec: FederationSpec):
         round_id = prepare_round()
         previous >> round_id
         wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id)
-        chain(dispatch(round_id), wait, aggregate(round_id), validate(round_id), register(round_id),
-              promote_or_rollback(round_id), [promote(round_id), rollback(round_id)], summary())
+        register, promote, rollback = (RoundStepOperator(task_id=step, step=step, federation_file=federation_file,
+                                                         round_id=round_id) for step in RoundStepOperator.STEPS)
+        chain(dispatch(round_id), wait, aggregate(round_id), validate(round_id), register,
+              promote_or_rollback(round_id), [promote, rollback], summary())
 
     return fl_round()
 

@@ -566,6 +566,8 @@ class Coordinator:
         return result
 
     def _audit_validation(self, round_id: str, result: dict[str, Any]) -> None:
+        log_lines(f"round {round_id} validated on {result['validation_rows']} rows",
+                  round_log.validation_account(result["candidate"], result["champion"], result["gates"]))
         self.audit.append(round_id, "validate", [{"event": "gates_evaluated", "passed": result["passed"],
                                                   "gates": result["gates"], "candidate": result["candidate"],
                                                   "champion": result["champion"]}])
@@ -630,7 +632,7 @@ class Coordinator:
 
         version = self.register(round_id)
         registry.promote(self.spec, version)
-        decision = {"decision": "promoted", "version": version, "reasons": [], **self._mlflow_refs(round_id)}
+        decision = {"decision": "promoted", "version": version, "reasons": [], **self.mlflow_refs(round_id)}
         self._put_json(self.round_key(round_id, "decision.json"), decision)
         self.audit.append(round_id, "decision", [{"event": "model_promoted", "version": version, "alias": "champion",
                                                   "previous_champion": self.load_plan(round_id).base_version}])
@@ -643,17 +645,20 @@ class Coordinator:
         result = self._get_json(self.round_key(round_id, "validation.json"))
         reasons = [g["detail"] for g in result["gates"] if not g["passed"]]
         registry.reject(self.spec, version, reasons)
-        decision = {"decision": "rejected", "version": version, "reasons": reasons, **self._mlflow_refs(round_id)}
+        decision = {"decision": "rejected", "version": version, "reasons": reasons, **self.mlflow_refs(round_id)}
         self._put_json(self.round_key(round_id, "decision.json"), decision)
         self.audit.append(round_id, "decision", [{"event": "model_rolled_back", "version": version, "reasons": reasons,
                                                   "champion": self.load_plan(round_id).base_version}])
         return decision
 
-    def _mlflow_refs(self, round_id: str) -> dict[str, str]:
+    def mlflow_refs(self, round_id: str) -> dict[str, str]:
         """Where the round lives in MLflow, for links from Airflow: model, version, run, experiment."""
         registration = self.registration(round_id)
-        return {"model_name": self.spec.model_name, "mlflow_run_id": registration.get("run_id", ""),
-                "experiment_id": registration.get("experiment_id", "")}
+        from fl_tasks import registry
+
+        return {"model_name": self.spec.model_name, "version": registration.get("version", ""),
+                "mlflow_run_id": registration.get("run_id", ""), "experiment_id": registration.get("experiment_id", ""),
+                "tracking_uri": registry.tracking_uri(self.spec)}
 
     # --- step 8: summary -----------------------------------------------------------------
     def summarize(self, round_id: str) -> dict[str, Any]:

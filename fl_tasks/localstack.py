@@ -3,11 +3,21 @@
 Under one state folder and on loopback only: a private PostgreSQL cluster (Airflow and
 MLflow databases), an S3 server, an MLflow tracking server (PostgreSQL backend, S3
 artifacts), the Airflow api-server, scheduler, dag-processor and triggerer (LocalExecutor,
-low parallelism for a small machine), and one `fl-client` agent per silo of every
-federation. Every service runs in its own process group; `down` stops them all.
+low parallelism for a small machine), one Airflow log server for the scheduler's and the
+triggerer's logs, and one `fl-client` agent per silo of every federation. Every service
+runs in its own process group; `down` stops them all.
 
-    python -m fl_tasks.localstack up   [--state-dir .state/stack] [--federations-dir federations]
+`up` writes `<state-dir>/env`: sourced in a shell, it puts this virtualenv's `airflow` on
+the PATH, points it at the stack's database and settings, and sets `$AIRFLOW`,
+`$AIRFLOW_PASSWORD` and `$MLFLOW_TRACKING_URI`, so that the CLI and `curl` work as on a
+deployment.
+
+    python -m fl_tasks.localstack up   [--state-dir .state/stack] [--federations-dir federations] [--free-ports]
     python -m fl_tasks.localstack down [--state-dir .state/stack]
+
+The defaults come from FL_STACK_DIR, FL_FEDERATIONS_DIR, FL_STACK_PORTS=free and
+FL_STACK_NO_SILOS (comma-separated federations whose silos are not started), so that
+`make stack` can run a second stack beside the first (the end-to-end tests do).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import glob
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,7 +45,16 @@ from fl_tasks.storage import ObjectStore
 
 ARTIFACT_BUCKET = "mlflow-artifacts"
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
-DEFAULT_PORTS = {"postgres": 5433, "s3": 9000, "mlflow": 5000, "airflow": 8080}
+DEFAULT_PORTS = {"postgres": 5433, "s3": 9000, "mlflow": 5000, "airflow": 8080, "logs": 8793}
+# The scheduler and the triggerer would each serve their logs on every interface; the stack
+# serves both from one log server on loopback instead (same log folder, same machine).
+SKIP_SERVE_LOGS = {"scheduler": "--skip-serve-logs", "triggerer": "--skip-serve-logs"}
+
+
+def loopback_hostname() -> str:
+    """Airflow's `hostname_callable` on the stack: the api-server fetches running tasks' logs
+    from `http://<hostname>:<log port>`, and the log server listens on loopback only."""
+    return "127.0.0.1"
 
 
 class StackError(RuntimeError):
@@ -107,13 +127,16 @@ def _postgres_data_dir(state_dir: Path) -> Path:
     return Path("/tmp") / f"fl-postgres-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]}"
 
 
-def _wait_http(url: str, name: str, log: Path, proc: subprocess.Popen | None, timeout: float,
+def _wait_http(url: str, name: str, log: Path, processes: dict[str, tuple[subprocess.Popen, Path]], timeout: float,
                check=lambda body: True) -> None:
+    """Wait until `url` answers and `check` accepts the body; fail as soon as one of the
+    processes it depends on (name -> (process, log)) has exited."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode}; see {log}")
+        for proc_name, (proc, proc_log) in processes.items():
+            if proc.poll() is not None:
+                raise StackError(f"{proc_name} exited with code {proc.returncode}; see {proc_log}")
         try:
             with urllib.request.urlopen(url, timeout=3) as response:
                 body = response.read().decode()
@@ -163,6 +186,11 @@ class LocalStack:
         return Postgres(data_dir, self.ports["postgres"], data_dir / "server.log")
 
     @property
+    def env_file(self) -> Path:
+        """The sourceable settings of this stack (see the module docstring)."""
+        return self.state_dir / "env"
+
+    @property
     def password_file(self) -> Path:
         return self.state_dir / "airflow" / "simple_auth_manager_passwords.json"
 
@@ -190,7 +218,11 @@ class LocalStack:
             # Two cores: a few task processes at a time, one API worker.
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.ports["airflow"]),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.ports["logs"]),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.ports["logs"]),
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "fl_tasks.localstack.loopback_hostname",
             "AIRFLOW__API__BASE_URL": self.airflow_url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
             "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip() if secret_file.exists() else "",
@@ -201,10 +233,24 @@ class LocalStack:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         })
+        if self.password_file.exists():
+            # The round's tasks set run notes through the REST API (plugins/fl_airflow/run_notes.py).
+            env["AIRFLOW_CONN_FL_AIRFLOW_API"] = json.dumps({"conn_type": "http", "host": self.airflow_url,
+                                                             "login": "admin", "password": self.password()})
         # The silos' signing keys, as Airflow connections (the coordinator's key provider).
         env.update({signing.airflow_conn_env_var(conn_id): signing.airflow_conn_value(key)
                     for conn_id, key in self.signing_keys().items()})
         return env
+
+    def write_env_file(self) -> None:
+        """`<state-dir>/env` for a shell: the stack's settings without the silos' keys, plus
+        $AIRFLOW, $AIRFLOW_PASSWORD and this virtualenv's bin folder first on the PATH."""
+        settings = {k: v for k, v in self.env().items() if not k.startswith("AIRFLOW_CONN_FL_SIGNING")}
+        settings.update({"AIRFLOW": self.airflow_url, "AIRFLOW_PASSWORD": self.password()})
+        lines = ["# Written by `make stack`: `source` it to use this stack from a shell (make stack-down stops it).",
+                 f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""]
+        lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(settings.items())]
+        signing.write_private(self.env_file, "\n".join(lines) + "\n")
 
     def password(self) -> str:
         return json.loads(self.password_file.read_text())["admin"]
@@ -221,7 +267,15 @@ class LocalStack:
 
     def _save(self) -> None:
         (self.state_dir / "stack.json").write_text(json.dumps(
-            {"ports": self.ports, "processes": self.processes, "federations_dir": str(self.federations_dir)}, indent=2))
+            {"ports": self.ports, "processes": self.processes, "federations_dir": str(self.federations_dir),
+             "no_silos": list(self.no_silos)}, indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "LocalStack":
+        """The stack a `make stack` started from this state folder."""
+        saved = json.loads((state_dir / "stack.json").read_text())
+        return cls(state_dir, Path(saved["federations_dir"]), saved["ports"], tuple(saved.get("no_silos", ())),
+                   saved["processes"])
 
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).with_name(name))
@@ -275,11 +329,13 @@ class LocalStack:
                 (self.logs / "airflow-db-migrate.log").write_text(result.stdout + result.stderr)
                 raise StackError(f"airflow db migrate failed; see {self.logs / 'airflow-db-migrate.log'}")
             silo_paths = silos.result()
-        self.say("starting Airflow: " + ", ".join(AIRFLOW_COMPONENTS))
-        api = None
-        for component in AIRFLOW_COMPONENTS:
-            proc = self.start_airflow(component)
-            api = proc if component == "api-server" else api
+        self.say("starting Airflow: " + ", ".join(AIRFLOW_COMPONENTS) + ", and a log server")
+        airflow_processes = {f"Airflow {component}": (self.start_airflow(component),
+                                                      self.logs / f"airflow-{component}.log")
+                             for component in AIRFLOW_COMPONENTS}
+        self._spawn("airflow-log-server", [sys.executable, "-m", "uvicorn", "--factory",
+                                           "airflow.utils.serve_logs.log_server:get_app", "--host", "127.0.0.1",
+                                           "--port", str(self.ports["logs"]), "--no-access-log"], self.env())
         self.say("starting the silo agents")
         keys = self.signing_keys()
         silo_env = {k: v for k, v in env.items() if not k.startswith("AIRFLOW_CONN_")}  # no other silo's key
@@ -291,15 +347,18 @@ class LocalStack:
                 self._spawn(f"silo-{spec.federation}-{client.id}", cmd,
                             {**silo_env, "FL_SIGNING_KEY": keys[spec.security.conn_id(spec.federation, client.id)]})
         left = timeout - (time.monotonic() - started)
-        _wait_http(f"{self.mlflow_url}/health", "MLflow", self.logs / "mlflow.log", mlflow, left)
+        _wait_http(f"{self.mlflow_url}/health", "MLflow", self.logs / "mlflow.log",
+                   {"MLflow": (mlflow, self.logs / "mlflow.log")}, left)
         left = timeout - (time.monotonic() - started)
         _wait_http(f"{self.airflow_url}/api/v2/monitor/health", "Airflow", self.logs / "airflow-api-server.log",
-                   api, left, _airflow_healthy)
+                   airflow_processes, left, _airflow_healthy)
+        self.write_env_file()
         self.say(f"stack healthy in {time.monotonic() - started:.0f}s")
 
     def start_airflow(self, component: str) -> subprocess.Popen:
         """Start one Airflow component (api-server, scheduler, dag-processor, triggerer)."""
-        return self._spawn(f"airflow-{component}", [self._bin("airflow"), *component.split()], self.env())
+        command = [self._bin("airflow"), component, *([SKIP_SERVE_LOGS[component]] if component in SKIP_SERVE_LOGS else [])]
+        return self._spawn(f"airflow-{component}", command, self.env())
 
     def kill(self, name: str) -> None:
         """SIGKILL one process group, e.g. 'airflow-scheduler': a crash, not a clean shutdown."""
@@ -346,12 +405,14 @@ class LocalStack:
         print(f"[stack {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def describe(self) -> str:
+        env_file = self.env_file.relative_to(Path.cwd()) if self.env_file.is_relative_to(Path.cwd()) else self.env_file
         return "\n".join([
             f"Airflow UI and REST API: {self.airflow_url}   (login: admin / {self.password()})",
             f"MLflow:                  {self.mlflow_url}",
             f"S3 endpoint:             {self.s3_url}   (access key 'embedded', secret 'embedded')",
             f"PostgreSQL:              127.0.0.1:{self.ports['postgres']} (user postgres, databases airflow, mlflow)",
             f"Logs:                    {self.logs}",
+            f"From a shell:            source {env_file}   (airflow on the PATH, $AIRFLOW, $AIRFLOW_PASSWORD)",
             "Stop everything with:    make stack-down",
         ])
 
@@ -370,10 +431,12 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localstack", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("up", "down"))
-    parser.add_argument("--state-dir", default=str(REPO / ".state" / "stack"))
-    parser.add_argument("--federations-dir", default=str(REPO / "federations"))
-    parser.add_argument("--free-ports", action="store_true", help="pick free ports instead of the defaults")
-    parser.add_argument("--no-silos", action="append", default=[], metavar="FEDERATION",
+    parser.add_argument("--state-dir", default=os.environ.get("FL_STACK_DIR") or str(REPO / ".state" / "stack"))
+    parser.add_argument("--federations-dir", default=os.environ.get("FL_FEDERATIONS_DIR") or str(REPO / "federations"))
+    parser.add_argument("--free-ports", action="store_true", default=os.environ.get("FL_STACK_PORTS") == "free",
+                        help="pick free ports instead of the defaults")
+    parser.add_argument("--no-silos", action="append", metavar="FEDERATION",
+                        default=[f for f in os.environ.get("FL_STACK_NO_SILOS", "").split(",") if f],
                         help="do not start silo agents for this federation")
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir).resolve()

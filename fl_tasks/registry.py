@@ -73,6 +73,13 @@ def configure_http_retries() -> dict[str, str]:
     return {name: os.environ[name] for name in HTTP_DEFAULTS}
 
 
+def tracking_uri(spec: FederationSpec) -> str:
+    """The federation's MLflow tracking URI: its own setting, else MLflow's default for this process."""
+    import mlflow
+
+    return spec.mlflow.tracking_uri or mlflow.get_tracking_uri()
+
+
 def _client(spec: FederationSpec):
     import mlflow
     from mlflow import MlflowClient

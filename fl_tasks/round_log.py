@@ -11,8 +11,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """An aligned text table: numbers right-aligned, text left-aligned, '-' for None."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and bool(rows)
-               for i in range(len(headers))]
+    numeric = [bool(rows) and all(row[i] is None or isinstance(row[i], (int, float)) and not isinstance(row[i], bool)
+                                  for row in rows) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
@@ -64,22 +64,30 @@ def aggregate_account(summary: dict[str, Any], screening: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+def validation_account(candidate: dict[str, float] | None, champion: dict[str, float] | None,
+                       gates: list[dict[str, Any]]) -> str:
+    """Candidate and champion metrics side by side, then each gate's verdict."""
+    candidate, champion = candidate or {}, champion or {}
+    parts = []
+    if candidate or champion:
+        parts.append(table(["metric", "candidate", "champion"],
+                           [[name, candidate.get(name), champion.get(name)]
+                            for name in sorted(set(candidate) | set(champion))]))
+    if gates:
+        parts.append(table(["gate", "passed", "detail"], [[g["name"], g["passed"], g["detail"]] for g in gates]))
+    return "\n\n".join(parts)
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """The summary step's log: the round in a few aligned lines."""
-    def metric_rows() -> list[list[Any]]:
-        names = sorted(set(report.get("candidate") or {}) | set(report.get("champion") or {}))
-        return [[name, (report.get("candidate") or {}).get(name), (report.get("champion") or {}).get(name)]
-                for name in names]
-
     head = table(["round", "decision", "version", "base", "committed", "accepted", "rejected", "late"], [[
         report["round_id"], report["decision"], report["version"], report["base_version"],
         f"{report['clients_committed']}/{report['clients_expected']}", len(report["clients_accepted"]),
         len(report["clients_rejected"]), len(report["late"])]])
     parts = [head]
-    if metric_rows():
-        parts.append(table(["metric", "candidate", "champion"], metric_rows()))
-    if report["gates"]:
-        parts.append(table(["gate", "passed", "detail"], [[g["name"], g["passed"], g["detail"]] for g in report["gates"]]))
+    validation = validation_account(report.get("candidate"), report.get("champion"), report["gates"])
+    if validation:
+        parts.append(validation)
     for entry in report["clients_rejected"]:
         parts.append(f"rejected {entry['client_id']}: {entry['reason']}")
     if report["reason"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -189,13 +190,34 @@ class ObjectStore:
                 self._client.create_bucket(Bucket=bucket)
 
 
+_async_session_lock = threading.Lock()
+_async_sessions: list = []
+
+
+def _async_session():
+    """One aiobotocore session per process, its S3 data loaded once: a triggerer pays for
+    that on its first trigger only."""
+    with _async_session_lock:
+        if not _async_sessions:
+            from aiobotocore.session import get_session
+
+            session = get_session()
+            loader = session.get_component("data_loader")  # create_client reads the same cache
+            loader.load_service_model("s3", "service-2")
+            loader.load_service_model("s3", "endpoint-rule-set-1")
+            loader.load_data("endpoints")
+            loader.load_data("partitions")
+            _async_sessions.append(session)
+        return _async_sessions[0]
+
+
 class AsyncObjectStore:
     """S3 from an event loop (the triggerer's), through aiobotocore.
 
     The triggerer runs every trigger on one event loop and warns when anything blocks it
     for more than 0.2 s. Importing aiobotocore and loading botocore's service data take
-    about that long on an idle machine and seconds on a busy one, so `open()` does both in
-    a worker thread; the calls themselves are asynchronous. Use it as an async context
+    about that long on an idle machine and seconds on a busy one, so entering the context
+    does both in a worker thread, once per process; the calls themselves are asynchronous. Use it as an async context
     manager: `async with AsyncObjectStore(endpoint_url) as store: ...`.
     """
 
@@ -209,15 +231,8 @@ class AsyncObjectStore:
 
     def _prepare(self):
         from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
 
-        session = get_session()
-        loader = session.get_component("data_loader")  # cached on the session: create_client reuses it
-        loader.load_service_model("s3", "service-2")
-        loader.load_service_model("s3", "endpoint-rule-set-1")
-        loader.load_data("endpoints")
-        loader.load_data("partitions")
-        return session, _client_config(AioConfig, self.max_attempts, self.endpoint_url)
+        return _async_session(), _client_config(AioConfig, self.max_attempts, self.endpoint_url)
 
     async def __aenter__(self) -> "AsyncObjectStore":
         session, config = await asyncio.to_thread(self._prepare)

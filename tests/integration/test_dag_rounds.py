@@ -108,7 +108,9 @@ def test_round_failing_a_gate_rolls_back(stack):
 
 
 def test_strategy_chosen_in_the_trigger_params_runs_end_to_end(stack):
-    run_round(stack, "itest", {"aggregator": "multi_krum", "aggregator_params": {"f": 0, "m": 2}})
+    result, _ = run_round(stack, "itest", {"aggregator": "multi_krum", "aggregator_params": {"f": 0, "m": 2}})
+    output = result.stdout + result.stderr
+    (stack["state"] / "multi_krum-round.log").write_text(output)
     report = latest_report(stack, "itest")
     assert report["settings"]["aggregator"] == "multi_krum"
     assert report["settings"]["aggregator_params"] == {"f": 0, "m": 2}
@@ -116,6 +118,21 @@ def test_strategy_chosen_in_the_trigger_params_runs_end_to_end(stack):
     client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
     run = client.get_run(client.get_model_version(stack["specs"]["itest"].model_name, report["version"]).run_id)
     assert run.data.params["aggregator"] == "multi_krum"
+    # The logs say what happened: the rule, each update's norm and verdict, what it selected.
+    assert "strategy multi_krum (f=0, m=2)" in output and "screening: max_update_norm" in output
+    assert "rule: multi_krum (f=0, m=2): unweighted mean of the 2 updates with the lowest scores" in output
+    selected = [k.removeprefix("selected_") for k, v in run.data.metrics.items() if k.startswith("selected_") and v]
+    assert len(selected) == 2 and f"selected: {', '.join(sorted(selected))}" in output
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("weight_")} == {
+        f"weight_{c}": (0.5 if c in selected else 0.0) for c in ("silo-0", "silo-1", "silo-2")}
+    assert f"round {report['round_id']} summary:" in output
+    # Nothing MLflow says while registering shows up as an error (it used to write INFO to stderr).
+    register_log = output.split("starting task_id=register")[1].split("end task task_id=register")[0]
+    assert "[error" not in register_log and "ERROR" not in register_log
+    # Tasks whose result the step logs itself do not dump it again as one long line.
+    assert "Returned value was: {'passed'" not in output and "Returned value was: {'federation'" not in output
+    # airflow dags test runs no api-server: the run note is skipped, and says why.
+    assert "run note not set: no Airflow connection 'fl_airflow_api'" in output
 
 
 def test_round_missing_quorum_ends_without_a_model(stack):
