@@ -19,7 +19,14 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium; install it when missing (needs root, as CI has).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the browser tests"
+	@DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null; }
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 test-unit: $(STAMP)
@@ -28,7 +35,7 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -m integration
 
-test-e2e: $(STAMP)
+test-e2e: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -m e2e
 
 # The deployment column on this machine, without Docker: PostgreSQL, S3, MLflow server,

@@ -2,7 +2,10 @@
 Airflow api-server, scheduler, dag-processor and triggerer (LocalExecutor), and silo agents.
 
 Rounds are started the way users start them: the REST API (as the trigger form does), the
-schedule, and `airflow backfill create`.
+schedule, and `airflow backfill create`. The stack is started and stopped with the README's
+own `make stack` and `make stack-down`, and the README's CLI and `curl` commands run
+verbatim against it (tests/e2e/readme.py); the `banks` federation here is a small synthetic
+stand-in for federations/banks.yaml with the same schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -24,14 +28,19 @@ from mlflow import MlflowClient
 from fl_tasks import protocol
 from fl_tasks.config import load_federation
 from fl_tasks.datasets import Table
-from fl_tasks.embedded import REPO, airflow, free_port
-from fl_tasks.localstack import DEFAULT_PORTS, LocalStack
+from fl_tasks.embedded import REPO
+from fl_tasks.localstack import LocalStack
 from fl_tasks.protocol import GlobalManifest, UpdateManifest
 from fl_tasks.storage import ObjectStore
 
 from tests.conftest import federation_doc
+from tests.e2e import readme
 
 pytestmark = pytest.mark.e2e
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it
+# As root in a container, without a GPU, on a machine whose network is closed.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
 
 FEDERATIONS = {
     # Its silos' updates must be signed: the stack's Airflow reads their keys from connections.
@@ -41,10 +50,14 @@ FEDERATIONS = {
     "e2e-sched": {"schedule": "@hourly", "training": {"window": "all"}},
     # Its silos are played by the test, so that the round waits while the scheduler dies.
     "e2e-restart": {"quorum": {"min_clients": 3, "round_timeout_minutes": 15, "poll_interval_seconds": 1}},
-    # Replays the dataset's first day in 8-hour windows; no scheduled runs after end_date.
-    "e2e-backfill": {"schedule": "0 */8 * * *", "end_date": "2013-09-02", "gates": {"min_roc_auc": 0.5},
-                     "data": {"dataset": "synthetic", "synthetic_rows": 12000, "seed": 5}},
+    # The README's examples run against it: banks.yaml's schedule and dates, synthetic data.
+    "banks": {"schedule": "0 */8 * * *", "start_date": "2013-09-01", "end_date": "2013-09-03",
+              "gates": {"min_roc_auc": 0.5}, "quorum": {"min_clients": 3, "round_timeout_minutes": 5},
+              "clients": [{"id": f"bank-{i}", "bucket": f"s3://e2e-bank-{i}-{uuid.uuid4().hex[:6]}"}
+                          for i in range(4)],
+              "data": {"dataset": "synthetic", "synthetic_rows": 12000, "seed": 5}},
 }
+NO_SILOS = ("e2e-idle", "e2e-restart")
 
 
 class Api:
@@ -58,7 +71,7 @@ class Api:
     def _call(self, method: str, path: str, body: dict | None = None, auth: bool = True):
         request = urllib.request.Request(f"{self.base}{path}", method=method,
                                          data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", "Accept": "application/json"})
         if auth:
             request.add_header("Authorization", f"Bearer {self.token}")
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -90,28 +103,50 @@ class Api:
         return self.wait_for(f"run {run_id} of {dag_id}", finished, timeout)
 
 
+def make(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A README `make` command, verbatim, from the repository root."""
+    assert command.startswith("make "), command
+    return subprocess.run(["bash", "-c", command], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def stack():
+    """The README's `make stack` in a folder of its own: its state where the README says
+    (`.state/stack` under `root`, where the README's other commands run), free ports, and
+    the test federations."""
     root = REPO / ".state" / f"e2e-{uuid.uuid4().hex[:8]}"
-    state, federations = root / "stack", root / "federations"
+    state, federations = root / ".state" / "stack", root / "federations"
     federations.mkdir(parents=True)
     for name, overrides in FEDERATIONS.items():
         (federations / f"{name}.yaml").write_text(yaml.safe_dump(federation_doc(federation=name, **overrides)))
-    local = LocalStack(state, federations, {name: free_port() for name in DEFAULT_PORTS}, no_silos=("e2e-idle", "e2e-restart"))
+    where = {"FL_STACK_DIR": str(state), "FL_FEDERATIONS_DIR": str(federations), "FL_STACK_PORTS": "free",
+             "FL_STACK_NO_SILOS": ",".join(NO_SILOS)}
+    blocks = readme.shell_blocks()
+    up, source = readme.command_lines(blocks[0])
+    down = readme.command_lines(blocks[-1])[0]
+    assert (up, down) == ("make stack", "make stack-down") and source == "source .state/stack/env"
     started = time.monotonic()
     try:
-        local.up(timeout=240)
+        result = make(up, where)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # make stack names the one step to take (here from the repository root, where make runs).
+        assert f"source {(state / 'env').relative_to(REPO)} " in result.stdout
+        local = LocalStack.load(state)
         local.startup_seconds = time.monotonic() - started
+        # This process reads the stack's S3 as its services do.
+        os.environ.update({k: local.env()[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         api = Api(local.airflow_url, local.password())
         for name in FEDERATIONS:
             api.wait_for(f"DAG of {name} parsed", lambda n=name: _dag_exists(api, n), timeout=120)
         specs = {name: load_federation(federations / f"{name}.yaml") for name in FEDERATIONS}
         yield {"stack": local, "api": api, "specs": specs, "store": ObjectStore(local.s3_url),
-               "mlflow": MlflowClient(tracking_uri=local.mlflow_url)}
+               "mlflow": MlflowClient(tracking_uri=local.mlflow_url), "root": root, "source": source}
     finally:
-        local.down()
+        stopped = make(down, where)
         if not os.environ.get("FL_KEEP_STATE"):  # set it to keep logs and data for debugging
             shutil.rmtree(root, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
 
 
 def _dag_exists(api: Api, federation: str) -> bool:
@@ -135,6 +170,21 @@ def report_of(env, name: str, round_id: str) -> dict:
 
 def test_stack_starts_within_two_minutes(stack):
     assert stack["stack"].startup_seconds < 120
+
+
+def test_every_service_listens_on_loopback_only(stack):
+    import psutil
+
+    local = stack["stack"]
+    postmaster = int((local.postgres.data_dir / "postmaster.pid").read_text().split()[0])
+    pids = {postmaster}
+    for pid in (pid for pid in local.processes.values() if pid > 0):
+        pids |= {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    exposed = [(c.pid, c.laddr) for c in listening if c.laddr.ip not in ("127.0.0.1", "::1")]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    # Every service of the stack was among them, so the check above saw them all.
+    assert {c.laddr.port for c in listening} >= set(local.ports.values())
 
 
 def test_rest_trigger_runs_a_round_and_refuses_bad_params(stack):
@@ -252,58 +302,143 @@ def test_scheduled_federation_produces_rounds_on_its_own(stack):
     assert report["run_type"] == "scheduled" and report["decision"] in ("promoted", "rejected")
 
 
-def test_backfill_runs_rounds_in_order_on_their_data_windows(stack):
-    env, api, name = stack["stack"].env(), stack["api"], "e2e-backfill"
-    spec = stack["specs"][name]
-    command = ["backfill", "create", "--dag-id", dag_id(name), "--from-date", "2013-09-01T00:00:00",
-               "--to-date", "2013-09-01T16:00:00", "--reprocess-behavior", "none"]
-    created = airflow(command, env)
-    assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
+def run_readme_example(env, example: str) -> subprocess.CompletedProcess:
+    """One README example, verbatim, in a shell that took the README's one step first."""
+    result = subprocess.run(["bash", "-c", f"set -euo pipefail\n{env['source']}\n{example}"], cwd=env["root"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{example}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
 
-    def three_done():
-        runs = [r for r in api.runs(dag_id(name)) if r["run_type"] == "backfill"]
-        return runs if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs) else None
 
-    runs = sorted(api.wait_for("three backfill rounds", three_done, timeout=900, interval=5),
-                  key=lambda r: r["data_interval_start"])
-    assert [r["state"] for r in runs] == ["success"] * 3
+def wait_for_new_runs(api: Api, before: set[str], count: int, timeout: float = 900) -> list[dict]:
+    """The runs created since `before`, once `count` exist and every run of the DAG has finished."""
+    def done():
+        runs = api.runs(dag_id("banks"))
+        new = [r for r in runs if r["dag_run_id"] not in before]
+        finished = all(r["state"] in ("success", "failed") for r in runs)
+        return sorted(new, key=lambda r: r["run_after"]) if len(new) >= count and finished else None
+
+    return api.wait_for(f"{count} new runs of banks to finish", done, timeout, interval=5)
+
+
+def task_log(api: Api, run_id: str, task_id: str) -> list[dict]:
+    return api.get(f"/api/v2/dags/{dag_id('banks')}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1")["content"]
+
+
+def test_readme_stack_commands_work_verbatim(stack):
+    """Every command of the README's stack section, pasted as printed after `source .state/stack/env`."""
+    api, spec, client = stack["api"], stack["specs"]["banks"], stack["mlflow"]
+    cli, rest, backfill = readme.paragraphs(readme.shell_blocks()[1])
+
+    # 1. From the CLI: a round whose gate cannot pass is rolled back, and says so.
+    before = {r["dag_run_id"] for r in api.runs(dag_id("banks"))}
+    run_readme_example(stack, cli)
+    [run] = wait_for_new_runs(api, before, 1)
+    assert run["state"] == "success" and run["conf"] == {"min_roc_auc": 0.999}
+    report = report_of(stack, "banks", "000001")
+    assert report["run_id"] == run["dag_run_id"] and report["decision"] == "rejected"
+    assert run["note"].startswith(f"**Round 000001: rolled back** · version {report['version']}")
+    assert "Reason: candidate roc_auc" in run["note"] and "0.9990" in run["note"]
+    stack["rolled_back_run"] = run["dag_run_id"]
+    # Its rollback task links to the MLflow version, the round's run and its audit log.
+    version = client.get_model_version(spec.model_name, report["version"])
+    links = api.get(f"/api/v2/dags/{dag_id('banks')}/dagRuns/{run['dag_run_id']}/taskInstances/rollback/links")
+    ui = stack["stack"].mlflow_url
+    experiment = client.get_run(version.run_id).info.experiment_id
+    assert links["extra_links"] == {
+        "MLflow model version": f"{ui}/#/models/{spec.model_name}/versions/{report['version']}",
+        "MLflow run": f"{ui}/#/experiments/{experiment}/runs/{version.run_id}",
+        "Audit log": f"{ui}/#/experiments/{experiment}/runs/{version.run_id}/artifacts/audit/audit.jsonl"}
+    assert "audit/audit.jsonl" in [a.path for a in client.list_artifacts(version.run_id, "audit")]
+    # Logs a person can read: MLflow's messages at their own level, no false errors.
+    register = task_log(api, run["dag_run_id"], "register")
+    assert not [e for e in register if e.get("level") in ("error", "critical")], register
+    assert any("Waiting up to" in str(e.get("event")) and e.get("level") == "info" for e in register)
+    quorum = [e["event"] for e in task_log(api, run["dag_run_id"], "wait_for_quorum")
+              if str(e.get("event")).startswith("round 000001:")]
+    assert 2 <= len(quorum) <= len(spec.clients) + 2, quorum  # changes only, not one line per poll
+
+    # 2. From the REST API with curl: the median round logs no per-client weights.
+    before = {r["dag_run_id"] for r in api.runs(dag_id("banks"))}
+    run_readme_example(stack, rest)
+    [run] = wait_for_new_runs(api, before, 1)
+    assert run["state"] == "success" and run["conf"] == {"aggregator": "median", "min_clients": 4}
+    report = report_of(stack, "banks", "000002")
+    assert report["settings"]["aggregator"] == "median" and run["note"].startswith("**Round 000002: ")
+    mlflow_run = client.get_run(client.get_model_version(spec.model_name, report["version"]).run_id)
+    assert not [k for k in mlflow_run.data.metrics if k.startswith("weight_")]
+    assert "no update has a weight" in mlflow_run.data.params["influence"]
+
+    # 3. Backfill: rounds in order, each on its data window, each from the previous champion.
+    champion = client.get_model_version_by_alias(spec.model_name, "champion").version
+    before = {r["dag_run_id"] for r in api.runs(dag_id("banks"))}
+    run_readme_example(stack, backfill)
+    runs = wait_for_new_runs(api, before, 3)
+    assert [r["run_type"] for r in runs] == ["backfill"] * 3 and [r["state"] for r in runs] == ["success"] * 3
+    runs.sort(key=lambda r: r["data_interval_start"])
+
+    def task(run, task_id):
+        return api.get(f"/api/v2/dags/{dag_id('banks')}/dagRuns/{run['dag_run_id']}/taskInstances/{task_id}")
+
     # Backfill starts its runs together; the rounds inside them still go one at a time,
     # oldest window first: each prepares only after the previous round's summary ended.
-    def task(run, task_id):
-        return api.get(f"/api/v2/dags/{dag_id(name)}/dagRuns/{run['dag_run_id']}/taskInstances/{task_id}")
-
     for earlier, later in zip(runs, runs[1:]):
         assert task(later, "prepare_round")["start_date"] >= task(earlier, "summary")["end_date"]
-
-    store, champion = stack["store"], "seed"
+    store, champion = stack["store"], str(champion)
     for run in runs:
         start = datetime.fromisoformat(run["data_interval_start"].replace("Z", "+00:00"))
         end = datetime.fromisoformat(run["data_interval_end"].replace("Z", "+00:00"))
         round_id = protocol.round_id_for_interval(start)
-        report = report_of(stack, name, round_id)
+        report = report_of(stack, "banks", round_id)
         assert report["base_version"] == champion, "each round starts from the previous round's champion"
+        assert run["note"].startswith(f"**Round {round_id}: ")
         if report["decision"] == "promoted":
             champion = report["version"]
-        for client in spec.clients:
+        for c in spec.clients:
             manifest = GlobalManifest.from_json(store.get_bytes(
-                client.bucket_name, protocol.global_manifest_key("", spec.federation, round_id)))
+                c.bucket_name, protocol.global_manifest_key("", spec.federation, round_id)))
             assert datetime.fromisoformat(manifest.data_window["start"]) == start
             assert datetime.fromisoformat(manifest.data_window["end"]) == end
             update = UpdateManifest.from_json(store.get_bytes(
-                client.bucket_name, protocol.update_manifest_key("", spec.federation, round_id)))
-            silo = Table.load(stack["stack"].state_dir / "data" / name / "silos" / f"{client.id}.npz")
+                c.bucket_name, protocol.update_manifest_key("", spec.federation, round_id)))
+            silo = Table.load(stack["stack"].state_dir / "data" / "banks" / "silos" / f"{c.id}.npz")
             lo, hi = np.datetime64(start.replace(tzinfo=None), "s"), np.datetime64(end.replace(tzinfo=None), "s")
             assert update.num_examples == int(((silo.time >= lo) & (silo.time < hi)).sum()) < len(silo)
-    versions = stack["mlflow"].search_model_versions(f"name = '{spec.model_name}'")
-    lineage = {v.tags["fl.round_id"]: v.tags["fl.base_version"] for v in versions}
-    assert sorted(lineage) == [protocol.round_id_for_interval(datetime.fromisoformat(
-        r["data_interval_start"].replace("Z", "+00:00"))) for r in runs]
+    versions = client.search_model_versions(f"name = '{spec.model_name}'")
 
-    # Replaying the same windows with --reprocess-behavior none creates nothing new.
+    # The same backfill again, with "none": nothing new.
     api.wait_for("the backfill to complete", lambda: all(
-        b["completed_at"] for b in api.get(f"/api/v2/backfills?dag_id={dag_id(name)}")["backfills"]), timeout=120)
-    again = airflow(command, env)
+        b["completed_at"] for b in api.get(f"/api/v2/backfills?dag_id={dag_id('banks')}")["backfills"]), timeout=120)
+    before = {r["dag_run_id"] for r in api.runs(dag_id("banks"))}
+    again = subprocess.run(["bash", "-c", f"{stack['source']}\n{backfill}"], cwd=stack["root"], capture_output=True,
+                           text=True, timeout=300)
     assert again.returncode == 0 or "No runs to create" in again.stdout + again.stderr, again.stderr[-2000:]
     time.sleep(10)
-    assert len([r for r in api.runs(dag_id(name)) if r["run_type"] == "backfill"]) == 3
-    assert len(stack["mlflow"].search_model_versions(f"name = '{spec.model_name}'")) == len(versions)
+    assert {r["dag_run_id"] for r in api.runs(dag_id("banks"))} == before
+    assert len(client.search_model_versions(f"name = '{spec.model_name}'")) == len(versions)
+
+
+def test_a_rolled_back_rounds_note_is_visible_in_the_airflow_ui(stack):
+    """Headless Chromium (Debian's), signed in like a user: the run page shows the note."""
+    from playwright.sync_api import sync_playwright
+
+    local, run_id = stack["stack"], stack.get("rolled_back_run")
+    assert run_id, "test_readme_stack_commands_work_verbatim rolls a round back first"
+    artifacts = REPO / ".state" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{local.airflow_url}/")
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill(local.password())
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{local.airflow_url}/", timeout=30_000)
+            page.goto(f"{local.airflow_url}/dags/{dag_id('banks')}/runs/{run_id}")
+            note = page.get_by_text("Round 000001: rolled back")
+            note.wait_for(timeout=30_000)
+            assert note.is_visible()
+            page.screenshot(path=str(artifacts / "rolled-back-run.png"))
+        finally:
+            browser.close()
