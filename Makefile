@@ -41,10 +41,10 @@ test-e2e: $(STAMP) $(CHROMIUM)
 # The deployment column on this machine, without Docker: PostgreSQL, S3, MLflow server,
 # Airflow api-server/scheduler/dag-processor/triggerer and the silo agents.
 stack: $(STAMP)
-	$(PY) -m fl_tasks.localstack up
+	$(PY) -m devstack.localstack up
 
 stack-down:
-	$(PY) -m fl_tasks.localstack down
+	$(PY) -m devstack.localstack down
 
 clean:
 	rm -rf .state

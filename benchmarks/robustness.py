@@ -46,12 +46,12 @@ def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: 
     import torch
 
     from fl_tasks.aggregation import STRATEGY_PARAMS, build
-    from fl_tasks.behaviours import SIGN_FLIP, poison_model
+    from fl_tasks.simulation.attacks import SIGN_FLIP, poison_model
     from fl_tasks.config import load_federation
-    from fl_tasks.datasets import dirichlet_partition, holdout_split, load_dataset
-    from fl_tasks.evaluation import evaluate
-    from fl_tasks.models import build_model, load_numpy_state, state_to_numpy
-    from fl_tasks.training import train_local
+    from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, load_dataset
+    from fl_tasks.tasks.evaluation import evaluate
+    from fl_tasks.tasks.models import build_model, load_numpy_state, state_to_numpy
+    from fl_tasks.tasks.training import train_local
 
     torch.set_num_threads(1)
     spec = load_federation(REPO / "federations" / "banks.yaml")
@@ -92,7 +92,7 @@ def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: 
 
 def run_all(jobs: list[tuple], workers: int) -> list[dict]:
     """run(*job) for every job, `workers` processes at a time (the dataset is cached first)."""
-    from fl_tasks.datasets import load_dataset
+    from fl_tasks.simulation.datasets import load_dataset
 
     load_dataset("creditcard")  # fetch and cache once, before the workers start
     with ProcessPoolExecutor(workers) as pool:

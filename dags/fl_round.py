@@ -2,6 +2,9 @@
 
 Each DAG run is one federated round. This file only wires tasks to the plain functions of
 `fl_tasks.coordinator`; it imports no torch, mlflow, evidently or pandas, so it parses fast.
+A federation file that does not load becomes a paused DAG `fl_config_error__<file>` whose
+description and docs name the file, the field and the fix; the other federations' DAGs
+stay in place.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from airflow.sdk.exceptions import AirflowFailException
 from fl_airflow.sensors import PreviousRoundSensor, QuorumSensor
 from fl_airflow.steps import RoundStepOperator
 
-from fl_tasks.aggregation.names import STRATEGY_NAMES
-from fl_tasks.config import FederationSpec, load_federations
+from fl_tasks.config import ConfigError, FederationSpec, scan_federations
 from fl_tasks.protocol import ROUND_ID_PATTERN
+from fl_tasks.settings import ROUND_SETTINGS
 
 FEDERATIONS_DIR = Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
 
@@ -59,35 +62,15 @@ Clients: {clients}. Quorum: {quorum}. Federation file: `{source}`.
 
 
 def round_params(spec: FederationSpec) -> dict[str, Param]:
-    """The trigger form: typed, bounded, defaulting to the federation file."""
-    q, t, g = spec.quorum, spec.training, spec.gates
-    return {
-        "aggregator": Param(spec.aggregation, type="string", enum=list(STRATEGY_NAMES),
-                            description="Aggregation strategy for this round"),
-        "aggregator_params": Param(None, type=["null", "object"],
-                                   description="Strategy parameters, e.g. {\"f\": 1} for krum; "
-                                               "empty: the federation file's (for its own strategy)"),
-        "min_clients": Param(q.min_clients, type="integer", minimum=1, maximum=len(spec.clients),
-                             description="Updates needed at the deadline for the round to proceed"),
-        "min_fraction": Param(q.min_fraction, type=["null", "number"], exclusiveMinimum=0, maximum=1,
-                              description="Quorum as a share of the clients (the larger of this and "
-                                          "min_clients counts); empty: min_clients alone"),
-        "round_timeout_minutes": Param(q.round_timeout_minutes, type="number", exclusiveMinimum=0, maximum=10080,
-                                       description="Minutes from dispatch to the deadline"),
-        "grace_period_minutes": Param(q.grace_period_minutes, type=["null", "number"], minimum=0, maximum=10080,
-                                      description="Once the quorum is in, minutes to wait for stragglers before "
-                                                  "closing; empty: wait until the deadline"),
-        "local_epochs": Param(t.local_epochs, type="integer", minimum=1, maximum=100,
-                              description="Epochs each client trains locally"),
-        "learning_rate": Param(t.learning_rate, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
-                               description="Client learning rate"),
-        "min_roc_auc": Param(g.min_roc_auc, type="number", minimum=0, maximum=1, description="Gate: minimum ROC-AUC"),
-        "min_pr_auc": Param(g.min_pr_auc, type="number", minimum=0, maximum=1, description="Gate: minimum PR-AUC"),
-        "max_regression": Param(g.max_regression, type="number", minimum=0, maximum=1,
-                                description="Gate: largest ROC-AUC drop allowed against the champion"),
-        "round_id": Param(None, type=["null", "string"], pattern=ROUND_ID_PATTERN.pattern,
-                          description="Optional explicit round id (manual runs); default: next free number"),
-    }
+    """The trigger form: every per-round setting (fl_tasks.settings), typed, bounded,
+    defaulting to the federation file."""
+    defaults = spec.round_defaults()
+    params = {s.name: Param(None if s.name == "aggregator_params" else defaults[s.name], type=s.json_type(),
+                            description=s.description, **s.bounds(len(spec.clients)))
+              for s in ROUND_SETTINGS}
+    params["round_id"] = Param(None, type=["null", "string"], pattern=ROUND_ID_PATTERN.pattern,
+                               description="Optional explicit round id (manual runs); default: next free number")
+    return params
 
 
 def _step(federation_file: str, step: str, round_id: str) -> Any:
@@ -137,8 +120,8 @@ def build_round_dag(spec: FederationSpec):
             from fl_airflow.run_notes import set_run_note
             from fl_airflow.steps import coordinator_for
 
-            from fl_tasks import round_log
-            from fl_tasks.coordinator import RoundFailed, RunContext
+            from fl_tasks.config import ConfigError
+            from fl_tasks.coordinator import RoundFailed, RunContext, report
 
             run = context["dag_run"]
             run_type = str(getattr(run.run_type, "value", run.run_type))
@@ -155,10 +138,10 @@ def build_round_dag(spec: FederationSpec):
             coordinator = coordinator_for(federation_file)
             try:
                 round_id = coordinator.prepare(ctx)
-            except (RoundFailed, ValueError) as exc:
+            except (RoundFailed, ConfigError, ValueError) as exc:
                 raise AirflowFailException(str(exc)) from None
             set_run_note(run.dag_id, run.run_id,
-                         round_log.running_note(round_id, coordinator.load_plan(round_id).base_version))
+                         report.running_note(round_id, coordinator.load_plan(round_id).base_version))
             return round_id
 
         @task
@@ -184,14 +167,14 @@ def build_round_dag(spec: FederationSpec):
         def summary(**context) -> dict[str, Any]:
             from fl_airflow.run_notes import set_run_note
 
-            from fl_tasks import round_log
+            from fl_tasks.coordinator import report as round_report
 
             round_id = context["ti"].xcom_pull(task_ids="prepare_round")
             if not round_id:
                 raise AirflowFailException("the round was never prepared; see the prepare_round log")
             report = _step(federation_file, "summarize", round_id)
             run = context["dag_run"]
-            set_run_note(run.dag_id, run.run_id, round_log.run_note(report))
+            set_run_note(run.dag_id, run.run_id, round_report.run_note(report))
             if report["decision"] == "no_model":
                 # The run must show red: no model came out of this round.
                 raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")
@@ -209,5 +192,32 @@ def build_round_dag(spec: FederationSpec):
     return fl_round()
 
 
-for _spec in load_federations(FEDERATIONS_DIR):
+def build_error_dag(error: ConfigError):
+    """A federation file that does not load: a paused DAG that shows the error in the UI (its
+    description, docs and its one task's failure), in place of the federation's DAG."""
+    name = Path(error.source).stem
+    dag_id = f"fl_config_error__{''.join(c if c.isalnum() else '_' for c in name)}"
+
+    @dag(dag_id=dag_id, description=f"BROKEN federation file: {error}"[:1000], schedule=None,
+         start_date=datetime(2024, 1, 1, tzinfo=timezone.utc), catchup=False, is_paused_upon_creation=True,
+         tags=["federated-learning", "config-error"],
+         doc_md=f"### Federation file `{error.source}` does not load\n\n- **Field:** `{error.field_path}`\n"
+                f"- **Problem:** {error.problem}\n- **Fix:** {error.fix}\n\nThe other federations are not "
+                "affected. Fix the file; this DAG disappears and the federation's own DAG appears at the next "
+                "parse.")
+    def config_error():
+        @task(retries=0)
+        def fix_federation_file() -> None:
+            raise AirflowFailException(str(error))
+
+        fix_federation_file()
+
+    return config_error()
+
+
+_scan = scan_federations(FEDERATIONS_DIR)
+for _spec in _scan.specs:
     globals()[_spec.dag_id] = build_round_dag(_spec)
+for _error in _scan.errors:
+    _dag = build_error_dag(_error)
+    globals()[_dag.dag_id] = _dag

@@ -1,7 +1,9 @@
 """Federation spec: one YAML file per federation, loaded into validated, frozen objects.
 
 A bad file fails at load time with the file, the dotted field and the fix, so that a typo
-never surfaces halfway through a round.
+never surfaces halfway through a round. The per-round settings take their defaults and
+bounds from `fl_tasks.settings`; the task is named here and imported where it runs
+(`FederationSpec.load_task`), so that reading a file never imports torch.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from typing import Any, get_args, get_type_hints
 import yaml
 
 from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
+from fl_tasks.contract import COLUMN_TYPES, LABEL_TYPES, Column, DataContract
 from fl_tasks.protocol import NAME_PATTERN as ID_PATTERN
+from fl_tasks.settings import ROUND_SETTINGS, SETTINGS_BY_PATH, default
 
 BUCKET_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/([A-Za-z0-9._/-]*))?$")
-DATASETS = ("creditcard", "synthetic")
+ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+# An Airflow connection id (also usable as an AIRFLOW_CONN_<ID> variable name).
+CONN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,200}$")
 
 
 class ConfigError(ValueError):
@@ -36,6 +42,12 @@ class ConfigError(ValueError):
 class ClientSpec:
     id: str
     bucket: str  # s3://bucket[/prefix]
+    # A silo's bucket often lives in another organisation's account or on its own endpoint:
+    # these override the federation's `storage` settings for this client's objects.
+    aws_conn_id: str | None = None
+    endpoint_url: str | None = None
+    # The most examples this silo can have (its declared size): a larger count is rejected.
+    max_examples: int | None = None
 
     @property
     def bucket_name(self) -> str:
@@ -48,12 +60,12 @@ class ClientSpec:
 
 @dataclass(frozen=True)
 class QuorumSpec:
-    min_clients: int = 1
-    min_fraction: float | None = None  # quorum = max(min_clients, ceil(min_fraction * clients))
-    round_timeout_minutes: float = 30.0
+    min_clients: int = default("quorum.min_clients")
+    min_fraction: float | None = default("quorum.min_fraction")  # quorum = max(min_clients, ceil(fraction * clients))
+    round_timeout_minutes: float = default("quorum.round_timeout_minutes")
     # Once the quorum is in, wait this long for stragglers, then close (never past the
     # deadline); null: keep the round open until the deadline or until every client commits.
-    grace_period_minutes: float | None = None
+    grace_period_minutes: float | None = default("quorum.grace_period_minutes")
     poll_interval_seconds: float = 10.0
 
 
@@ -71,18 +83,21 @@ class StalenessSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    factory: str = "fraud_mlp"
-    input_dim: int = 30
-    hidden: tuple[int, ...] = (64, 32)
-    batch_norm: bool = True
+class TaskSpec:
+    """The federation's task (fl_tasks.tasks.api): `module:Class`, its params, the seed of the
+    first round's model, and optionally a model the team already runs to start from instead."""
+
+    entrypoint: str = "fl_tasks.tasks.fraud:FraudTask"
+    params: dict = field(default_factory=dict)
     seed: int = 0
+    # models:/<name>/<version>, models:/<name>@<alias> or s3://.../weights.safetensors
+    warm_start: str | None = None
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    local_epochs: int = 1
-    learning_rate: float = 0.001
+    local_epochs: int = default("training.local_epochs")
+    learning_rate: float = default("training.learning_rate")
     batch_size: int = 512
     proximal_mu: float = 0.0
     codec: str = "fp32"
@@ -93,9 +108,10 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class GatesSpec:
-    min_roc_auc: float = 0.0
-    min_pr_auc: float = 0.0
-    max_regression: float = 1.0  # largest allowed ROC-AUC drop against the champion
+    # metric -> threshold: at least this, or at most for a metric where lower is better
+    thresholds: dict = field(default_factory=dict)
+    # largest drop of the task's primary metric allowed against the champion
+    max_regression: float = default("gates.max_regression")
 
 
 @dataclass(frozen=True)
@@ -105,17 +121,18 @@ class ScreeningSpec:
     max_update_norm: float | None = None  # absolute bound on ||update - base||
     max_norm_ratio: float | None = None  # bound relative to the round's median norm
     min_cosine: float | None = None  # direction against the mean of the other updates
+    # On by default, nearly free when nobody attacks (see the README's failure modes):
+    max_abs_value: float = 1e6  # any weight's magnitude, whatever else is off
+    min_norm_ratio: float | None = 0.01  # free riders: norm below this x the round's median
+    max_example_growth: float | None = 10.0  # num_examples over this x the silo's recent median
 
 
 CONN_ID_PLACEHOLDERS = ("{client}", "{federation}")
-# After the placeholders are filled in: letters, digits and underscores only, so that the id
-# is also a valid environment-variable suffix (AIRFLOW_CONN_<ID>, upper-cased by Airflow).
-CONN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,200}$")
 
 
 @dataclass(frozen=True)
 class SecuritySpec:
-    """Update signatures (HMAC-SHA256, one key per client; see fl_tasks.signing)."""
+    """Update signatures (HMAC-SHA256, one key per client; see fl_tasks.protocol.signing)."""
 
     require_signatures: bool = False
     # Airflow connection holding a client's key (its password); '-' in ids becomes '_'.
@@ -134,10 +151,21 @@ class MlflowSpec:
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    dataset: str = "creditcard"
+class SimulationSpec:
+    """Only for fl-simulate, `make demo` and the tests: which of the task's example data sets
+    the simulated silos split, and how."""
+
+    source: str = "synthetic"  # a name the task's example_data knows
+    rows: int = 20000
     seed: int = 0
-    synthetic_rows: int = 20000
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """The coordinator's own labelled rows for the gates, read through the data contract.
+    Default: <federation>/holdout/validation.parquet in the coordinator's bucket."""
+
+    data: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,19 +178,24 @@ class FederationSpec:
     # The first and last data intervals the schedule (and backfills) may cover.
     start_date: str = "2013-09-01"
     end_date: str | None = None
-    aggregation: str = "fedavg"
+    task: TaskSpec = field(default_factory=TaskSpec)
+    contract: DataContract | None = None
+    aggregation: str = default("aggregation.strategy")
     aggregation_params: dict = field(default_factory=dict)
     clip_norm: float | None = None  # server-side clipping of ||update - base|| before the strategy
+    # No silo's share of a weighted strategy's weights above this; the excess goes to the others.
+    max_weight_share: float | None = 0.5
     screening: ScreeningSpec = field(default_factory=ScreeningSpec)
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     gates: GatesSpec = field(default_factory=GatesSpec)
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
-    data: DataSpec = field(default_factory=DataSpec)
+    simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
     security: SecuritySpec = field(default_factory=SecuritySpec)
     storage_endpoint_url: str = ""
+    storage_aws_conn_id: str | None = None  # Airflow connection for the coordinator's S3 access
     source: str = ""
 
     @property
@@ -182,11 +215,36 @@ class FederationSpec:
         """S3 endpoint: FL_S3_ENDPOINT_URL wins, so one file serves MinIO, moto and AWS."""
         return os.environ.get("FL_S3_ENDPOINT_URL") or self.storage_endpoint_url or None
 
+    @property
+    def validation_uri(self) -> str:
+        return self.validation.data or f"s3://{self.coordinator_bucket}/{self.federation}/holdout/validation.parquet"
+
     def client(self, client_id: str) -> ClientSpec:
         for c in self.clients:
             if c.id == client_id:
                 return c
         raise KeyError(f"client '{client_id}' is not in federation '{self.federation}'")
+
+    def round_defaults(self) -> dict[str, Any]:
+        """The file's value of every per-round setting (fl_tasks.settings), by name."""
+        values = {"aggregation.strategy": self.aggregation, "aggregation.params": dict(self.aggregation_params)}
+        for setting in ROUND_SETTINGS:
+            if setting.path not in values:
+                section, _, name = setting.path.partition(".")
+                values[setting.path] = getattr(getattr(self, section), name)
+        return {SETTINGS_BY_PATH[path].name: value for path, value in values.items()}
+
+    def load_task(self):
+        """The task object (imports the task's module: torch and all). Raises ConfigError
+        naming `task.entrypoint` or `task.params` when it does not import or fit the API."""
+        from fl_tasks.tasks.api import TaskError, load_task
+
+        try:
+            return load_task(self.task.entrypoint, self.task.params, self.contract)
+        except TaskError as exc:
+            field_path = "task.params" if "param" in str(exc) else "task.entrypoint"
+            raise ConfigError(self.source, field_path, str(exc).split("; ")[0],
+                              "; ".join(str(exc).split("; ")[1:]) or "fix the task") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +273,10 @@ def _check_type(value: Any, expected: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError("a string")
         return value
+    if expected is dict:
+        if not isinstance(value, dict):
+            raise TypeError("a mapping")
+        return dict(value)
     if expected == tuple[int, ...]:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise TypeError("a list of whole numbers")
@@ -250,8 +312,9 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
-             "quorum", "staleness", "aggregation", "screening", "model", "training", "gates", "mlflow", "data",
-             "security")
+             "quorum", "staleness", "aggregation", "screening", "task", "training", "gates", "mlflow", "data",
+             "simulation", "validation", "security")
+CLIENT_FIELDS = ("id", "bucket", "aws_conn_id", "endpoint_url", "max_examples")
 
 
 def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
@@ -276,11 +339,12 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
              "set 'coordinator: {bucket: fl-coordinator}' (the coordinator's own bucket)")
 
     storage = raw.get("storage") or {}
-    _require(isinstance(storage, dict) and set(storage) <= {"endpoint_url"}, source, "storage",
-             "only 'endpoint_url' is allowed", "remove the other keys")
+    _require(isinstance(storage, dict) and set(storage) <= {"endpoint_url", "aws_conn_id"}, source, "storage",
+             "only 'endpoint_url' and 'aws_conn_id' are allowed", "remove the other keys")
     endpoint = storage.get("endpoint_url") or ""
     _require(isinstance(endpoint, str), source, "storage.endpoint_url", "expected a URL string",
              "e.g. 'http://minio:9000', or leave it out for AWS")
+    _check_conn_id(storage.get("aws_conn_id"), source, "storage.aws_conn_id")
 
     raw_clients = raw.get("clients")
     _require(isinstance(raw_clients, list) and len(raw_clients) > 0, source, "clients",
@@ -288,20 +352,29 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     clients = []
     for i, item in enumerate(raw_clients):
         where = f"clients[{i}]"
-        _require(isinstance(item, dict) and set(item) == {"id", "bucket"}, source, where,
-                 "each client needs exactly 'id' and 'bucket'", "write '- {id: bank-a, bucket: s3://bank-a}'")
+        _require(isinstance(item, dict) and {"id", "bucket"} <= set(item) <= set(CLIENT_FIELDS), source, where,
+                 f"each client needs 'id' and 'bucket' (and may set {', '.join(CLIENT_FIELDS[2:])})",
+                 "write '- {id: bank-a, bucket: s3://bank-a}'")
         _require(isinstance(item["id"], str) and bool(ID_PATTERN.fullmatch(item["id"])), source, f"{where}.id",
                  f"{item['id']!r} is not a valid client id",
                  "use 1-40 lowercase letters, digits and dashes (no slashes or dots)")
         _require(isinstance(item["bucket"], str) and bool(BUCKET_URI_PATTERN.fullmatch(item["bucket"])),
                  source, f"{where}.bucket", f"{item['bucket']!r} is not an S3 URI", "write it as 's3://bucket[/prefix]'")
-        clients.append(ClientSpec(id=item["id"], bucket=item["bucket"].rstrip("/")))
+        _check_conn_id(item.get("aws_conn_id"), source, f"{where}.aws_conn_id")
+        _require(item.get("endpoint_url") is None or isinstance(item["endpoint_url"], str), source,
+                 f"{where}.endpoint_url", "expected a URL string", "e.g. 'https://s3.bank-a.example', or leave it out")
+        size = item.get("max_examples")
+        _require(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1), source,
+                 f"{where}.max_examples", f"{size!r} is not a positive whole number",
+                 "the most rows this client can train on, e.g. 250000, or leave it out")
+        clients.append(ClientSpec(id=item["id"], bucket=item["bucket"].rstrip("/"), aws_conn_id=item.get("aws_conn_id"),
+                                  endpoint_url=item.get("endpoint_url"), max_examples=size))
     ids = [c.id for c in clients]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     _require(not dupes, source, "clients", f"duplicate client ids {dupes}", "give every client a unique id")
 
-    aggregation, aggregation_params, clip_norm, min_updates = _parse_aggregation(raw.get("aggregation", "fedavg"),
-                                                                                 source)
+    aggregation, aggregation_params, clip_norm, max_weight_share, min_updates = _parse_aggregation(
+        raw.get("aggregation", "fedavg"), source)
     _require(min_updates <= len(clients), source, "aggregation.params",
              f"{aggregation} with {aggregation_params} needs at least {min_updates} client updates, "
              f"but the federation has {len(clients)} clients", "lower f (or m), or add clients")
@@ -332,18 +405,22 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         end_date=dates["end_date"],
         coordinator_bucket=coordinator["bucket"],
         storage_endpoint_url=endpoint,
+        storage_aws_conn_id=storage.get("aws_conn_id"),
+        task=_parse_task(raw.get("task"), source),
+        contract=_parse_contract(raw.get("data"), source),
         clients=tuple(clients),
         aggregation=aggregation,
         aggregation_params=aggregation_params,
         clip_norm=clip_norm,
+        max_weight_share=max_weight_share,
         screening=_section(ScreeningSpec, raw.get("screening"), source, "screening"),
         quorum=_section(QuorumSpec, raw.get("quorum"), source, "quorum"),
         staleness=_section(StalenessSpec, raw.get("staleness"), source, "staleness"),
-        model=_section(ModelSpec, raw.get("model"), source, "model"),
         training=_section(TrainingSpec, raw.get("training"), source, "training"),
         gates=_section(GatesSpec, raw.get("gates"), source, "gates"),
         mlflow=_section(MlflowSpec, raw.get("mlflow"), source, "mlflow"),
-        data=_section(DataSpec, raw.get("data"), source, "data"),
+        simulation=_section(SimulationSpec, raw.get("simulation"), source, "simulation"),
+        validation=_section(ValidationSpec, raw.get("validation"), source, "validation"),
         security=_section(SecuritySpec, raw.get("security"), source, "security"),
         source=source,
     )
@@ -351,15 +428,19 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     return spec
 
 
-def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, int]:
-    """`aggregation: krum`, or a mapping {strategy, params, clip_norm}."""
+def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, float | None, int]:
+    """`aggregation: krum`, or a mapping {strategy, params, clip_norm, max_weight_share}."""
     where = "aggregation" if isinstance(raw, str) else "aggregation.strategy"
     if isinstance(raw, str):
         raw = {"strategy": raw}
-    _require(isinstance(raw, dict) and set(raw) <= {"strategy", "params", "clip_norm"}, source, "aggregation",
-             "expected a strategy name or a mapping with strategy, params, clip_norm",
+    _require(isinstance(raw, dict) and set(raw) <= {"strategy", "params", "clip_norm", "max_weight_share"}, source,
+             "aggregation", "expected a strategy name or a mapping with strategy, params, clip_norm, max_weight_share",
              "e.g. 'aggregation: {strategy: krum, params: {f: 1}}'")
     name, params, clip = raw.get("strategy", "fedavg"), raw.get("params") or {}, raw.get("clip_norm")
+    share = raw.get("max_weight_share", 0.5)
+    _require(share is None or (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1),
+             source, "aggregation.max_weight_share", f"{share!r} is not a share in (0, 1]",
+             "e.g. 0.5, or null to let example counts alone decide the weights")
     _require(name in STRATEGY_NAMES, source, where, f"unknown strategy {name!r}",
              f"choose one of {', '.join(STRATEGY_NAMES)}")
     _require(isinstance(params, dict), source, "aggregation.params", "expected a mapping", "e.g. '{f: 1}'")
@@ -377,40 +458,123 @@ def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, 
         strategy = build(name, **params)
     except ValueError as exc:
         raise ConfigError(source, "aggregation.params", str(exc), "fix the parameter values") from None
-    return name, dict(params), None if clip is None else float(clip), strategy.min_updates
+    return (name, dict(params), None if clip is None else float(clip), None if share is None else float(share),
+            strategy.min_updates)
+
+
+def _check_conn_id(value: Any, source: str, field_path: str) -> None:
+    _require(value is None or (isinstance(value, str) and bool(CONN_ID_PATTERN.fullmatch(value))), source, field_path,
+             f"{value!r} is not an Airflow connection id", "use letters, digits and underscores, e.g. 'aws_bank_a'")
+
+
+def _parse_task(raw: Any, source: str) -> TaskSpec:
+    task = _section(TaskSpec, raw, source, "task")
+    _require(bool(ENTRYPOINT_PATTERN.fullmatch(task.entrypoint)), source, "task.entrypoint",
+             f"{task.entrypoint!r} is not 'module:Class'", "e.g. 'fraud_banks.task:FraudTask'")
+    _require(task.warm_start is None or re.fullmatch(r"models:/[^/@]+(/\d+|@[A-Za-z0-9_-]+)", task.warm_start)
+             is not None or BUCKET_URI_PATTERN.fullmatch(task.warm_start) is not None, source, "task.warm_start",
+             f"{task.warm_start!r} is neither an MLflow model version nor an s3:// weights URI",
+             "write 'models:/<name>/<version>', 'models:/<name>@<alias>' or 's3://bucket/path/weights.safetensors'")
+    return task
+
+
+def _parse_column(raw: Any, source: str, where: str, types: tuple[str, ...]) -> list[Column]:
+    """One contract entry: {name, type, ...}, or {names: [...], type, ...} for several columns."""
+    allowed = {"name", "names", "type", "categories", "max_missing_share", "max_unknown_share"}
+    _require(isinstance(raw, dict), source, where, "expected a mapping",
+             "write '{name: amount, type: numeric}'")
+    unknown = sorted(set(raw) - allowed)
+    _require(not unknown, source, f"{where}.{unknown[0] if unknown else ''}", "unknown field",
+             f"allowed fields: {', '.join(sorted(allowed))}")
+    names = raw.get("names", [raw.get("name")]) if "names" in raw else [raw.get("name")]
+    _require(("name" in raw) != ("names" in raw), source, where, "needs exactly one of 'name' or 'names'",
+             "write '{name: amount, type: numeric}' or '{names: [v1, v2], type: numeric}'")
+    _require(isinstance(names, list) and names and all(isinstance(n, str) and n for n in names), source,
+             f"{where}.{'names' if 'names' in raw else 'name'}", "expected column names", "e.g. 'amount'")
+    kind = raw.get("type")
+    _require(kind in types, source, f"{where}.type", f"unknown column type {kind!r}", f"choose one of {', '.join(types)}")
+    categories = raw.get("categories", [])
+    _require(isinstance(categories, list) and all(isinstance(c, str) for c in categories), source,
+             f"{where}.categories", "expected a list of strings", "e.g. [web, pos, atm]")
+    _require((kind == "categorical") == bool(categories), source, f"{where}.categories",
+             "categorical columns need their categories, other types have none",
+             "list the known values of a categorical column, e.g. categories: [web, pos, atm]")
+    shares = {}
+    for key in ("max_missing_share", "max_unknown_share"):
+        value = raw.get(key, 0.0)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1, source,
+                 f"{where}.{key}", f"{value!r} is not a share between 0 and 1", "e.g. 0.01")
+        shares[key] = float(value)
+    return [Column(name=name, type=kind, categories=tuple(categories), **shares) for name in names]
+
+
+def _parse_contract(raw: Any, source: str) -> DataContract:
+    """`data: {contract: {label, event_time, features, allow_extra_columns, min_rows}}`."""
+    fix = "declare 'data: {contract: {label: ..., event_time: ..., features: [...]}}' (see the README)"
+    _require(isinstance(raw, dict) and set(raw) == {"contract"}, source, "data",
+             "expected exactly 'contract' (the columns every silo's rows must have)", fix)
+    contract = raw["contract"]
+    allowed = ("label", "event_time", "features", "allow_extra_columns", "min_rows")
+    _require(isinstance(contract, dict), source, "data.contract", "expected a mapping", fix)
+    for key in contract:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            raise ConfigError(source, f"data.contract.{key}", "unknown field",
+                              f"did you mean '{close[0]}'?" if close else f"allowed fields: {', '.join(allowed)}")
+    label = contract.get("label")
+    if isinstance(label, str):
+        label = {"name": label, "type": "boolean"}
+    [label_column] = _parse_column(label, source, "data.contract.label", LABEL_TYPES) if label is not None else \
+        _parse_column({}, source, "data.contract.label", LABEL_TYPES)
+    features = contract.get("features")
+    _require(isinstance(features, list) and features, source, "data.contract.features",
+             "at least one feature column is required", "list them as '- {name: amount, type: numeric}'")
+    columns = [c for i, item in enumerate(features)
+               for c in _parse_column(item, source, f"data.contract.features[{i}]", COLUMN_TYPES)]
+    event_time = contract.get("event_time")
+    _require(event_time is None or (isinstance(event_time, str) and event_time), source, "data.contract.event_time",
+             "expected a column name", "name the timestamp column that data windows select on, or leave it out")
+    names = [c.name for c in columns] + [label_column.name] + ([event_time] if event_time else [])
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _require(not dupes, source, "data.contract", f"columns {dupes} are declared twice", "name each column once")
+    extra, min_rows = contract.get("allow_extra_columns", False), contract.get("min_rows", 2)
+    _require(isinstance(extra, bool), source, "data.contract.allow_extra_columns", "expected true or false",
+             "true lets silos have columns the contract does not name")
+    _require(isinstance(min_rows, int) and not isinstance(min_rows, bool) and min_rows >= 1, source,
+             "data.contract.min_rows", f"{min_rows!r} is not a positive whole number", "e.g. 2")
+    return DataContract(label=label_column, features=tuple(columns), event_time=event_time,
+                        allow_extra_columns=extra, min_rows=min_rows)
 
 
 def _validate_values(spec: FederationSpec, source: str) -> None:
-    q, t, g = spec.quorum, spec.training, spec.gates
-    _require(1 <= q.min_clients <= len(spec.clients), source, "quorum.min_clients",
-             f"{q.min_clients} is outside 1..{len(spec.clients)} (the number of clients)",
-             f"set it between 1 and {len(spec.clients)}")
-    _require(q.round_timeout_minutes > 0, source, "quorum.round_timeout_minutes", "must be positive",
-             "e.g. 30")
-    _require(q.min_fraction is None or 0 < q.min_fraction <= 1, source, "quorum.min_fraction",
-             f"{q.min_fraction} is outside (0, 1]", "e.g. 0.6 for three clients in five, or leave it out")
-    _require(q.grace_period_minutes is None or q.grace_period_minutes >= 0, source, "quorum.grace_period_minutes",
-             "must not be negative", "e.g. 5, or leave it out to wait until the deadline")
+    q, t = spec.quorum, spec.training
+    for name, value in spec.round_defaults().items():
+        setting = next(s for s in ROUND_SETTINGS if s.name == name)
+        problem = setting.problem(value, len(spec.clients))
+        _require(problem is None, source, setting.path, problem or "", setting.description)
+    for metric, threshold in spec.gates.thresholds.items():
+        _require(isinstance(threshold, (int, float)) and not isinstance(threshold, bool), source,
+                 f"gates.thresholds.{metric}", f"expected a number, got {threshold!r}",
+                 "write the metric's threshold, e.g. 'pr_auc: 0.3'")
     st = spec.staleness
     _require(st.policy in STALENESS_POLICIES, source, "staleness.policy", f"unknown policy {st.policy!r}",
              f"choose one of {', '.join(STALENESS_POLICIES)}")
     _require(st.exponent >= 0, source, "staleness.exponent", "must not be negative", "e.g. 0.5")
     _require(st.max_staleness >= 1, source, "staleness.max_staleness", "must be at least 1", "e.g. 3")
     _require(q.poll_interval_seconds > 0, source, "quorum.poll_interval_seconds", "must be positive", "e.g. 10")
-    _require(t.local_epochs >= 1, source, "training.local_epochs", "must be at least 1", "e.g. 1")
-    _require(0 < t.learning_rate < 1, source, "training.learning_rate", "must be in (0, 1)", "e.g. 0.001")
     _require(t.batch_size >= 1, source, "training.batch_size", "must be at least 1", "e.g. 512")
     _require(t.proximal_mu >= 0, source, "training.proximal_mu", "must not be negative", "0 disables it")
     _require(t.codec == "fp32", source, "training.codec", f"unsupported codec {t.codec!r}", "use 'fp32'")
     _require(t.window in ("interval", "all"), source, "training.window", f"unknown window {t.window!r}",
              "use 'interval' (train on the run's data interval) or 'all'")
-    for name in ("min_roc_auc", "min_pr_auc", "max_regression"):
-        value = getattr(g, name)
-        _require(0 <= value <= 1, source, f"gates.{name}", f"{value} is outside 0..1", "use a fraction, e.g. 0.9")
-    _require(spec.model.factory == "fraud_mlp", source, "model.factory",
-             f"unknown model factory {spec.model.factory!r}", "use 'fraud_mlp'")
-    _require(spec.model.input_dim >= 1 and all(h >= 1 for h in spec.model.hidden), source, "model",
-             "sizes must be positive", "e.g. input_dim: 30, hidden: [64, 32]")
+    _require(t.window == "all" or spec.contract.event_time is not None, source, "training.window",
+             "'interval' needs an event-time column in the data contract",
+             "set data.contract.event_time, or training.window: all")
+    _require(spec.simulation.rows >= 10, source, "simulation.rows", "must be at least 10", "e.g. 20000")
+    _require(not spec.validation.data or spec.validation.data.startswith("s3://")
+             or spec.validation.data.endswith((".parquet", ".csv")), source, "validation.data",
+             f"{spec.validation.data!r} is neither an s3:// URI nor a .parquet or .csv file",
+             "e.g. 's3://fl-coordinator/banks/holdout/validation.parquet'")
     template = spec.security.signing_key_conn_id
     _require(template.count("{client}") == 1, source, "security.signing_key_conn_id",
              f"{template!r} does not contain '{{client}}' exactly once (each client needs its own key)",
@@ -420,8 +584,6 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
              f"{template!r} is not a usable Airflow connection id",
              "use letters, digits, underscores and the placeholders {client} and {federation} "
              "(ids must also work as AIRFLOW_CONN_<ID> variable names)")
-    _require(spec.data.dataset in DATASETS, source, "data.dataset", f"unknown dataset {spec.data.dataset!r}",
-             f"choose one of {', '.join(DATASETS)}")
 
 
 def load_federation(path: str | os.PathLike) -> FederationSpec:
@@ -440,13 +602,37 @@ def load_federation(path: str | os.PathLike) -> FederationSpec:
     return parse_federation(raw, str(path))
 
 
-def load_federations(folder: str | os.PathLike) -> list[FederationSpec]:
-    """Every `*.yaml` in a folder, sorted by file name; names must be unique."""
-    specs = [load_federation(p) for p in sorted(Path(folder).glob("*.yaml"))]
-    seen: dict[str, str] = {}
-    for spec in specs:
+@dataclass(frozen=True)
+class FederationScan:
+    """What a folder of federation files holds: the files that load, and why the others do not."""
+
+    specs: list[FederationSpec]
+    errors: list[ConfigError]
+
+
+def scan_federations(folder: str | os.PathLike) -> FederationScan:
+    """Every `*.yaml` in a folder, sorted by file name. A file that does not load, or reuses
+    another file's federation name, is reported, never raised: one broken file must not
+    take the other federations down."""
+    specs, errors, seen = [], [], {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        try:
+            spec = load_federation(path)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
         if spec.federation in seen:
-            raise ConfigError(spec.source, "federation", f"name {spec.federation!r} is also used by {seen[spec.federation]}",
-                              "give each federation file a unique name")
+            errors.append(ConfigError(spec.source, "federation", f"name {spec.federation!r} is also used by "
+                                      f"{seen[spec.federation]}", "give each federation file a unique name"))
+            continue
         seen[spec.federation] = spec.source
-    return specs
+        specs.append(spec)
+    return FederationScan(specs, errors)
+
+
+def load_federations(folder: str | os.PathLike) -> list[FederationSpec]:
+    """Every federation file in a folder; the first that does not load raises ConfigError."""
+    scan = scan_federations(folder)
+    if scan.errors:
+        raise scan.errors[0]
+    return scan.specs

@@ -20,11 +20,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fl_tasks import signing  # noqa: E402
+from fl_tasks.protocol import signing  # noqa: E402
 from fl_tasks.config import ConfigError, load_federation  # noqa: E402
 from fl_tasks.coordinator import Coordinator  # noqa: E402
-from fl_tasks.embedded import S3Server, airflow, create_buckets, service_env  # noqa: E402
-from fl_tasks.storage import ObjectStore  # noqa: E402
+from devstack.embedded import S3Server, airflow, create_buckets, service_env  # noqa: E402
+from fl_tasks.protocol.storage import ObjectStore  # noqa: E402
 
 def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -32,36 +32,32 @@ def say(message: str) -> None:
 def fmt(metrics: dict | None, name: str) -> str:
     return f"{metrics[name]:.4f}" if metrics else "-"
 
-def local_only_baselines(spec, silo_paths: dict[str, Path], epochs: int) -> dict[str, dict[str, float]]:
-    """Each bank alone: the same model and optimiser, the same total epochs, its rows only."""
-    from fl_tasks.datasets import Table, holdout_split, load_dataset
-    from fl_tasks.evaluation import evaluate
-    from fl_tasks.models import build_model
-    from fl_tasks.training import train_local
+def local_only_baselines(spec, silo_paths: dict[str, Path], test, epochs: int) -> dict[str, dict[str, float]]:
+    """Each bank alone: the same task, model and optimiser, the same total epochs, its rows only."""
+    import pandas as pd
 
-    test = holdout_split(load_dataset(spec.data.dataset, seed=spec.data.seed), seed=spec.data.seed)[2]
+    from fl_tasks.tasks.api import TrainingSettings
+
+    task = spec.load_task()
+    settings = TrainingSettings(local_epochs=epochs, learning_rate=spec.training.learning_rate,
+                                batch_size=spec.training.batch_size, seed=spec.simulation.seed)
     results = {}
     for client_id, path in silo_paths.items():
-        model = build_model(spec.model, seed=spec.model.seed)
-        train_local(model, Table.load(path), epochs=epochs, learning_rate=spec.training.learning_rate,
-                    batch_size=spec.training.batch_size, seed=spec.data.seed)
-        results[client_id] = evaluate(model, test)
+        model = task.seeded_model(spec.task.seed)
+        task.train(model, pd.read_parquet(path), settings, model.state_dict())
+        results[client_id] = task.evaluate(model, test)
     return results
 
-def champion_on_test(spec, coordinator: Coordinator) -> dict[str, float] | None:
-    from fl_tasks import registry
-    from fl_tasks.codec import decode_state
-    from fl_tasks.datasets import holdout_split, load_dataset
-    from fl_tasks.evaluation import evaluate
-    from fl_tasks.models import build_model, load_numpy_state
+def champion_on_test(spec, coordinator: Coordinator, test) -> dict[str, float] | None:
+    from fl_tasks.coordinator import registry
+    from fl_tasks.protocol.codec import decode_state
+    from fl_tasks.tasks.api import load_model_state
 
     champion = registry.get_champion(spec)
     if champion is None:
         return None
-    payload = coordinator.read_champion(champion)
-    model = load_numpy_state(build_model(spec.model), decode_state(payload))
-    test = holdout_split(load_dataset(spec.data.dataset, seed=spec.data.seed), seed=spec.data.seed)[2]
-    return {"version": champion.version, **evaluate(model, test)}
+    model = load_model_state(coordinator.task.build_model(), decode_state(coordinator.read_champion(champion)))
+    return {"version": champion.version, **coordinator.task.evaluate(model, test)}
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
@@ -91,11 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     federations_dir.mkdir()
     shutil.copy(args.federation, federations_dir / Path(args.federation).name)
 
-    from fl_tasks.datasets import load_dataset
-    from fl_tasks.simulate import SiloProcesses, prepare_silos
+    from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos, publish_validation
 
-    say(f"loading the {spec.data.dataset} dataset")
-    load_dataset(spec.data.dataset, seed=spec.data.seed)
     s3 = S3Server(state / "logs" / "s3.log")
     silos = None
     try:
@@ -114,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         if migrated.returncode != 0:
             say(f"airflow db migrate failed; see {state / 'logs' / 'airflow-db.log'}")
             return 1
-        say(f"partitioning the data across {len(spec.clients)} banks (non-IID) and starting their fl-client agents")
-        paths = prepare_silos(spec, state)
-        silos = SiloProcesses(spec, paths, state / "logs" / "silos", signing_keys=keys).start()
+        say(f"loading the task's {spec.simulation.source} data and partitioning it across {len(spec.clients)} banks "
+            "(non-IID); the coordinator keeps a share for its gates, and a referee share no gate sees")
+        data = prepare_silos(spec, state)
+        publish_validation(spec, data, ObjectStore(s3.endpoint_url))
+        say("starting the banks' fl-client agents (each reads its own Parquet file)")
+        silos = SiloProcesses(spec, data.silos, state / "logs" / "silos", signing_keys=keys).start()
         say(f"each bank signs its updates with its own key; signatures required: "
             f"{spec.security.require_signatures}")
 
@@ -151,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(r['candidate'], 'roc_auc'):>9}{fmt(r['champion'], 'roc_auc'):>10}  "
                   f"{fmt(r['candidate'], 'pr_auc'):>8}{fmt(r['champion'], 'pr_auc'):>9}  "
                   f"{r['decision']:<10}{r['version'] or '-':>8}")
-        print("(validation split held by the coordinator; 'champ' is the champion the round started from)")
+        print("(the coordinator's own validation rows; 'champ' is the champion the round started from)")
 
         silos.stop()
         epochs = args.rounds * spec.training.local_epochs
-        say(f"held-out test data: last promoted global model vs each bank alone ({epochs} local epochs)")
-        federated = champion_on_test(spec, coordinator)
-        baselines = local_only_baselines(spec, paths, epochs)
+        say(f"the referee's test rows: last promoted global model vs each bank alone ({epochs} local epochs)")
+        import pandas as pd
+
+        test = pd.read_parquet(data.test)
+        federated = champion_on_test(spec, coordinator, test)
+        baselines = local_only_baselines(spec, data.silos, test, epochs)
         print()
         print(f"{'model':<28}{'test ROC-AUC':>13}{'test PR-AUC':>13}")
         if federated:
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("Browse the rounds in MLflow:")
         print(f"  .venv/bin/mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']} --port 5000")
-        print(f"Round reports, logs and silo data: {state}")
+        print(f"Round reports, logs and silo data (Parquet): {state}")
         if federated is None:
             say("no round was promoted")
             return 1

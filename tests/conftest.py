@@ -14,7 +14,7 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 import pytest
 import yaml
 
-from fl_tasks.embedded import S3Server
+from devstack.embedded import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
@@ -47,8 +47,17 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
+# The built-in fraud task's data contract (as in federations/banks.yaml).
+FRAUD_CONTRACT = {
+    "label": {"name": "Class", "type": "boolean"},
+    "event_time": "event_time",
+    "features": [{"names": [f"V{i}" for i in range(1, 29)], "type": "numeric"}, {"name": "Amount", "type": "numeric"}],
+}
+
+
 def federation_doc(num_clients: int = 3, **overrides) -> dict:
-    """A small synthetic-data federation with bucket names unique to this test session."""
+    """A small synthetic-data federation of the built-in fraud task, with bucket names unique
+    to this test session."""
     n = next(_names)
     name = overrides.pop("federation", f"test-{n}")
     doc = {
@@ -56,10 +65,11 @@ def federation_doc(num_clients: int = 3, **overrides) -> dict:
         "coordinator": {"bucket": f"coord-{n}"},
         "clients": [{"id": f"silo-{i}", "bucket": f"s3://silo-{n}-{i}"} for i in range(num_clients)],
         "quorum": {"min_clients": 2, "round_timeout_minutes": 2, "poll_interval_seconds": 0.5},
-        "model": {"hidden": [16, 8], "seed": 3},
+        "task": {"entrypoint": "fl_tasks.tasks.fraud:FraudTask", "params": {"hidden": [16, 8]}, "seed": 3},
         "training": {"local_epochs": 2, "learning_rate": 0.01, "batch_size": 128},
-        "gates": {"min_roc_auc": 0.6, "min_pr_auc": 0.0, "max_regression": 0.05},
-        "data": {"dataset": "synthetic", "synthetic_rows": 6000, "seed": 5},
+        "gates": {"thresholds": {"roc_auc": 0.6}, "max_regression": 0.05},
+        "data": {"contract": FRAUD_CONTRACT},
+        "simulation": {"source": "synthetic", "rows": 6000, "seed": 5},
         "mlflow": {"model_name": f"{name}-model"},
     }
     for key, value in overrides.items():
@@ -87,22 +97,25 @@ def write_federation(tmp_path):
 
 @pytest.fixture
 def make_federation(s3_server, mlflow_uri, write_federation):
-    """Build a federation on the moto server: (spec, coordinator, {client id: ClientRuntime})."""
-    from fl_tasks.client import ClientRuntime
+    """Build a federation on the moto server: (spec, coordinator, {client id: SiloAgent}),
+    each agent reading its own simulated Parquet file, the coordinator's validation rows in
+    its bucket."""
+    from devstack.embedded import create_buckets
     from fl_tasks.config import load_federation
     from fl_tasks.coordinator import Coordinator
-    from fl_tasks.datasets import dirichlet_partition, holdout_split, load_dataset
-    from fl_tasks.embedded import create_buckets
+    from fl_tasks.silo.agent import SiloAgent
+    from fl_tasks.silo.sources import FileSource
+    from fl_tasks.simulation.simulate import prepare_silos, publish_validation
 
-    def make(**overrides):
-        spec = load_federation(write_federation(**overrides))
+    def make(agent_class=SiloAgent, **overrides):
+        path = write_federation(**overrides)
+        spec = load_federation(path)
         coordinator = Coordinator(spec)
         create_buckets(spec, coordinator.store)
-        pool = holdout_split(load_dataset("synthetic", seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows),
-                             seed=spec.data.seed)[0]
-        parts = dirichlet_partition(pool.y, len(spec.clients), alpha=1.0, seed=1, min_rows=200)
-        clients = {c.id: ClientRuntime(c.id, spec.federation, c.bucket, pool.take(p), coordinator.store)
-                   for c, p in zip(spec.clients, parts)}
+        data = prepare_silos(spec, path.parent / f"{spec.federation}-data", alpha=1.0)
+        publish_validation(spec, data, coordinator.store)
+        clients = {c.id: agent_class(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store)
+                   for c in spec.clients}
         return spec, coordinator, clients
 
     return make
@@ -132,7 +145,7 @@ def mlflow_proxy(mlflow_server, monkeypatch):
     """A FaultProxy in front of the MLflow server, as this test's tracking URI.
 
     MLflow's HTTP retries are shortened (2 retries, no backoff, 3 s timeout) so that an
-    outage fails a call in seconds; the production values are in fl_tasks.registry.
+    outage fails a call in seconds; the production values are in fl_tasks.coordinator.registry.
     """
     import mlflow
 
@@ -147,3 +160,13 @@ def mlflow_proxy(mlflow_server, monkeypatch):
         mlflow.set_tracking_uri(proxy.url)
         yield proxy
     mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL cluster for the session (tests/postgres_server.py); tests
+    create their own databases with `postgres_server.create_database(name)`."""
+    from tests.postgres_server import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

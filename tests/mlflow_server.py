@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fl_tasks.embedded import LoopbackServer
+from devstack.embedded import LoopbackServer
 
 
 class MlflowServer(LoopbackServer):

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from fl_tasks.client import build_parser
+from fl_tasks.silo.agent import build_parser
 from fl_tasks.config import BUCKET_URI_PATTERN, load_federation, load_federations
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,7 +299,7 @@ def test_fl_client_ids_buckets_and_data_match_the_federation(services, fl_client
 def test_signing_keys_reach_the_coordinator_and_only_their_own_silo(airflow_services, fl_clients, monkeypatch):
     from fl_airflow.keys import ConnectionKeys
 
-    from fl_tasks import signing
+    from fl_tasks.protocol import signing
 
     assert FEDERATION.security.require_signatures, "the compose federation should exercise signatures"
     keys = {}
@@ -878,7 +878,7 @@ def container_to_host(service: dict, path: str) -> tuple[str, str]:
 
 
 def test_silo_data_job_writes_the_files_each_fl_client_reads(services, fl_clients):
-    from fl_tasks.simulate import prepare_silos
+    from fl_tasks.simulation.simulate import prepare_silos
 
     silo = services["fl-silo-data"]
     argv = program(silo)
@@ -975,7 +975,7 @@ def test_every_environment_variable_is_read_by_something(services):
 @pytest.fixture(scope="module")
 def local_stack_env(tmp_path_factory) -> dict[str, str]:
     """The environment `make stack` (fl_tasks/localstack.py) gives its Airflow processes."""
-    from fl_tasks.localstack import LocalStack
+    from devstack.localstack import LocalStack
 
     return LocalStack(tmp_path_factory.mktemp("stack"), REPO / "federations").env()
 

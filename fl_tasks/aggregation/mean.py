@@ -146,6 +146,28 @@ class StreamingWeightedMean:
         return out
 
 
+def cap_shares(weights: list[float], max_share: float | None) -> list[float]:
+    """Weights scaled so that no one holds more than `max_share` of their sum, the excess
+    redistributed to the others in proportion to their weights (water-filling), with the
+    sum kept. When n * max_share < 1 no cap can hold: equal weights."""
+    total = float(sum(weights))
+    if max_share is None or total <= 0 or not weights:
+        return list(weights)
+    if len(weights) * max_share <= 1:
+        return [total / len(weights)] * len(weights)
+    shares = [w / total for w in weights]
+    capped = [False] * len(shares)
+    while True:
+        over = [i for i, s in enumerate(shares) if not capped[i] and s > max_share + 1e-15]
+        if not over:
+            return [s * total for s in shares]
+        for i in over:
+            capped[i] = True
+        free = 1.0 - max_share * sum(capped)
+        rest = sum(w for w, c in zip(weights, capped) if not c)
+        shares = [max_share if c else w / rest * free for w, c in zip(weights, capped)]
+
+
 def weight_shares(weights: list[float]) -> tuple[float, ...]:
     """Each weight's share of their sum."""
     total = float(sum(weights))

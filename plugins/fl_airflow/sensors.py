@@ -12,8 +12,9 @@ from fl_airflow.triggers import QuorumTrigger
 
 
 class QuorumSensor(BaseSensorOperator):
-    """Succeeds when the round may close (every client committed, the grace period after the
-    quorum ended, or the deadline passed with the quorum in).
+    """Succeeds when the round may close (every client answered, the grace period after the
+    quorum ended, or the deadline passed with the quorum in). Fails at once when the
+    silos' declines leave too few to reach the quorum.
 
     Checks once on the worker; if the round is still open it defers to `QuorumTrigger` and
     frees the slot. A round that misses quorum fails this task with the reason, and nothing
@@ -28,21 +29,22 @@ class QuorumSensor(BaseSensorOperator):
         self.round_id = round_id
 
     def _coordinator(self):
-        from fl_tasks.config import load_federation
-        from fl_tasks.coordinator import Coordinator
+        from fl_airflow.steps import coordinator_for
 
-        return Coordinator(load_federation(self.federation_file))
+        return coordinator_for(self.federation_file)
 
     def _finish(self, coordinator, decision) -> dict[str, Any]:
         record = coordinator.close_round(self.round_id, decision)
         if record["state"] != "met":
             raise AirflowFailException(record["reason"])
         self.log.info("round %s closed: %s", self.round_id, record["reason"])
-        return {"round_id": self.round_id, "committed": record["committed"]}
+        for client, reason in sorted(record["declined"].items()):
+            self.log.info("round %s: %s declined: %s", self.round_id, client, reason)
+        return {"round_id": self.round_id, "committed": record["committed"], "declined": record["declined"]}
 
     def execute(self, context) -> dict[str, Any]:
-        from fl_tasks import protocol, quorum
-        from fl_tasks.coordinator import grace_period, required_clients
+        from fl_tasks import protocol
+        from fl_tasks.coordinator import grace_period, quorum, required_clients
 
         coordinator = self._coordinator()
         decision = coordinator.check_quorum(self.round_id)
@@ -50,22 +52,28 @@ class QuorumSensor(BaseSensorOperator):
             return self._finish(coordinator, decision)
         plan = coordinator.load_plan(self.round_id)
         spec = coordinator.spec
-        manifests = {c.id: [c.bucket_name, protocol.update_manifest_key(c.prefix, spec.federation, self.round_id)]
-                     for c in spec.clients}
+        clients = {c.id: {"bucket": c.bucket_name,
+                          "update_key": protocol.update_manifest_key(c.prefix, spec.federation, self.round_id),
+                          "decline_key": protocol.decline_key(c.prefix, spec.federation, self.round_id),
+                          "aws_conn_id": c.aws_conn_id or spec.storage_aws_conn_id,
+                          "endpoint_url": c.endpoint_url or spec.endpoint_url,
+                          "signing_conn_id": spec.security.conn_id(spec.federation, c.id)}
+                   for c in spec.clients if c.id in plan.clients}
         left = datetime.fromisoformat(plan.deadline) - datetime.now(timezone.utc)
         self.log.info("round %s: %s; deferring until quorum or %s", self.round_id, decision.reason, plan.deadline)
         self.defer(
-            trigger=QuorumTrigger(round_id=self.round_id, manifests=manifests, deadline=plan.deadline,
-                                  required=required_clients(plan),
+            trigger=QuorumTrigger(round_id=self.round_id, federation=spec.federation, clients=clients,
+                                  deadline=plan.deadline, required=required_clients(plan),
                                   grace_seconds=None if (grace := grace_period(plan)) is None else grace.total_seconds(),
-                                  poll_interval=spec.quorum.poll_interval_seconds, endpoint_url=spec.endpoint_url),
+                                  poll_interval=spec.quorum.poll_interval_seconds,
+                                  require_signatures=plan.require_signatures),
             method_name="execute_complete",
             timeout=max(left, timedelta(0)) + timedelta(minutes=10),
         )
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
-        from fl_tasks.quorum import QuorumDecision
-        from fl_tasks.storage import StorageUnavailable
+        from fl_tasks.coordinator.quorum import QuorumDecision
+        from fl_tasks.protocol.storage import StorageUnavailable
 
         if event["state"] == "error":
             # The trigger could not read S3: nothing is recorded, and the Airflow retry of this
@@ -73,6 +81,7 @@ class QuorumSensor(BaseSensorOperator):
             raise StorageUnavailable(event["reason"])
 
         decision = QuorumDecision(event["state"], tuple(event["committed"]), event["reason"])
+        # The close reads every answer again and keeps what it read; the trigger only said when.
         return self._finish(self._coordinator(), decision)
 
 

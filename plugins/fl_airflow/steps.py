@@ -12,23 +12,29 @@ from fl_airflow.links import ROUND_LINKS
 
 
 def coordinator_for(federation_file: str):
-    """The coordinator of a task: the federation file as it is now, keys from Airflow connections."""
+    """The coordinator of a task: the federation file as it is now, signing keys and S3
+    credentials from Airflow connections."""
+    from fl_airflow.connections import s3_access
     from fl_airflow.keys import ConnectionKeys
 
-    from fl_tasks.config import load_federation
+    from fl_tasks.config import ConfigError, load_federation
     from fl_tasks.coordinator import Coordinator
 
-    spec = load_federation(federation_file)
-    return Coordinator(spec, keys=ConnectionKeys(spec))
+    try:
+        spec = load_federation(federation_file)
+    except ConfigError as exc:  # the file changed since the DAG was parsed: say so, do not retry
+        raise AirflowFailException(str(exc)) from None
+    return Coordinator(spec, keys=ConnectionKeys(spec), access=s3_access)
 
 
 def run_step(coordinator, step: str, round_id: str) -> Any:
     """One coordinator step; RoundFailed (nothing to gain from a retry) fails the task for good."""
+    from fl_tasks.config import ConfigError
     from fl_tasks.coordinator import RoundFailed
 
     try:
         return getattr(coordinator, step)(round_id)
-    except RoundFailed as exc:
+    except (RoundFailed, ConfigError) as exc:
         raise AirflowFailException(str(exc)) from None
 
 

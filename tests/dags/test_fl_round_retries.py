@@ -11,7 +11,7 @@ import pytest
 from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk.exceptions import AirflowFailException
 
-from fl_tasks.storage import StorageUnavailable
+from fl_tasks.protocol.storage import StorageUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,8 +57,8 @@ def test_the_retry_policy_can_be_tuned_per_deployment(dag_module, monkeypatch):
 def test_a_round_that_cannot_go_on_fails_at_once_but_an_outage_is_retried(dag_module, s3_server, write_federation,
                                                                          monkeypatch):
     from fl_tasks.config import load_federation
-    from fl_tasks.embedded import create_buckets
-    from fl_tasks.storage import ObjectStore
+    from devstack.embedded import create_buckets
+    from fl_tasks.protocol.storage import ObjectStore
 
     step = dag_module["_step"]
     path = write_federation()

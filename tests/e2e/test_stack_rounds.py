@@ -27,11 +27,11 @@ from mlflow import MlflowClient
 
 from fl_tasks import protocol
 from fl_tasks.config import load_federation
-from fl_tasks.datasets import Table
-from fl_tasks.embedded import REPO
-from fl_tasks.localstack import LocalStack
+from fl_tasks.simulation.datasets import Table
+from devstack.embedded import REPO
+from devstack.localstack import LocalStack
 from fl_tasks.protocol import GlobalManifest, UpdateManifest
-from fl_tasks.storage import ObjectStore
+from fl_tasks.protocol.storage import ObjectStore
 
 from tests.conftest import federation_doc
 from tests.e2e import readme
@@ -265,8 +265,8 @@ def test_scheduler_and_triggerer_killed_mid_round_then_restarted_finish_the_roun
     local.kill("airflow-scheduler")
     local.kill("airflow-triggerer")
     # The clients answer while no scheduler or triggerer is alive.
-    from fl_tasks.client import ClientRuntime
-    from fl_tasks.simulate import prepare_silos
+    from fl_tasks.silo.agent import ClientRuntime
+    from fl_tasks.simulation.simulate import prepare_silos
 
     silos = prepare_silos(spec, local.state_dir / "data" / name)
     for client in spec.clients:

@@ -8,10 +8,10 @@ import stat
 
 import yaml
 
-from fl_tasks import signing
+from fl_tasks.protocol import signing
 from fl_tasks.config import load_federation, parse_federation
-from fl_tasks.localstack import LocalStack
-from fl_tasks.simulate import simulation_keys
+from devstack.localstack import LocalStack
+from fl_tasks.simulation.simulate import simulation_keys
 
 from tests.conftest import federation_doc
 

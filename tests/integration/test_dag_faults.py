@@ -15,9 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from fl_tasks.config import load_federation
-from fl_tasks.embedded import airflow, create_buckets, service_env
-from fl_tasks.simulate import SiloProcesses, prepare_silos
-from fl_tasks.storage import ObjectStore
+from devstack.embedded import airflow, create_buckets, service_env
+from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos
+from fl_tasks.protocol.storage import ObjectStore
 
 from tests.faultproxy import FaultProxy
 

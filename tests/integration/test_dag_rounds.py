@@ -9,12 +9,12 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-from fl_tasks import signing
+from fl_tasks.protocol import signing
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator
-from fl_tasks.embedded import airflow, create_buckets, service_env
-from fl_tasks.simulate import SiloProcesses, prepare_silos
-from fl_tasks.storage import ObjectStore
+from devstack.embedded import airflow, create_buckets, service_env
+from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos
+from fl_tasks.protocol.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from fl_airflow.triggers import QuorumTrigger
 
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator, RunContext
-from fl_tasks.embedded import create_buckets
+from devstack.embedded import create_buckets
 
 
 @pytest.fixture

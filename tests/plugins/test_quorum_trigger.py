@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fl_airflow.triggers import QuorumTrigger
 
-from fl_tasks.storage import ObjectStore
+from fl_tasks.protocol.storage import ObjectStore
 
 
 def make_trigger(manifests, deadline, min_clients=2, endpoint_url=None, poll_interval=0.2, grace_seconds=None):

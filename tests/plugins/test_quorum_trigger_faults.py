@@ -14,8 +14,8 @@ from fl_airflow.triggers import QuorumTrigger
 
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator, RunContext
-from fl_tasks.embedded import create_buckets
-from fl_tasks.storage import ObjectStore, StorageUnavailable
+from devstack.embedded import create_buckets
+from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
 
 MANIFESTS = {"a": ["trigf-a", "m.json"], "b": ["trigf-b", "m.json"], "c": ["trigf-c", "m.json"]}
 

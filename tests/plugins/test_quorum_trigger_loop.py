@@ -16,7 +16,7 @@ import sys
 import textwrap
 from datetime import datetime, timedelta, timezone
 
-from fl_tasks.storage import ObjectStore
+from fl_tasks.protocol.storage import ObjectStore
 from tests.conftest import REPO
 
 WARNING_THRESHOLD = 0.2  # airflow.cfg [triggerer] blocked_main_thread_warning_threshold, default

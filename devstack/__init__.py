@@ -1,0 +1,1 @@
+"""Development infrastructure (loopback S3, make stack, make demo helpers); not part of the installed package."""

@@ -1,0 +1,222 @@
+"""Building the candidate: screen the round's update snapshots, then stream the accepted
+ones into the strategy. Reads only what the close and the intake kept; writes nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fl_tasks.coordinator import screening, staleness
+from fl_tasks.coordinator.bucket import CoordinatorBucket
+from fl_tasks.coordinator.intake import Intake
+from fl_tasks.coordinator.plan import RoundPlan, required_clients
+from fl_tasks.protocol import ManifestError, UpdateManifest, sha256_hex
+from fl_tasks.protocol.codec import CodecError, decode_state, encode_state
+
+StateDict = dict[str, np.ndarray]
+HISTORY_ROUNDS = 5  # a client's recent accepted example counts that its next count is held against
+
+
+@dataclass(frozen=True)
+class ScreenedUpdate:
+    """An update that passed screening, with its aggregation weight (example count, times
+    the staleness share for a stale one)."""
+
+    manifest: UpdateManifest
+    staleness: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    summary: dict[str, Any]  # candidate/manifest.json: who was accepted, rejected, and how
+    payload: bytes
+    server_state: StateDict | None  # server-optimiser moments (None for stateless strategies)
+
+
+class CandidateBuilder:
+    """Screens a closed round's updates and aggregates the accepted ones."""
+
+    def __init__(self, plan: RoundPlan, bucket: CoordinatorBucket, intake: Intake, task,
+                 version_sha256: Callable[[str], str | None], history: dict[str, list[int]],
+                 declared_sizes: dict[str, int | None], max_weight_share: float | None):
+        self.plan, self.bucket, self.intake, self.task = plan, bucket, intake, task
+        self.version_sha256, self.history, self.declared = version_sha256, history, declared_sizes
+        self.max_weight_share = max_weight_share
+        self.rejected: list[dict[str, Any]] = []
+        self.seen: dict[str, dict[str, Any]] = {}
+
+    def reject(self, client_id: str, reason: str) -> None:
+        self.rejected.append({"client_id": client_id, "reason": reason})
+
+    # --- per update -------------------------------------------------------------------------
+    def base(self) -> StateDict:
+        payload = self.bucket.get(self.plan.round_id, "base/model.safetensors", sha256=self.plan.base_sha256)
+        if payload is None:
+            raise ValueError("the round's base model is missing or does not match the plan's sha256")
+        return decode_state(payload)
+
+    def manifest(self, client_id: str, record: dict[str, Any]) -> UpdateManifest:
+        """The manifest the close kept for this client (never the one in its bucket now)."""
+        raw = self.bucket.get(self.plan.round_id, f"updates/{client_id}/manifest.json", sha256=record["manifest_sha256"])
+        if raw is None:
+            raise ValueError("the manifest kept at the close is missing from the coordinator's bucket")
+        return UpdateManifest.from_json(raw)
+
+    def staleness_of(self, manifest: UpdateManifest) -> int:
+        """0 for an update on the dispatched base; for an older base, how many versions behind,
+        when the staleness policy accepts it; raises ValueError otherwise."""
+        plan = self.plan
+        if manifest.base_model_version == plan.base_version and manifest.base_sha256 == plan.base_sha256:
+            return 0
+        if manifest.base_model_version == plan.base_version:
+            raise ValueError(f"base_sha256 does not match the dispatched version {plan.base_version}")
+        behind = staleness.versions_behind(plan.base_version, manifest.base_model_version)
+        if behind is None:
+            raise ValueError(f"base version {manifest.base_model_version!r} is not an earlier version of this "
+                             f"federation's model (the round dispatched {plan.base_version})")
+        policy = plan.staleness
+        where = f"stale update: trained on version {manifest.base_model_version}, {behind} behind the dispatched " \
+                f"{plan.base_version}"
+        if policy["policy"] == "reject":
+            raise ValueError(f"{where}; staleness.policy is 'reject'")
+        if behind > policy["max_staleness"]:
+            raise ValueError(f"{where}, over staleness.max_staleness={policy['max_staleness']}")
+        if manifest.base_sha256 != self.version_sha256(manifest.base_model_version):
+            raise ValueError(f"base_sha256 does not match the registered weights of version "
+                             f"{manifest.base_model_version}")
+        return behind
+
+    def state(self, manifest: UpdateManifest, base: StateDict) -> StateDict:
+        """The update's tensors from its snapshot, with every per-update check."""
+        payload = self.intake.take_snapshot(self.plan, self.bucket, manifest)
+        state = decode_state(payload, manifest.codec)
+        screening.check_structure(state, base)
+        rules, epochs = self.plan.screening, int(self.plan.training["local_epochs"])
+        screening.check_values(state, base, max_abs=float(rules["max_abs_value"]),
+                               max_increment=epochs * manifest.num_examples, ranges=self.task.tensor_ranges)
+        return state
+
+    def snapshot_state(self, manifest: UpdateManifest) -> StateDict:
+        """An accepted update's tensors, again from its snapshot (same bytes, by sha256)."""
+        payload = self.bucket.get(self.plan.round_id, f"updates/{manifest.client_id}/update.safetensors",
+                                  sha256=manifest.payload_sha256)
+        if payload is None:
+            raise ValueError(f"the snapshot of {manifest.client_id}'s update is gone from the coordinator's bucket")
+        return decode_state(payload, manifest.codec)
+
+    # --- the round --------------------------------------------------------------------------
+    def screen(self, committed: dict[str, dict[str, Any]], base: StateDict) -> dict[str, ScreenedUpdate]:
+        accepted: dict[str, ScreenedUpdate] = {}
+        norms: dict[str, float] = {}
+        rules = self.plan.screening
+        exponent = self.plan.staleness["exponent"]
+        for client_id, record in committed.items():
+            try:
+                manifest = self.manifest(client_id, record)
+                self.seen[client_id] = {"payload_sha256": manifest.payload_sha256,
+                                        "num_examples": manifest.num_examples,
+                                        "base_model_version": manifest.base_model_version,
+                                        "manifest_sha256": sha256_hex(manifest.to_json())}
+                behind = self.staleness_of(manifest)
+                norms[client_id] = screening.update_norm(self.state(manifest, base), base)
+                self.seen[client_id]["update_norm"] = norms[client_id]
+                weight = manifest.num_examples * (staleness.staleness_weight(behind, exponent) if behind else 1.0)
+                accepted[client_id] = ScreenedUpdate(manifest, behind, weight)
+            except (ValueError, ManifestError, CodecError) as exc:
+                self.reject(client_id, str(exc))
+        counts = {c: u.manifest.num_examples for c, u in accepted.items()}
+        round_checks = [
+            screening.implausible_counts(counts, self.declared, self.history, rules.get("max_example_growth")),
+            screening.norm_outliers({c: norms[c] for c in accepted}, rules.get("max_update_norm"),
+                                    rules.get("max_norm_ratio")),
+            screening.free_riders({c: norms[c] for c in accepted}, rules.get("min_norm_ratio")),
+        ]
+        for reasons in round_checks:
+            for client_id, reason in reasons.items():
+                if client_id in accepted:
+                    self.reject(client_id, reason)
+                    del accepted[client_id]
+        if rules.get("min_cosine") is not None and len(accepted) > 2:
+            self.cosine_screen(accepted, base, float(rules["min_cosine"]))
+        return accepted
+
+    def cosine_screen(self, accepted: dict[str, ScreenedUpdate], base: StateDict, min_cosine: float) -> None:
+        # Two more reads of each snapshot keep memory at O(one model): the sum, then each cosine.
+        total = sum(screening.delta_vector(self.snapshot_state(u.manifest), base) for u in accepted.values())
+        count = len(accepted)
+        for client_id, update in list(accepted.items()):
+            delta = screening.delta_vector(self.snapshot_state(update.manifest), base)
+            cosine = screening.leave_one_out_cosine(delta, total, count)
+            if cosine < min_cosine:
+                self.reject(client_id, f"cosine {cosine:.3f} to the mean of the other updates is below {min_cosine}")
+                del accepted[client_id]
+
+    def build(self, committed: dict[str, dict[str, Any]], server_state: StateDict | None) -> Candidate:
+        """Raises ValueError when no model can come out (too few updates left, a strategy error)."""
+        from fl_tasks import aggregation
+        from fl_tasks.aggregation.mean import cap_shares
+
+        base = self.base()
+        accepted = self.screen(committed, base)
+        required = required_clients(self.plan)
+        if len(accepted) < required:
+            raise ValueError(f"only {len(accepted)} updates passed screening, quorum {required}; "
+                             f"rejected: {self.rejected}")
+        settings = self.plan.aggregation
+        strategy = aggregation.build(settings["strategy"], clip_norm=settings["clip_norm"], **settings["params"])
+        stateful = getattr(strategy, "stateful", False)
+        if stateful and server_state is not None:
+            strategy.set_state(server_state)
+        weights = cap_shares([u.weight for u in accepted.values()], settings.get("max_weight_share"))
+
+        def updates() -> Iterator[tuple[StateDict, float]]:
+            for update, weight in zip(accepted.values(), weights):
+                yield self.snapshot_state(update.manifest), weight
+
+        try:
+            candidate = encode_state(strategy.aggregate(base, updates()))
+        except ValueError as exc:
+            raise ValueError(f"{strategy.name}: {exc}") from exc
+        raw_total = sum(u.weight for u in accepted.values())
+        outcome = strategy.outcome
+        ids = list(accepted)
+        summary = {
+            "round_id": self.plan.round_id, "aggregator": strategy.name, "params": settings["params"],
+            "clip_norm": settings["clip_norm"], "max_weight_share": settings.get("max_weight_share"),
+            "rejected": self.rejected, "seen": self.seen,
+            "total_examples": sum(u.manifest.num_examples for u in accepted.values()),
+            # What the rule did: `influence` is an update's share of the candidate under this
+            # rule (None where the rule gives no update a weight), never its example share.
+            "rule": outcome.rule,
+            "selected": None if outcome.selected is None else [ids[i] for i in outcome.selected],
+            "accepted": [{"client_id": u.manifest.client_id, "num_examples": u.manifest.num_examples,
+                          "staleness": u.staleness, "example_share": u.weight / raw_total,
+                          "influence": None if outcome.influence is None else outcome.influence[i],
+                          "krum_score": None if outcome.scores is None else outcome.scores[i],
+                          "payload_sha256": u.manifest.payload_sha256, "metrics": u.manifest.metrics}
+                         for i, u in enumerate(accepted.values())],
+            "candidate_sha256": sha256_hex(candidate)}
+        if any(a["influence"] is not None and not math.isfinite(a["influence"]) for a in summary["accepted"]):
+            raise ValueError(f"{strategy.name}: non-finite aggregation weights")
+        return Candidate(summary, candidate, strategy.get_state() if stateful else None)
+
+
+def aggregate_events(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The aggregate step's audit events: every update seen, each verdict, the candidate."""
+    events = [{"event": "update_seen", "client_id": c, **seen} for c, seen in summary["seen"].items()]
+    events += [{"event": "update_accepted", "client_id": a["client_id"], "payload_sha256": a["payload_sha256"],
+                "num_examples": a["num_examples"], "staleness": a["staleness"], "example_share": a["example_share"],
+                "influence": a["influence"]}
+               for a in summary["accepted"]]
+    events += [{"event": "update_rejected", "client_id": r["client_id"], "reason": r["reason"],
+                "payload_sha256": summary["seen"].get(r["client_id"], {}).get("payload_sha256")}
+               for r in summary["rejected"]]
+    events.append({"event": "candidate_built", "candidate_sha256": summary["candidate_sha256"],
+                   "aggregator": summary["aggregator"], "params": summary["params"], "clip_norm": summary["clip_norm"],
+                   "rule": summary["rule"], "selected": summary["selected"]})
+    return events

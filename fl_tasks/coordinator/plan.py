@@ -1,0 +1,94 @@
+"""A round's plan: what the run asked for, resolved against the federation file once, and
+stored so that every later step (and a replay) reads the same settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from fl_tasks.config import FederationSpec
+from fl_tasks.coordinator import quorum
+from fl_tasks.settings import resolve
+
+
+class RoundFailed(RuntimeError):
+    """The round cannot produce a model; the reason is recorded in failure.json."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the orchestrator knows about the run that carries this round."""
+
+    run_id: str
+    run_type: str = "manual"  # manual | scheduled | backfill | asset_triggered
+    data_interval_start: str | None = None
+    data_interval_end: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    triggered_by: str = ""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    federation: str
+    round_id: str
+    run_id: str
+    run_type: str
+    triggered_by: str
+    base_version: str  # MLflow version of the champion, or "seed"
+    base_origin: str  # champion, seed, or the warm-start model it came from
+    base_sha256: str
+    base_bytes: int
+    deadline: str
+    clients: list[str]
+    settings: dict[str, Any]  # every per-round setting (fl_tasks.settings), resolved
+    aggregation: dict[str, Any]  # strategy, params, clip_norm
+    screening: dict[str, Any]
+    base_round_id: str | None  # the round that produced the base (its server-optimiser state continues)
+    training: dict[str, Any]
+    data_window: dict[str, str | None]
+    created_at: str
+    staleness: dict[str, Any]  # the federation's staleness policy
+    task: dict[str, Any]  # entrypoint, version, params, params_sha256
+    contract: dict[str, Any]
+    require_signatures: bool
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "RoundPlan":
+        return cls(**json.loads(data))
+
+
+def round_settings(spec: FederationSpec, params: dict[str, Any], task) -> dict[str, Any]:
+    """The run's settings: its params where given, else the federation file's; raises
+    ValueError naming the param when a value does not fit its bound, the strategy or the task."""
+    settings = resolve(spec.round_defaults(), params, len(spec.clients))
+    if params.get("aggregator_params") is None:
+        # The file's strategy parameters belong to the file's strategy only.
+        settings["aggregator_params"] = dict(spec.aggregation_params) if settings["aggregator"] == spec.aggregation \
+            else {}
+    from fl_tasks.aggregation import build
+
+    strategy = build(settings["aggregator"], **settings["aggregator_params"])  # bad names or values fail here
+    if strategy.min_updates > len(spec.clients):
+        raise ValueError(f"{settings['aggregator']} with {settings['aggregator_params']} needs at least "
+                         f"{strategy.min_updates} client updates; the federation has {len(spec.clients)} clients")
+    known = [m.name for m in task.metrics]
+    for metric, threshold in settings["gate_thresholds"].items():
+        if metric not in known:
+            raise ValueError(f"param 'gate_thresholds' names metric {metric!r}, which the task "
+                             f"{spec.task.entrypoint} does not report; its metrics: {', '.join(known)}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ValueError(f"param 'gate_thresholds' gives {metric!r} the threshold {threshold!r}; use a number")
+    return settings
+
+
+def required_clients(plan: RoundPlan) -> int:
+    """The round's quorum from its settings (min_clients and min_fraction)."""
+    return quorum.required_clients(len(plan.clients), int(plan.settings["min_clients"]),
+                                   plan.settings.get("min_fraction"))
+
+
+def grace_period(plan: RoundPlan) -> timedelta | None:
+    minutes = plan.settings.get("grace_period_minutes")
+    return None if minutes is None else timedelta(minutes=float(minutes))

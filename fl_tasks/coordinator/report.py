@@ -1,0 +1,156 @@
+"""The round's report (report.json) and what a person reads about a round: the aggregate
+step's account, the summary table and the note an Airflow run carries."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("fl_tasks.coordinator")
+
+
+def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | None, result: dict[str, Any] | None,
+                 decision: dict[str, Any] | None, failure: dict[str, Any] | None, *, late: list[dict[str, str]],
+                 audit_log: str) -> dict[str, Any]:
+    """report.json: what the round did, from the records its steps stored."""
+    return {
+        "federation": plan.federation, "round_id": plan.round_id, "run_id": plan.run_id, "run_type": plan.run_type,
+        "base_version": plan.base_version, "base_origin": plan.base_origin, "data_window": plan.data_window,
+        "settings": plan.settings, "task": plan.task,
+        "clients_expected": len(plan.clients),
+        "clients_committed": len(closed["committed"]) if closed else 0,
+        "clients_declined": closed["declined"] if closed else {},
+        "clients_accepted": [a["client_id"] for a in summary["accepted"]] if summary else [],
+        "clients_rejected": (summary["rejected"] if summary else []) + [
+            {"client_id": c, "reason": r} for c, r in ((closed or {}).get("unreadable") or {}).items()],
+        "candidate": result["candidate"] if result else None,
+        "champion": result["champion"] if result else None,
+        "primary_metric": result["primary_metric"] if result else None,
+        "gates": result["gates"] if result else [],
+        "decision": decision["decision"] if decision else "no_model",
+        "version": decision["version"] if decision else None,
+        "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
+        "late": late,
+        "audit_log": audit_log,
+    }
+
+
+def log_lines(title: str, text: str) -> None:
+    """A multi-line account as one log record per line, so that tables stay aligned in Airflow's log view."""
+    log.info("%s:", title)
+    for line in text.splitlines():
+        log.info("  %s", line)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An aligned text table: numbers right-aligned, text left-aligned, '-' for None."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(row[i] is None or isinstance(row[i], (int, float)) and not isinstance(row[i], bool)
+                                  for row in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _setting(value: Any, unit: str = "") -> str:
+    return "off" if value is None else f"{value:g}{unit}" if isinstance(value, (int, float)) else str(value)
+
+
+def aggregate_account(summary: dict[str, Any], screening: dict[str, Any]) -> str:
+    """The aggregate step's log: strategy and parameters, the screening thresholds, each
+    update's norm and verdict, and what the rule did with the accepted ones."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(summary["params"].items())) or "defaults"
+    accepted = {a["client_id"]: a for a in summary["accepted"]}
+    rejected = {r["client_id"]: r["reason"] for r in summary["rejected"]}
+    rows = []
+    for client_id in sorted(set(summary["seen"]) | set(accepted) | set(rejected)):
+        seen = summary["seen"].get(client_id, {})
+        entry = accepted.get(client_id, {})
+        verdict = "accepted" if client_id in accepted else f"rejected: {rejected[client_id]}"
+        rows.append([client_id, seen.get("num_examples"), seen.get("update_norm"), entry.get("influence"),
+                     entry.get("krum_score"), verdict])
+    headers = ["client", "examples", "norm", "influence", "krum score", "verdict"]
+    if not any(row[4] is not None for row in rows):
+        headers, rows = headers[:4] + headers[5:], [row[:4] + row[5:] for row in rows]
+    lines = [
+        f"strategy {summary['aggregator']} ({params}), clip_norm {_setting(summary['clip_norm'])}",
+        f"screening: max_update_norm {_setting(screening.get('max_update_norm'))}, "
+        f"max_norm_ratio {_setting(screening.get('max_norm_ratio'), ' x median')}, "
+        f"min_cosine {_setting(screening.get('min_cosine'))}",
+        table(headers, rows),
+        f"rule: {summary['rule']}",
+    ]
+    if summary.get("selected") is not None:
+        lines.append(f"selected: {', '.join(summary['selected'])}")
+    lines.append(f"candidate sha256 {summary['candidate_sha256']}")
+    return "\n".join(lines)
+
+
+def validation_account(candidate: dict[str, float] | None, champion: dict[str, float] | None,
+                       gates: list[dict[str, Any]]) -> str:
+    """Candidate and champion metrics side by side, then each gate's verdict."""
+    candidate, champion = candidate or {}, champion or {}
+    parts = []
+    if candidate or champion:
+        parts.append(table(["metric", "candidate", "champion"],
+                           [[name, candidate.get(name), champion.get(name)]
+                            for name in sorted(set(candidate) | set(champion))]))
+    if gates:
+        parts.append(table(["gate", "passed", "detail"], [[g["name"], g["passed"], g["detail"]] for g in gates]))
+    return "\n\n".join(parts)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The summary step's log: the round in a few aligned lines."""
+    head = table(["round", "decision", "version", "base", "committed", "declined", "accepted", "rejected", "late"], [[
+        report["round_id"], report["decision"], report["version"], report["base_version"],
+        f"{report['clients_committed']}/{report['clients_expected']}", len(report.get("clients_declined", {})),
+        len(report["clients_accepted"]), len(report["clients_rejected"]), len(report["late"])]])
+    parts = [head]
+    validation = validation_account(report.get("candidate"), report.get("champion"), report["gates"])
+    if validation:
+        parts.append(validation)
+    for client_id, reason in sorted(report.get("clients_declined", {}).items()):
+        parts.append(f"declined {client_id}: {reason}")
+    for entry in report["clients_rejected"]:
+        parts.append(f"rejected {entry['client_id']}: {entry['reason']}")
+    if report["reason"]:
+        parts.append(f"reason: {report['reason']}")
+    parts.append(f"audit log: {report['audit_log']}")
+    return "\n\n".join(parts)
+
+
+DECISION_WORDS = {"promoted": "promoted", "rejected": "rolled back", "no_model": "no model"}
+
+
+def run_note(report: dict[str, Any]) -> str:
+    """The Airflow run's note: round id, decision, version and reason, in Markdown."""
+    decision = DECISION_WORDS.get(report["decision"], report["decision"])
+    version = f" · version {report['version']}" if report["version"] else ""
+    lines = [f"**Round {report['round_id']}: {decision}**{version} · "
+             f"{len(report['clients_accepted'])} of {report['clients_expected']} updates accepted"]
+    if report["reason"]:
+        lines.append(f"Reason: {report['reason']}")
+    declined = report.get("clients_declined") or {}
+    if declined:
+        lines.append("Declined: " + "; ".join(f"{c} declined: {r}" for c, r in sorted(declined.items())))
+    return "\n\n".join(lines)
+
+
+def running_note(round_id: str, base_version: str) -> str:
+    """The note a run carries while its round is under way."""
+    return f"**Round {round_id}: running** · base version {base_version}"

@@ -1,0 +1,530 @@
+"""One plain method per step of a round. Each Airflow task calls exactly one of them.
+
+Steps share state through the coordinator's bucket (`fl_tasks.coordinator.bucket`), never
+through memory, so any step can be retried or run in another process; `run_round` chains
+them for use without Airflow. What each step needs lives in its own module: the plan
+(`plan`), reading what silos wrote (`intake`), building the candidate (`candidate`), the
+coordinator's rows (`validation`), the gates (`gates`), MLflow (`registry`) and the report
+(`report`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from fl_tasks import protocol
+from fl_tasks.config import ConfigError, FederationSpec
+from fl_tasks.coordinator import quorum, report
+from fl_tasks.coordinator.access import AccessResolver, BucketAccess
+from fl_tasks.coordinator.bucket import CoordinatorBucket, dump, now
+from fl_tasks.coordinator.candidate import CandidateBuilder, HISTORY_ROUNDS, aggregate_events
+from fl_tasks.coordinator.intake import Answer, Intake, STORAGE_ERRORS, answer_record, storage_reason
+from fl_tasks.coordinator.plan import RoundFailed, RoundPlan, RunContext, grace_period, required_clients, round_settings
+from fl_tasks.protocol import GlobalManifest, sha256_hex
+from fl_tasks.protocol import signing
+from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Coordinator", "RoundFailed", "RoundPlan", "RunContext", "grace_period", "required_clients", "run_round"]
+
+
+class Coordinator:
+    """Holds the federation spec and the buckets; methods are the round's steps."""
+
+    def __init__(self, spec: FederationSpec, store: ObjectStore | None = None,
+                 keys: signing.KeyProvider | None = None, access: AccessResolver | None = None):
+        """`store`: one store for every bucket (tests); `access`: aws_conn_id -> S3Access (the
+        DAG passes Airflow connections); `keys`: client id -> that client's signing key or
+        None, by default the FL_SIGNING_KEY_<CLIENT_ID> variables (the DAG passes Airflow
+        connections)."""
+        self.spec = spec
+        self.buckets = BucketAccess(spec, access, store)
+        self.store = self.buckets.coordinator
+        self.bucket = spec.coordinator_bucket
+        self.records = CoordinatorBucket(self.store, self.bucket, spec.federation)  # the steps' records
+        self.audit = self.records.audit
+        self.keys = keys if keys is not None else signing.EnvKeys()
+        self.intake = Intake(spec, self.buckets.client, self.keys)
+        self._task = None
+
+    @property
+    def task(self):
+        """The federation's task, imported on first use (ConfigError naming task.entrypoint)."""
+        if self._task is None:
+            self._task = self.spec.load_task()
+        return self._task
+
+    def round_key(self, round_id: str, name: str) -> str:
+        return self.records.key(round_id, name)
+
+    def load_plan(self, round_id: str) -> RoundPlan:
+        return self.records.load_plan(round_id)
+
+    # --- step 1: prepare -----------------------------------------------------------------
+    def prepare(self, ctx: RunContext) -> str:
+        """Fix the round id, the base model and the deadline; returns the round id.
+
+        Re-running it for the same DAG run returns the same round and rewrites nothing.
+        """
+        claim = self.records.claim(ctx.run_id)
+        if claim is not None:
+            planned = self.store.get_bytes(self.bucket, self.round_key(claim["round_id"], "plan.json"))
+            if planned is not None:
+                plan = RoundPlan.from_json(planned)
+                if plan.run_id != ctx.run_id:
+                    raise RoundFailed(f"round {claim['round_id']} claimed by this run was taken by run {plan.run_id!r}")
+                self._audit_plan(plan)
+                return claim["round_id"]
+        try:
+            task = self.task
+            settings = round_settings(self.spec, ctx.params, task)
+        except ConfigError as exc:
+            raise RoundFailed(str(exc)) from None
+        if claim is not None:  # an earlier try claimed the round and died before writing the plan
+            round_id = claim["round_id"]
+        else:
+            round_id = self._new_round_id(ctx)
+            # Claimed first: a retry after a crash below finds the same round, never a new number.
+            self.store.put_bytes(self.bucket, self.records.claim_key(ctx.run_id),
+                                 dump({"round_id": round_id, "run_id": ctx.run_id}), "application/json")
+        base_version, base_origin, base_round_id, payload = self._base_model()
+        self.records.put(round_id, "base/model.safetensors", payload)
+        deadline = now() + timedelta(minutes=float(settings["round_timeout_minutes"]))
+        t = self.spec.training
+        from fl_tasks.tasks.api import params_sha256
+
+        plan = RoundPlan(
+            federation=self.spec.federation, round_id=round_id, run_id=ctx.run_id, run_type=ctx.run_type,
+            triggered_by=ctx.triggered_by, base_version=base_version, base_origin=base_origin,
+            base_sha256=sha256_hex(payload), base_bytes=len(payload), deadline=deadline.isoformat(),
+            clients=[c.id for c in self.spec.clients], settings=settings,
+            aggregation={"strategy": settings["aggregator"], "params": settings["aggregator_params"],
+                         "clip_norm": self.spec.clip_norm, "max_weight_share": self.spec.max_weight_share},
+            screening=asdict(self.spec.screening), base_round_id=base_round_id,
+            training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
+                      "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec},
+            data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
+            if ctx.run_type in ("scheduled", "backfill") and t.window == "interval" else {"start": None, "end": None},
+            created_at=now().isoformat(), staleness=asdict(self.spec.staleness),
+            task={"entrypoint": self.spec.task.entrypoint, "version": task.version, "params": self.spec.task.params,
+                  "params_sha256": params_sha256(self.spec.task.params)},
+            contract=self.spec.contract.as_dict(), require_signatures=self.spec.security.require_signatures,
+        )
+        self.records.put_json(round_id, "plan.json", asdict(plan))
+        self._audit_plan(plan)
+        return round_id
+
+    def _new_round_id(self, ctx: RunContext) -> str:
+        if ctx.params.get("round_id"):
+            round_id = protocol.validate_round_id(str(ctx.params["round_id"]))
+        elif ctx.run_type in ("scheduled", "backfill") and ctx.data_interval_start:
+            round_id = protocol.round_id_for_interval(datetime.fromisoformat(ctx.data_interval_start))
+        else:
+            round_id = protocol.round_id_for_number(self.records.next_round_number())
+        existing = self.store.get_bytes(self.bucket, self.round_key(round_id, "plan.json"))
+        if existing is not None:
+            other = RoundPlan.from_json(existing).run_id
+            raise RoundFailed(f"round {round_id} already belongs to run {other!r}; pick another round_id")
+        return round_id
+
+    def _base_model(self) -> tuple[str, str, str | None, bytes]:
+        """(version, origin, the round that made it, weights) of the round's base: the
+        champion; before the first promotion, the warm-start model or the seeded model."""
+        from fl_tasks.coordinator import registry
+
+        champion = registry.get_champion(self.spec)
+        if champion is not None:
+            return champion.version, "champion", champion.round_id, self.read_champion(champion)
+        if self.spec.task.warm_start:
+            payload = registry.warm_start_weights(self.spec, self.buckets.coordinator, self.task)
+            return "seed", self.spec.task.warm_start, None, payload
+        return "seed", f"seed {self.spec.task.seed}", None, self.seed_payload()
+
+    def _audit_plan(self, plan: RoundPlan) -> None:
+        # The whole plan, who started the run included: a replay needs nothing else from us.
+        self.audit.append(plan.round_id, "prepare", [{"event": "round_planned", "run_id": plan.run_id,
+                                                      "run_type": plan.run_type, "triggered_by": plan.triggered_by,
+                                                      "plan": asdict(plan)}])
+
+    def seed_payload(self) -> bytes:
+        from fl_tasks.tasks.api import model_state
+
+        return encode_state(model_state(self.task.seeded_model(self.spec.task.seed)))
+
+    def read_champion(self, champion) -> bytes:
+        bucket, _, key = champion.weights_uri.removeprefix("s3://").partition("/")
+        payload = self.store.get_bytes(bucket, key)
+        if payload is None or sha256_hex(payload) != champion.weights_sha256:
+            raise RoundFailed(f"champion version {champion.version} weights at {champion.weights_uri} are missing "
+                              "or do not match their sha256 tag")
+        return payload
+
+    # --- step 2: dispatch ----------------------------------------------------------------
+    def dispatch(self, round_id: str) -> list[str]:
+        """Publish the base model to every client bucket, payload first, manifest last. A
+        silo whose bucket cannot be written is skipped with the error named (the others
+        still get the round); the round goes on if enough silos were reached."""
+        plan = self.load_plan(round_id)
+        payload = self.records.get(round_id, "base/model.safetensors", sha256=plan.base_sha256)
+        if payload is None:
+            raise self.records.fail(round_id, "dispatch", "the round's base model is missing or corrupted")
+        manifest = GlobalManifest(
+            federation=plan.federation, round_id=round_id, model_name=self.spec.model_name,
+            model_version=plan.base_version, task=plan.task, contract=plan.contract,
+            payload_sha256=plan.base_sha256, payload_bytes=plan.base_bytes, training=plan.training,
+            data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at,
+        ).to_json()
+        events, reached = [], []
+        for client in self.spec.clients:
+            manifest_key = protocol.global_manifest_key(client.prefix, plan.federation, round_id)
+            event = {"event": "model_dispatched", "client_id": client.id, "bucket": client.bucket_name,
+                     "manifest_key": manifest_key, "manifest_sha256": sha256_hex(manifest),
+                     "payload_sha256": plan.base_sha256, "model_version": plan.base_version}
+            store = self.buckets.client(client.id)
+            try:
+                # Bounded read: whatever sits at the manifest key may have been planted there.
+                if store.get_bytes(client.bucket_name, manifest_key, max_bytes=protocol.MAX_MANIFEST_BYTES) != manifest:
+                    store.put_bytes(client.bucket_name, protocol.global_model_key(client.prefix, plan.federation,
+                                                                                  round_id), payload)
+                    store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
+                reached.append(client.id)
+            except STORAGE_ERRORS as exc:
+                event = {**event, "event": "dispatch_failed", "reason": storage_reason(exc)}
+                log.warning("round %s: not dispatched to %s: %s", round_id, client.id, event["reason"])
+            events.append(event)
+        if not reached and all(e.get("reason", "").startswith("storage error StorageUnavailable") for e in events):
+            raise StorageUnavailable(f"round {round_id}: no silo bucket could be written: {events[0]['reason']}")
+        self.audit.append(round_id, "dispatch", events)
+        required = required_clients(plan)
+        if len(reached) < required:
+            raise self.records.fail(round_id, "dispatch", f"only {len(reached)} of {len(plan.clients)} silos received "
+                                   f"the round, quorum {required}: " + "; ".join(
+                                       f"{e['client_id']}: {e['reason']}" for e in events if "reason" in e))
+        return reached
+
+    # --- step 3: wait for quorum ---------------------------------------------------------
+    def answers(self, round_id: str, plan: RoundPlan | None = None) -> dict[str, Answer | str]:
+        """Each client's verified answer, or why what it wrote is not one (absent: nothing yet)."""
+        plan = plan or self.load_plan(round_id)
+        found = {}
+        for client_id in plan.clients:
+            answer = self.intake.read_answer(plan, client_id)
+            if answer is not None:
+                found[client_id] = answer
+        return found
+
+    def check_quorum(self, round_id: str, now_: datetime | None = None) -> quorum.QuorumDecision:
+        plan = self.load_plan(round_id)
+        answers = self.answers(round_id, plan)
+        committed = {c: a.committed_at for c, a in answers.items() if isinstance(a, Answer) and a.kind == "update"}
+        declined = {c: a.reason for c, a in answers.items() if isinstance(a, Answer) and a.kind == "decline"}
+        return quorum.decide(committed, plan.clients, required_clients(plan), datetime.fromisoformat(plan.deadline),
+                             now_ or now(), grace_period(plan), declined)
+
+    def close_round(self, round_id: str, decision: quorum.QuorumDecision) -> dict[str, Any]:
+        """Record who is in the round and keep each committed manifest as the round read it.
+        The first close wins, so a re-run cannot change it."""
+        record = self.records.get_json(round_id, "quorum.json")
+        if record is None:
+            plan = self.load_plan(round_id)
+            answers = self.answers(round_id, plan)
+            verified = {c: a for c, a in answers.items() if isinstance(a, Answer)}
+            committed = [c for c in decision.committed if c in verified and verified[c].kind == "update"]
+            for client_id in committed:
+                self.records.put(round_id, f"updates/{client_id}/manifest.json", verified[client_id].manifest)
+            record = {"state": decision.state, "committed": committed, "reason": decision.reason,
+                      "closed_at": now().isoformat(),
+                      "commit_times": {c: verified[c].committed_at.isoformat() for c in committed},
+                      "answers": {c: answer_record(a) for c, a in verified.items()},
+                      "declined": {c: a.reason for c, a in verified.items() if a.kind == "decline"},
+                      "unreadable": {c: a for c, a in answers.items() if isinstance(a, str)},
+                      "history": self.example_history(plan.clients)}
+            if decision.state == quorum.FAILED:
+                self.records.fail(round_id, "quorum", decision.reason)
+            self.records.put_json(round_id, "quorum.json", record)
+        events = [{"event": "round_closed", **record}]
+        events += [{"event": "update_declined", "client_id": c, "reason": r} for c, r in record["declined"].items()]
+        events += [{"event": "update_rejected", "client_id": c, "reason": r} for c, r in record["unreadable"].items()]
+        self.audit.append(round_id, "quorum", events)
+        return record
+
+    # --- step 4: aggregate ---------------------------------------------------------------
+    def example_history(self, clients: list[str]) -> dict[str, list[int]]:
+        """Each client's accepted example counts in the last rounds it took part in."""
+        data = self.store.get_bytes(self.bucket, f"{self.spec.federation}/history/examples.json")
+        history = protocol.strict_json_loads(data) if data else {}
+        return {c: list(history.get(c, []))[-HISTORY_ROUNDS:] for c in clients}
+
+    def _record_history(self, summary: dict[str, Any], history: dict[str, list[int]]) -> None:
+        for entry in summary["accepted"]:
+            history.setdefault(entry["client_id"], []).append(entry["num_examples"])
+        trimmed = {c: counts[-HISTORY_ROUNDS:] for c, counts in history.items()}
+        self.store.put_bytes(self.bucket, f"{self.spec.federation}/history/examples.json",
+                             dump(trimmed), "application/json")
+
+    def _builder(self, plan: RoundPlan, history: dict[str, list[int]]) -> CandidateBuilder:
+        return CandidateBuilder(plan, self.records, self.intake, self.task, self._version_sha256, history,
+                                {c.id: c.max_examples for c in self.spec.clients}, self.spec.max_weight_share)
+
+    def _server_state(self, plan: RoundPlan):
+        """The server optimiser's moments from the round that made the base (its lineage)."""
+        if not plan.base_round_id:
+            return None
+        saved = self.records.get(plan.base_round_id, self.records.server_state_name(plan.aggregation["strategy"]))
+        return None if saved is None else decode_state(saved)
+
+    def aggregate(self, round_id: str) -> dict[str, Any]:
+        """Screen the round's closed set of updates, build the candidate and store it."""
+        plan = self.load_plan(round_id)
+        closed = self.records.get_json(round_id, "quorum.json")
+        if closed is None:
+            raise self.records.fail(round_id, "aggregate", "the round has not closed yet; run the quorum step first")
+        if closed["state"] != quorum.MET:
+            raise RoundFailed(closed["reason"])
+        summary = self.records.get_json(round_id, "candidate/manifest.json")
+        if summary is None:
+            committed = {c: closed["answers"][c] for c in closed["committed"]}
+            try:
+                built = self._builder(plan, closed["history"]).build(committed, self._server_state(plan))
+            except ValueError as exc:
+                raise self.records.fail(round_id, "aggregate", str(exc)) from exc
+            summary = built.summary
+            self.records.put(round_id, "candidate/model.safetensors", built.payload)
+            if built.server_state is not None:
+                # Keyed by this round: the next round continues from it only if this candidate
+                # becomes the champion, so a rolled-back round never advances the optimiser.
+                self.records.put(round_id, self.records.server_state_name(summary["aggregator"]),
+                                encode_state(built.server_state))
+            # Written last: its presence means the candidate (and state) above are complete.
+            self.records.put_json(round_id, "candidate/manifest.json", summary)
+            self._record_history(summary, self.example_history(plan.clients))
+        self.audit.append(round_id, "aggregate", aggregate_events(summary))
+        report.log_lines(f"round {round_id} aggregated", report.aggregate_account(summary, plan.screening))
+        return summary
+
+    def replay(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rebuild a round's screening and candidate from its audit events and the update
+        snapshots it kept: the plan and the closed set come from the log, and every kept
+        manifest must still hash to what the log recorded. Writes nothing new."""
+        planned = [e for e in events if e.get("event") == "round_planned"]
+        closed = [e for e in events if e.get("event") == "round_closed"]
+        if len(planned) != 1 or len(closed) != 1:
+            raise ValueError("the log needs exactly one round_planned and one round_closed event")
+        plan = RoundPlan(**planned[0]["plan"])
+        record = closed[0]
+        committed = {c: record["answers"][c] for c in record["committed"]}
+        summary = self._builder(plan, record["history"]).build(committed, self._server_state(plan)).summary
+        logged = {e["client_id"]: e["manifest_sha256"] for e in events if e.get("event") == "update_seen"}
+        seen = {client_id: entry["manifest_sha256"] for client_id, entry in summary["seen"].items()}
+        if logged != seen:
+            changed = sorted(c for c in set(logged) | set(seen) if logged.get(c) != seen.get(c))
+            raise ValueError(f"the kept manifests no longer hash to what the round saw: {changed}")
+        return {"accepted": sorted(a["client_id"] for a in summary["accepted"]),
+                "rejected": {r["client_id"]: r["reason"] for r in summary["rejected"]},
+                "candidate_sha256": summary["candidate_sha256"]}
+
+    def _version_sha256(self, version: str) -> str | None:
+        if version == "seed":
+            return sha256_hex(self.seed_payload())
+        from fl_tasks.coordinator import registry
+
+        return registry.version_weights_sha256(self.spec, version)
+
+    # --- step 5: validate ----------------------------------------------------------------
+    def load_model(self, round_id: str, name: str, sha256: str):
+        """The task's model with the weights kept at `name` (checked against `sha256`)."""
+        from fl_tasks.tasks.api import load_model_state
+
+        payload = self.records.get(round_id, name, sha256=sha256)
+        if payload is None:
+            raise RoundFailed(f"{self.records.uri(round_id, name)} is missing or does not match its sha256")
+        return load_model_state(self.task.build_model(), decode_state(payload))
+
+    def validate(self, round_id: str) -> dict[str, Any]:
+        """Evaluate candidate and champion on the coordinator's validation rows; apply the gates."""
+        from fl_tasks.coordinator.gates import evaluate_gates
+        from fl_tasks.coordinator.validation import ValidationDataError, read_validation_rows
+
+        existing = self.records.get_json(round_id, "validation.json")
+        if existing is not None:
+            self._audit_validation(round_id, existing)
+            return existing
+        plan = self.load_plan(round_id)
+        summary = self.records.get_json(round_id, "candidate/manifest.json")
+        try:
+            rows = read_validation_rows(self.spec.validation_uri, self.spec.contract, self.store)
+        except ValidationDataError as exc:
+            raise self.records.fail(round_id, "validate", str(exc)) from None
+        task = self.task
+        candidate = task.evaluate(self.load_model(round_id, "candidate/model.safetensors", summary["candidate_sha256"]),
+                                  rows)
+        champion = None
+        if plan.base_version != "seed":
+            champion = task.evaluate(self.load_model(round_id, "base/model.safetensors", plan.base_sha256), rows)
+        gates = evaluate_gates(candidate, champion, plan.settings["gate_thresholds"],
+                               plan.settings["max_regression"], task)
+        result = {"candidate": candidate, "champion": champion, "gates": gates, "primary_metric": task.primary_metric,
+                  "passed": all(g["passed"] for g in gates), "validation_rows": len(rows),
+                  "source": self.spec.validation_uri}
+        self.records.put_json(round_id, "validation.json", result)
+        self._audit_validation(round_id, result)
+        return result
+
+    def _audit_validation(self, round_id: str, result: dict[str, Any]) -> None:
+        report.log_lines(f"round {round_id} validated on {result['validation_rows']} rows",
+                         report.validation_account(result["candidate"], result["champion"], result["gates"]))
+        self.audit.append(round_id, "validate", [{"event": "gates_evaluated", "passed": result["passed"],
+                                                  "gates": result["gates"], "candidate": result["candidate"],
+                                                  "champion": result["champion"]}])
+
+    # --- step 6: register ----------------------------------------------------------------
+    def register(self, round_id: str) -> str:
+        """Log the round to MLflow and register the candidate version (once per round)."""
+        from fl_tasks.coordinator import registry
+
+        existing = self.records.get_json(round_id, "registration.json")
+        if existing is not None:
+            self._audit_registration(round_id, existing["version"])
+            return existing["version"]
+        plan = self.load_plan(round_id)
+        summary = self.records.get_json(round_id, "candidate/manifest.json")
+        result = self.records.get_json(round_id, "validation.json")
+        closed = self.records.get_json(round_id, "quorum.json")
+        model = self.load_model(round_id, "candidate/model.safetensors", summary["candidate_sha256"])
+        metrics = {f"candidate_{k}": v for k, v in result["candidate"].items()}
+        if result["champion"]:
+            metrics.update({f"champion_{k}": v for k, v in result["champion"].items()})
+        # weight_<client>: the client's share of the candidate under the round's rule; rules that
+        # give no update a weight (median, trimmed mean, Bulyan) log none (see the `influence` param).
+        metrics.update({f"weight_{a['client_id']}": a["influence"] for a in summary["accepted"]
+                        if a["influence"] is not None})
+        if summary["selected"] is not None:
+            metrics.update({f"selected_{a['client_id']}": float(a["client_id"] in summary["selected"])
+                            for a in summary["accepted"]})
+        metrics.update({"clients_accepted": len(summary["accepted"]), "clients_rejected": len(summary["rejected"]),
+                        "clients_declined": len(closed["declined"]), "total_examples": summary["total_examples"]})
+        params = {**{k: v for k, v in plan.settings.items()}, **{f"training_{k}": v for k, v in plan.training.items()},
+                  "participating_clients": ",".join(a["client_id"] for a in summary["accepted"]),
+                  "declined_clients": ",".join(sorted(closed["declined"])),
+                  "influence": summary["rule"], "task": plan.task["entrypoint"], "task_version": plan.task["version"],
+                  "base_version": plan.base_version, "base_origin": plan.base_origin, "round_id": round_id}
+        key = self.round_key(round_id, "candidate/model.safetensors")
+        registered = registry.register_candidate(
+            self.spec, model, round_id=round_id, airflow_run_id=plan.run_id, base_version=plan.base_version,
+            base_origin=plan.base_origin, weights_uri=f"s3://{self.bucket}/{key}",
+            weights_sha256=summary["candidate_sha256"], params=params, metrics=metrics,
+            report={"plan": asdict(plan), "aggregation": summary, "validation": result, "quorum": closed},
+        )
+        self.records.put_json(round_id, "registration.json", asdict(registered))
+        self._audit_registration(round_id, registered.version)
+        return registered.version
+
+    def registration(self, round_id: str) -> dict[str, Any]:
+        """What register stored: the version, and the MLflow run and experiment that logged it."""
+        return self.records.get_json(round_id, "registration.json") or {}
+
+    def _audit_registration(self, round_id: str, version: str) -> None:
+        summary = self.records.get_json(round_id, "candidate/manifest.json")
+        self.audit.append(round_id, "register", [{"event": "model_registered", "model_name": self.spec.model_name,
+                                                  "version": version,
+                                                  "candidate_sha256": summary["candidate_sha256"]}])
+
+    # --- step 7: promote or roll back ----------------------------------------------------
+    def decide(self, round_id: str) -> str:
+        """'promote' when every gate passed, else 'rollback'."""
+        result = self.records.get_json(round_id, "validation.json")
+        return "promote" if result and result["passed"] else "rollback"
+
+    def promote(self, round_id: str) -> dict[str, Any]:
+        from fl_tasks.coordinator import registry
+
+        version = self.register(round_id)
+        registry.promote(self.spec, version)
+        decision = {"decision": "promoted", "version": version, "reasons": [], **self.mlflow_refs(round_id)}
+        self.records.put_json(round_id, "decision.json", decision)
+        self.audit.append(round_id, "decision", [{"event": "model_promoted", "version": version, "alias": "champion",
+                                                  "previous_champion": self.load_plan(round_id).base_version}])
+        return decision
+
+    def rollback(self, round_id: str) -> dict[str, Any]:
+        from fl_tasks.coordinator import registry
+
+        version = self.register(round_id)
+        result = self.records.get_json(round_id, "validation.json")
+        reasons = [g["detail"] for g in result["gates"] if not g["passed"]]
+        registry.reject(self.spec, version, reasons)
+        decision = {"decision": "rejected", "version": version, "reasons": reasons, **self.mlflow_refs(round_id)}
+        self.records.put_json(round_id, "decision.json", decision)
+        self.audit.append(round_id, "decision", [{"event": "model_rolled_back", "version": version, "reasons": reasons,
+                                                  "champion": self.load_plan(round_id).base_version}])
+        return decision
+
+    def mlflow_refs(self, round_id: str) -> dict[str, str]:
+        """Where the round lives in MLflow, for links from Airflow: model, version, run, experiment."""
+        from fl_tasks.coordinator import registry
+
+        registration = self.registration(round_id)
+        return {"model_name": self.spec.model_name, "version": registration.get("version", ""),
+                "mlflow_run_id": registration.get("run_id", ""), "experiment_id": registration.get("experiment_id", ""),
+                "tracking_uri": registry.tracking_uri(self.spec)}
+
+    # --- step 8: summary -----------------------------------------------------------------
+    def summarize(self, round_id: str) -> dict[str, Any]:
+        """Collect what the round did into report.json; small enough for XCom."""
+        plan = self.load_plan(round_id)
+        closed = self.records.get_json(round_id, "quorum.json")
+        built = report.build_report(plan, closed, *(self.records.get_json(round_id, name) for name in (
+            "candidate/manifest.json", "validation.json", "decision.json", "failure.json")),
+            late=self.late_updates(round_id, closed), audit_log=f"s3://{self.bucket}/{self.audit.prefix(round_id)}")
+        self.records.put_json(round_id, "report.json", built)
+        self.audit.append(round_id, "summary", [*({"event": "update_late", **entry} for entry in built["late"]),
+                                                {"event": "round_summarized", "decision": built["decision"],
+                                                 "version": built["version"], "reason": built["reason"]}])
+        from fl_tasks.coordinator import registry
+
+        # The bucket holds the log of record; the MLflow copy is for people browsing runs.
+        registry.log_audit(self.spec, round_id, self.audit.jsonl(round_id))
+        report.log_lines(f"round {round_id} summary", report.summary_table(built))
+        return built
+
+    def late_updates(self, round_id: str, closed: dict[str, Any] | None) -> list[dict[str, str]]:
+        """Answers written after the round closed, or changed since: never used, only recorded."""
+        if closed is None:
+            return []
+        plan = self.load_plan(round_id)
+        late = []
+        for client_id, answer in sorted(self.answers(round_id, plan).items()):
+            if not isinstance(answer, Answer) or answer.kind != "update":
+                continue
+            kept = closed["answers"].get(client_id)
+            if client_id not in closed["committed"]:
+                late.append({"client_id": client_id, "committed_at": answer.committed_at.isoformat()})
+            elif kept and kept["manifest_sha256"] != answer.manifest_sha256:
+                late.append({"client_id": client_id, "committed_at": answer.committed_at.isoformat(),
+                             "note": "re-committed after the close; the round used the update it closed with"})
+        return late
+
+
+def run_round(spec: FederationSpec, ctx: RunContext, store: ObjectStore | None = None,
+              poll_seconds: float | None = None, keys: signing.KeyProvider | None = None) -> dict[str, Any]:
+    """A whole round without Airflow: the same steps, with a blocking wait for quorum."""
+    coordinator = Coordinator(spec, store, keys)
+    round_id = coordinator.prepare(ctx)
+    coordinator.dispatch(round_id)
+    while (decision := coordinator.check_quorum(round_id)).state == quorum.WAITING:
+        time.sleep(poll_seconds or spec.quorum.poll_interval_seconds)
+    coordinator.close_round(round_id, decision)
+    try:
+        coordinator.aggregate(round_id)
+        coordinator.validate(round_id)
+        coordinator.register(round_id)
+        getattr(coordinator, coordinator.decide(round_id))(round_id)
+    except RoundFailed:
+        pass
+    return coordinator.summarize(round_id)

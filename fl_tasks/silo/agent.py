@@ -1,0 +1,293 @@
+"""The silo agent (`fl-client`): answer each committed round with a locally trained update,
+or with a signed decline that says why not.
+
+It only ever reads the global model from its own bucket and writes back model weights and a
+manifest; the silo's rows never leave it. For each round it:
+
+1. reads the global manifest (strict, size-limited) and checks the round, federation and deadline;
+2. checks that its installed task is the one the round names (entrypoint, version, params);
+3. reads the round's data window from its data source and checks the rows against the
+   federation's data contract;
+4. trains the task's model from the global weights and commits the update, manifest last.
+
+When 2 or 3 fail it writes no update: it commits a signed decline with the reason (e.g.
+`column 'amount' missing`), which the coordinator shows and which never counts towards the
+quorum. Subclasses may override `train_rows` and `reported_state` (the simulator's attacks
+do); the production agent has no other behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from fl_tasks import protocol
+from fl_tasks.config import BUCKET_URI_PATTERN
+from fl_tasks.contract import DataContract
+from fl_tasks.protocol import DeclineManifest, GlobalManifest, ManifestError, UpdateManifest, sha256_hex
+from fl_tasks.protocol import signing
+from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
+from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+
+class Decline(Exception):
+    """This silo will not train this round; the message is the public reason."""
+
+
+@dataclass
+class SiloAgent:
+    client_id: str
+    federation: str
+    bucket_uri: str
+    source: DataSource
+    store: ObjectStore
+    signing_key: bytes | str | None = None  # signs each manifest (HMAC-SHA256) when set
+    seed: int = 0
+    answered: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.signing_key is not None:
+            self.signing_key = signing.as_key(self.signing_key, f"the signing key of {self.client_id}")
+        if not protocol.NAME_PATTERN.fullmatch(self.client_id):
+            raise ValueError(f"client id {self.client_id!r} must match {protocol.NAME_PATTERN.pattern}")
+        match = BUCKET_URI_PATTERN.fullmatch(self.bucket_uri)
+        if not match:
+            raise ValueError(f"bucket {self.bucket_uri!r} must look like s3://bucket[/prefix]")
+        self.bucket, self.prefix = match.group(1), (match.group(2) or "").strip("/")
+        self._tasks: dict[str, Any] = {}
+
+    def log(self, message: str) -> None:
+        print(f"[{self.client_id}] {message}", flush=True)
+
+    def key(self, which, round_id: str) -> str:
+        return which(self.prefix, self.federation, round_id)
+
+    def pending_rounds(self) -> list[str]:
+        """Rounds with a committed global manifest and no answer from us yet, oldest first."""
+        listing = protocol.rounds_listing_prefix(self.prefix, self.federation)
+        rounds, answered = set(), set()
+        for key in self.store.list_keys(self.bucket, listing):
+            round_id, _, rest = key[len(listing):].partition("/")
+            if rest == "global/manifest.json":
+                rounds.add(round_id)
+            elif rest in ("update/manifest.json", "update/decline.json"):
+                answered.add(round_id)
+        return sorted(rounds - answered - self.answered)
+
+    # --- one round --------------------------------------------------------------------------
+    def answer(self, round_id: str) -> bool:
+        """Train on one round and commit the update; False when the round is skipped or declined."""
+        self.answered.add(round_id)
+        raw = self.store.get_bytes(self.bucket, self.key(protocol.global_manifest_key, round_id),
+                                   max_bytes=protocol.MAX_MANIFEST_BYTES)
+        manifest = GlobalManifest.from_json(raw)
+        if manifest.round_id != round_id or manifest.federation != self.federation:
+            self.log(f"round {round_id}: manifest names another round or federation, skipped")
+            return False
+        if datetime.fromisoformat(manifest.deadline) <= datetime.now(timezone.utc):
+            self.log(f"round {round_id}: deadline {manifest.deadline} already passed, skipped")
+            return False
+        try:
+            task = self.task_for(manifest)
+            contract = DataContract.from_dict(manifest.contract)
+            rows = self.read_rows(manifest, contract)
+        except Decline as exc:
+            self.decline(round_id, str(exc))
+            return False
+        started = time.perf_counter()
+        payload = self.store.get_bytes(self.bucket, self.key(protocol.global_model_key, round_id),
+                                       max_bytes=manifest.payload_bytes)
+        if payload is None or sha256_hex(payload) != manifest.payload_sha256:
+            self.log(f"round {round_id}: global payload missing or sha256 mismatch, skipped")
+            return False
+        fetch_seconds = time.perf_counter() - started
+        return self.train_and_commit(manifest, task, rows, decode_state(payload), fetch_seconds)
+
+    def task_for(self, manifest: GlobalManifest):
+        """The installed task, when it is the one the round names; Decline otherwise."""
+        from fl_tasks.config import ConfigError
+        from fl_tasks.tasks.api import TaskError, load_task, params_sha256
+
+        wanted = manifest.task
+        if params_sha256(wanted["params"]) != wanted["params_sha256"]:
+            raise Decline("the round's task params do not match their sha256")
+        contract = DataContract.from_dict(manifest.contract)
+        cache_key = f"{wanted['entrypoint']}|{wanted['params_sha256']}|{contract.sha256}"
+        if cache_key not in self._tasks:
+            try:
+                self._tasks[cache_key] = load_task(wanted["entrypoint"], wanted["params"], contract)
+            except (TaskError, ConfigError) as exc:
+                raise Decline(f"task {wanted['entrypoint']} is not usable here: {exc}") from None
+        task = self._tasks[cache_key]
+        if task.version != wanted["version"]:
+            raise Decline(f"task {wanted['entrypoint']} version {task.version} is installed here, the round needs "
+                          f"version {wanted['version']}")
+        return task
+
+    def read_rows(self, manifest: GlobalManifest, contract: DataContract) -> "pd.DataFrame":
+        """The round's data window from the data source, checked against the contract."""
+        window = Window.from_manifest(manifest.data_window)
+        try:
+            rows = self.source.read(window, contract.event_time)
+        except DataSourceError as exc:
+            raise Decline(f"data source unreadable: {exc}") from None
+        problems = contract.check(rows)
+        if problems:
+            raise Decline("; ".join(problems) + (f" (data window {window})" if window.start or window.end else ""))
+        return rows
+
+    def train_rows(self, rows: "pd.DataFrame", contract: DataContract) -> "pd.DataFrame":
+        """The rows training sees (the production agent: all of them)."""
+        return rows
+
+    def reported_state(self, trained: dict[str, "np.ndarray"], base: dict[str, "np.ndarray"],
+                       round_id: str) -> dict[str, "np.ndarray"]:
+        """The model state the update carries (the production agent: what it trained)."""
+        return trained
+
+    def train_and_commit(self, manifest: GlobalManifest, task, rows: "pd.DataFrame", base: dict[str, "np.ndarray"],
+                         fetch_seconds: float) -> bool:
+        from fl_tasks.tasks.api import TrainingSettings, load_model_state, model_state
+
+        round_id, t = manifest.round_id, manifest.training
+        try:
+            model = load_model_state(task.build_model(), base)
+        except ValueError as exc:
+            self.decline(round_id, f"the global model does not fit the installed task's model: {exc}")
+            return False
+        global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        settings = TrainingSettings(local_epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
+                                    batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
+                                    seed=self.seed + zlib.crc32(round_id.encode()) % 10_000)
+        self.log(f"round {round_id}: training {settings.local_epochs} epoch(s) on {len(rows)} rows "
+                 f"from base version {manifest.model_version}")
+        result = task.train(model, self.train_rows(rows, task.contract), settings, global_state)
+        update = encode_state(self.reported_state(model_state(model), base, round_id), t["codec"])
+        self.store.put_bytes(self.bucket, self.key(protocol.update_payload_key, round_id), update)
+        metrics = {k: float(v) for k, v in result.metrics.items() if k != "train_seconds"}
+        commit = UpdateManifest(
+            client_id=self.client_id, federation=self.federation, round_id=round_id,
+            base_model_version=manifest.model_version, base_sha256=manifest.payload_sha256,
+            num_examples=result.num_examples, codec=t["codec"], payload_sha256=sha256_hex(update),
+            payload_bytes=len(update), metrics=metrics,
+            timings={"fetch_seconds": fetch_seconds, "train_seconds": float(result.metrics.get("train_seconds", 0.0))},
+            created_at=datetime.now(timezone.utc).isoformat(),
+        )
+        self.commit(round_id, protocol.update_manifest_key, commit)
+        self.log(f"round {round_id}: update committed ({result.num_examples} examples, "
+                 f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())})")
+        return True
+
+    def decline(self, round_id: str, reason: str) -> None:
+        """Commit a signed decline: the coordinator stops waiting for this silo this round."""
+        reason = reason[:DeclineManifest.MAX_REASON_CHARS]
+        self.commit(round_id, protocol.decline_key, DeclineManifest(
+            client_id=self.client_id, federation=self.federation, round_id=round_id, reason=reason,
+            created_at=datetime.now(timezone.utc).isoformat()))
+        self.log(f"round {round_id}: declined: {reason}")
+
+    def commit(self, round_id: str, which, manifest) -> None:
+        if self.signing_key is not None:
+            manifest = signing.sign_manifest(manifest, self.signing_key)
+        # The manifest goes last: until it exists the coordinator ignores the payload.
+        self.store.put_bytes(self.bucket, self.key(which, round_id), manifest.to_json(), "application/json")
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, poll_seconds: float = 2.0, max_rounds: int | None = None, idle_exit_seconds: float | None = None) -> int:
+        """Poll until stopped; returns the number of rounds answered with an update."""
+        answered, idle_since = 0, time.monotonic()
+        while max_rounds is None or answered < max_rounds:
+            try:
+                pending = self.pending_rounds()
+            except StorageUnavailable as exc:  # S3 away: the agent waits for it, it does not die
+                self.log(f"S3 unavailable, polling again in {poll_seconds:g}s: {exc}")
+                pending = []
+            for round_id in pending:
+                try:
+                    answered += self.answer(round_id)
+                except (ValueError, KeyError, ManifestError) as exc:  # a bad manifest must not stop the agent
+                    self.log(f"round {round_id}: skipped: {exc}")
+                except StorageUnavailable as exc:  # the manifest goes last: a retry starts over cleanly
+                    self.answered.discard(round_id)
+                    self.log(f"round {round_id}: S3 unavailable, trying again next poll: {exc}")
+            if pending:
+                idle_since = time.monotonic()
+            elif idle_exit_seconds is not None and time.monotonic() - idle_since > idle_exit_seconds:
+                break
+            time.sleep(poll_seconds)
+        return answered
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fl-client` command line (also used to check the flags in docker-compose.yaml)."""
+    parser = argparse.ArgumentParser(prog="fl-client", description=__doc__.splitlines()[0])
+    parser.add_argument("--client-id", required=True, help="this silo's id, as in the federation file")
+    parser.add_argument("--federation", required=True, help="federation name")
+    parser.add_argument("--bucket", required=True, help="this silo's bucket, s3://bucket[/prefix]")
+    parser.add_argument("--data", required=True,
+                        help="local rows: a .parquet or .csv file, or a SQLAlchemy database URL "
+                             "(with --sql-table or --sql-query)")
+    parser.add_argument("--sql-table", default=None, help="with a database URL: the table of rows")
+    parser.add_argument("--sql-query", default=None,
+                        help="with a database URL: a query using :window_start and :window_end")
+    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: FL_S3_ENDPOINT_URL or AWS)")
+    parser.add_argument("--poll-seconds", type=float, default=2.0)
+    parser.add_argument("--max-rounds", type=int, default=None, help="exit after answering this many rounds")
+    parser.add_argument("--idle-exit-seconds", type=float, default=None, help="exit after this long with no work")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--signing-key-file", default=None,
+                        help="file holding this silo's signing key (default: the FL_SIGNING_KEY variable; "
+                             "neither: manifests go unsigned)")
+    return parser
+
+
+def read_signing_key(path: str | None) -> str | None:
+    """The key from --signing-key-file (surrounding whitespace stripped), else FL_SIGNING_KEY."""
+    if path:
+        with open(path) as handle:
+            return handle.read().strip()
+    return os.environ.get("FL_SIGNING_KEY") or None
+
+
+def agent_from_args(args: argparse.Namespace, agent_class: type[SiloAgent] = SiloAgent, **extra: Any) -> SiloAgent:
+    """The agent a command line describes; ValueError/OSError with a readable message."""
+    source = open_source(args.data, args.sql_table, args.sql_query)
+    return agent_class(args.client_id, args.federation, args.bucket, source, ObjectStore(args.endpoint_url),
+                       read_signing_key(args.signing_key_file), args.seed, **extra)
+
+
+def serve(agent: SiloAgent, args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    agent.log(f"serving federation {args.federation} from {args.bucket} with rows from {agent.source.describe()}; "
+              f"manifests {'signed' if agent.signing_key else 'unsigned'}")
+    try:
+        agent.run(args.poll_seconds, args.max_rounds, args.idle_exit_seconds)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        agent = agent_from_args(args)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fl-client: {exc}", file=sys.stderr)
+        return 2
+    return serve(agent, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

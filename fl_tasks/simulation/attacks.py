@@ -1,0 +1,126 @@
+"""Simulated silo behaviours, for demos, tests and the robustness benchmark.
+
+Honest silos train and report. The others model what a production federation must survive:
+silos that never answer or answer late, and Byzantine silos that send poisoned models.
+`AttackingAgent` wraps the honest agent (fl_tasks.silo.agent), overriding only what it
+trains on and what it reports; the production `fl-client` has no such branches. Attacks act
+on the floating tensors of `update - base`; integer buffers are left alone.
+
+    python -m fl_tasks.simulation.attacks --behaviour sign_flip <fl-client arguments>
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fl_tasks.silo.agent import SiloAgent, agent_from_args, build_parser, serve
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fl_tasks.contract import DataContract
+
+HONEST, DROPOUT, STRAGGLER = "honest", "dropout", "straggler"
+SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP = "sign_flip", "scaled", "noise", "colluding", "label_flip"
+BEHAVIOURS = (HONEST, DROPOUT, STRAGGLER, SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP)
+MODEL_ATTACKS = (SIGN_FLIP, SCALED, NOISE, COLLUDING)
+
+
+def poison_data(behaviour: str, rows: "pd.DataFrame", contract: "DataContract") -> "pd.DataFrame":
+    """Label-flip data poisoning: the silo trains on inverted labels (boolean labels: negated;
+    categorical: each class moved to the next one)."""
+    if behaviour != LABEL_FLIP:
+        return rows
+    rows = rows.copy()
+    label = contract.label
+    if label.type == "categorical":
+        shift = {c: label.categories[(i + 1) % len(label.categories)] for i, c in enumerate(label.categories)}
+        rows[label.name] = rows[label.name].map(shift)
+    else:
+        rows[label.name] = ~rows[label.name].astype(bool)
+    return rows
+
+
+def poison_model(behaviour: str, trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                 scale: float, round_id: str) -> dict[str, np.ndarray]:
+    """The model a Byzantine silo reports instead of `trained`.
+
+    sign_flip: base - scale * delta; scaled: base + scale * delta; noise: trained + N(0, scale);
+    colluding: base + the same N(0, scale) draw for every colluder of the round (seeded by the
+    round id), so their updates are identical.
+    """
+    if behaviour not in MODEL_ATTACKS:
+        return dict(trained)
+    shared = np.random.default_rng(zlib.crc32(round_id.encode()))
+    private = np.random.default_rng()
+    out = {}
+    for name in sorted(trained):
+        value, origin = trained[name], base[name]
+        if not np.issubdtype(value.dtype, np.floating):
+            out[name] = value
+            continue
+        delta = value.astype(np.float64) - origin
+        if behaviour == SIGN_FLIP:
+            poisoned = origin - scale * delta
+        elif behaviour == SCALED:
+            poisoned = origin + scale * delta
+        elif behaviour == NOISE:
+            poisoned = value + private.normal(0.0, scale, value.shape)
+        else:
+            poisoned = origin + shared.normal(0.0, scale, value.shape)
+        out[name] = poisoned.astype(value.dtype)
+    return out
+
+
+class AttackingAgent(SiloAgent):
+    """The honest agent with one simulated behaviour."""
+
+    def __init__(self, *args, behaviour: str = HONEST, attack_scale: float = 10.0, delay_seconds: float = 0.0,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if behaviour not in BEHAVIOURS:
+            raise ValueError(f"behaviour {behaviour!r} must be one of {', '.join(BEHAVIOURS)}")
+        self.behaviour, self.attack_scale, self.delay_seconds = behaviour, attack_scale, delay_seconds
+
+    def answer(self, round_id: str) -> bool:
+        if self.behaviour == DROPOUT:
+            self.answered.add(round_id)
+            self.log(f"round {round_id}: dropping out (simulated)")
+            return False
+        if self.behaviour == STRAGGLER and self.delay_seconds > 0:
+            self.log(f"round {round_id}: straggling for {self.delay_seconds:.0f}s (simulated)")
+            time.sleep(self.delay_seconds)
+        return super().answer(round_id)
+
+    def train_rows(self, rows, contract):
+        return poison_data(self.behaviour, rows, contract)
+
+    def reported_state(self, trained, base, round_id):
+        return poison_model(self.behaviour, trained, base, self.attack_scale, round_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parser.prog = "fl-simulate-silo"
+    parser.add_argument("--behaviour", choices=BEHAVIOURS, default=HONEST, help="simulated behaviour")
+    parser.add_argument("--attack-scale", type=float, default=10.0,
+                        help="k of sign_flip/scaled, noise std of noise/colluding")
+    parser.add_argument("--delay-seconds", type=float, default=0.0, help="straggler delay")
+    args = parser.parse_args(argv)
+    try:
+        agent = agent_from_args(args, AttackingAgent, behaviour=args.behaviour, attack_scale=args.attack_scale,
+                                delay_seconds=args.delay_seconds)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fl-simulate-silo: {exc}", file=sys.stderr)
+        return 2
+    return serve(agent, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

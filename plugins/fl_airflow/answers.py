@@ -1,0 +1,144 @@
+"""The silos' answers to a round, read from the triggerer's event loop (see QuorumTrigger).
+
+Loaded by the trigger in a worker thread: it imports boto3 and the manifest code, which
+take long enough to block the triggerer's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fl_tasks.coordinator.intake import STORAGE_ERRORS, storage_reason, verify_answer
+from fl_tasks.protocol import MAX_MANIFEST_BYTES, DeclineManifest, ManifestError, UpdateManifest
+from fl_tasks.protocol.signing import SignatureError
+from fl_tasks.protocol.storage import AsyncObjectStore, is_transient_async
+
+CONCURRENT_READS = 32  # silos read at the same time, whatever their number
+
+
+@dataclass
+class Poll:
+    committed: dict[str, datetime] = field(default_factory=dict)  # verified updates: commit times
+    declined: dict[str, str] = field(default_factory=dict)  # verified declines: reasons
+    problems: dict[str, str] = field(default_factory=dict)  # why a silo's answer does not count
+    outage: str = ""  # every silo failed with a transient error: the endpoint(s) are down
+
+
+@dataclass
+class _Seen:
+    etag: str
+    written: datetime
+    verdict: str | None  # None: verified; else why not
+    reason: str = ""  # a decline's reason
+
+
+class AnswerWatcher:
+    """Polls every silo's update and decline manifests; verifies each manifest once per ETag."""
+
+    def __init__(self, trigger):
+        self.trigger = trigger
+        self.stores: dict[tuple[str | None, str | None], AsyncObjectStore] = {}
+        self.seen: dict[tuple[str, str], _Seen] = {}
+        self.keys: dict[str, bytes | None] = {}
+        self.limit = asyncio.Semaphore(CONCURRENT_READS)
+
+    async def __aenter__(self) -> "AnswerWatcher":
+        from fl_airflow.connections import s3_access
+
+        for info in self.trigger.clients.values():
+            group = (info.get("aws_conn_id"), info.get("endpoint_url"))
+            if group not in self.stores:
+                access = await asyncio.to_thread(s3_access, group[0])
+                store = AsyncObjectStore(group[1] or access.endpoint_url, access=access)
+                self.stores[group] = await store.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for store in self.stores.values():
+            await store.__aexit__(*exc)
+
+    async def key_of(self, client_id: str) -> bytes | None:
+        if client_id not in self.keys:
+            conn_id = self.trigger.clients[client_id]["signing_conn_id"]
+            self.keys[client_id] = await asyncio.to_thread(_connection_password, conn_id)
+        return self.keys[client_id]
+
+    async def poll(self) -> Poll:
+        results = await asyncio.gather(*(self._read_client(c) for c in self.trigger.clients), return_exceptions=False)
+        poll = Poll()
+        transient = []
+        for client_id, (kind, value, problem, was_transient) in zip(self.trigger.clients, results):
+            if kind == "update":
+                poll.committed[client_id] = value
+            elif kind == "decline":
+                poll.declined[client_id] = value
+            if problem:
+                poll.problems[client_id] = problem
+                transient.append(was_transient)
+        if transient and len(transient) == len(self.trigger.clients) and all(transient):
+            poll.outage = next(iter(poll.problems.values()))
+        return poll
+
+    async def _read_client(self, client_id: str) -> tuple[str | None, Any, str, bool]:
+        """(kind, commit time or decline reason, problem, the problem is transient)."""
+        info = self.trigger.clients[client_id]
+        store = self.stores[(info.get("aws_conn_id"), info.get("endpoint_url"))]
+        problems = []
+        for kind, key in (("update", info["update_key"]), ("decline", info["decline_key"])):
+            async with self.limit:
+                try:
+                    seen = await self._verified(store, client_id, kind, info["bucket"], key)
+                except STORAGE_ERRORS as exc:
+                    problems.append((f"{kind} manifest unreadable: {storage_reason(exc)}", is_transient_async(exc)))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - aiohttp/asyncio errors of an unreachable endpoint
+                    if not is_transient_async(exc):
+                        raise
+                    problems.append((f"{kind} manifest unreadable: {type(exc).__name__}: {exc}", True))
+                    continue
+            if seen is None:
+                continue
+            if seen.verdict is None:
+                return kind, seen.written if kind == "update" else seen.reason, "", False
+            problems.append((f"{kind} manifest rejected: {seen.verdict}", False))
+        if problems:
+            return None, None, "; ".join(p for p, _ in problems), all(t for _, t in problems)
+        return None, None, "", False
+
+    async def _verified(self, store: AsyncObjectStore, client_id: str, kind: str, bucket: str, key: str) -> _Seen | None:
+        head = await store.head(bucket, key)
+        if head is None:
+            self.seen.pop((client_id, kind), None)
+            return None
+        etag, written = head
+        cached = self.seen.get((client_id, kind))
+        if cached is not None and cached.etag == etag:
+            return cached
+        raw = await store.get_bytes(bucket, key, max_bytes=MAX_MANIFEST_BYTES)
+        if raw is None:
+            return None
+        trigger = self.trigger
+        try:
+            manifest = verify_answer(raw, UpdateManifest if kind == "update" else DeclineManifest, client_id,
+                                     trigger.federation, trigger.round_id, trigger.require_signatures,
+                                     await self.key_of(client_id),
+                                     f"Airflow connection '{trigger.clients[client_id]['signing_conn_id']}'")
+            seen = _Seen(etag, written, None, getattr(manifest, "reason", ""))
+        except (ManifestError, SignatureError, ValueError) as exc:
+            seen = _Seen(etag, written, str(exc))
+        self.seen[(client_id, kind)] = seen
+        return seen
+
+
+def _connection_password(conn_id: str) -> bytes | None:
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        password = BaseHook.get_connection(conn_id).password
+    except AirflowNotFoundException:
+        return None
+    return password.encode() if password else None

@@ -1,0 +1,87 @@
+"""MLflow registry helpers against a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from fl_tasks.coordinator import registry
+from fl_tasks.config import parse_federation
+from fl_tasks.tasks.models import build_model
+
+from tests.conftest import federation_doc
+
+
+@pytest.fixture
+def spec(mlflow_uri):
+    return parse_federation(federation_doc(), "inline")
+
+
+def register(spec, round_id, base="seed"):
+    return registry.register_candidate(
+        spec, build_model(spec.model, seed=1), round_id=round_id, airflow_run_id=f"run-{round_id}",
+        base_version=base, weights_uri=f"s3://coord/{round_id}.safetensors", weights_sha256="a" * 64,
+        params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id}).version
+
+
+def test_register_is_idempotent_per_round_and_tags_lineage(spec):
+    version = register(spec, "000001")
+    assert register(spec, "000001") == version
+    client = MlflowClient()
+    assert len(client.search_model_versions(f"name = '{spec.model_name}'")) == 1
+    tags = client.get_model_version(spec.model_name, version).tags
+    assert tags["fl.round_id"] == "000001" and tags["fl.base_version"] == "seed"
+    assert tags["fl.airflow_run_id"] == "run-000001" and tags["fl.decision"] == "pending"
+    run = client.get_run(client.get_model_version(spec.model_name, version).run_id)
+    assert run.data.metrics["candidate_roc_auc"] == 0.9 and run.info.run_name == "round-000001"
+
+
+def test_promote_moves_the_alias_and_reject_keeps_it(spec):
+    assert registry.get_champion(spec) is None
+    first = register(spec, "000001")
+    registry.promote(spec, first)
+    champion = registry.get_champion(spec)
+    assert champion.version == first and champion.round_id == "000001"
+    assert champion.weights_uri == "s3://coord/000001.safetensors"
+    second = register(spec, "000002", base=first)
+    registry.reject(spec, second, ["candidate roc_auc 0.5 < 0.9"])
+    assert registry.get_champion(spec).version == first
+    tags = MlflowClient().get_model_version(spec.model_name, second).tags
+    assert tags["fl.decision"] == "rejected" and tags["fl.rejected_reason"] == "candidate roc_auc 0.5 < 0.9"
+    registry.promote(spec, first)  # promoting the champion again changes nothing
+    assert registry.get_champion(spec).version == first
+
+
+def test_a_retry_after_an_interrupted_try_reuses_its_run_and_logged_model(spec):
+    import mlflow
+    import numpy as np
+
+    client = MlflowClient()
+    experiment = client.create_experiment(spec.experiment_name)
+    # What a try killed after logging the model but before registering it leaves behind.
+    with mlflow.start_run(experiment_id=experiment, tags={"fl.round_id": "000009"}) as interrupted:
+        mlflow.log_params({"aggregator": "fedavg"})
+        info = mlflow.pytorch.log_model(build_model(spec.model, seed=1), name="model",
+                                        input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
+                                        pip_requirements=["torch==2.13.0"])
+    version = register(spec, "000009")
+    runs = client.search_runs([experiment], filter_string="tags.`fl.round_id` = '000009'")
+    assert [r.info.run_id for r in runs] == [interrupted.info.run_id]
+    registered = client.get_model_version(spec.model_name, version)
+    assert registered.run_id == interrupted.info.run_id and registered.source == f"models:/{info.model_id}"
+    assert len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")) == 1
+
+
+def test_registration_names_the_run_and_experiment_that_logged_the_version(spec):
+    def registered():
+        return registry.register_candidate(
+            spec, build_model(spec.model, seed=1), round_id="000004", airflow_run_id="run-4", base_version="seed",
+            weights_uri="s3://coord/4.safetensors", weights_sha256="a" * 64, params={}, metrics={}, report={})
+
+    first = registered()
+    client = MlflowClient()
+    version = client.get_model_version(spec.model_name, first.version)
+    assert version.run_id == first.run_id
+    assert client.get_run(first.run_id).info.experiment_id == first.experiment_id
+    assert client.get_experiment(first.experiment_id).name == spec.experiment_name
+    assert registered() == first  # found again, not registered twice
