@@ -8,10 +8,11 @@ import pytest
 from fl_airflow.keys import ConnectionKeys
 
 from fl_tasks.config import parse_federation
+from tests.conftest import FRAUD_CONTRACT
 
 
 def spec(**security):
-    raw = {"federation": "banks-eu", "coordinator": {"bucket": "coord"},
+    raw = {"federation": "banks-eu", "coordinator": {"bucket": "coord"}, "data": {"contract": FRAUD_CONTRACT},
            "clients": [{"id": "bank-north", "bucket": "s3://bank-north"}, {"id": "bank-south", "bucket": "s3://bank-south"}]}
     if security:
         raw["security"] = security

@@ -5,33 +5,37 @@ crashing; the sensor turns such a report into a retryable failure that records n
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from fl_airflow.sensors import QuorumSensor
 from fl_airflow.triggers import QuorumTrigger
 
-from fl_tasks.config import load_federation
-from fl_tasks.coordinator import Coordinator, RunContext
-from devstack.embedded import create_buckets
+from fl_tasks import protocol
+from fl_tasks.coordinator import RunContext
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
 
-MANIFESTS = {"a": ["trigf-a", "m.json"], "b": ["trigf-b", "m.json"], "c": ["trigf-c", "m.json"]}
+from tests.plugins.test_quorum_trigger import CLIENTS, ROUND, make_trigger, update_manifest
+
+ROUND_KEY = protocol.update_manifest_key("", "trig", ROUND)
 
 
 @pytest.fixture
 def buckets(s3_server):
     store = ObjectStore(s3_server.endpoint_url)
-    for bucket, key in MANIFESTS.values():
-        store.ensure_bucket(bucket)
-        store.delete(bucket, key)
+    for c in CLIENTS:
+        store.ensure_bucket(f"trigf-{c}")
+        store.delete(f"trigf-{c}", ROUND_KEY)
     return store
 
 
 def trigger_via(proxy, deadline: datetime, min_clients: int = 2) -> QuorumTrigger:
-    return QuorumTrigger(round_id="000042", manifests=MANIFESTS, deadline=deadline.isoformat(),
-                         required=min_clients, poll_interval=0.2, endpoint_url=proxy.url)
+    return make_trigger(deadline, min_clients, endpoint_url=proxy.url, bucket_prefix="trigf")
+
+
+def commit_all(store) -> None:
+    for c in CLIENTS:
+        store.put_bytes(f"trigf-{c}", ROUND_KEY, update_manifest(c))
 
 
 async def first_event(trigger, timeout=30):
@@ -61,10 +65,9 @@ def test_keeps_polling_through_s3_errors_and_fires_when_the_manifests_appear(buc
         else:
             s3_proxy.down()
         task = asyncio.create_task(first_event(trigger))
-        await until_logged("round 000042: S3 error while polling (1 in a row)")
-        for bucket, key in MANIFESTS.values():
-            buckets.put_bytes(bucket, key, b"{}")
-        await until_logged("round 000042: S3 error while polling (2 in a row)")
+        await until_logged(f"round {ROUND}: S3 unreachable for every silo (1 polls in a row)")
+        commit_all(buckets)
+        await until_logged(f"round {ROUND}: S3 unreachable for every silo (2 polls in a row)")
         assert not task.done()  # still polling, not crashed, and blind to the manifests while S3 fails
         s3_proxy.clear()
         s3_proxy.up()
@@ -73,42 +76,46 @@ def test_keeps_polling_through_s3_errors_and_fires_when_the_manifests_appear(buc
     event = asyncio.run(scenario())
     assert event["state"] == "met" and event["committed"] == ["a", "b", "c"]
     logged.append("".join(capfd.readouterr()))
-    assert "round 000042: S3 answers again after 2 failed polls" in "".join(logged)
+    assert f"round {ROUND}: S3 answers again after 2 failed polls" in "".join(logged)
     if fault == "503":
-        assert len(s3_proxy.actions("fail")) >= 2 * len(MANIFESTS)
+        assert len(s3_proxy.actions("fail")) >= 2 * len(CLIENTS)
 
 
 def test_s3_still_failing_at_the_deadline_fires_an_error_not_a_quorum_decision(buckets, s3_proxy):
-    buckets.put_bytes("trigf-a", "m.json", b"{}")
-    buckets.put_bytes("trigf-b", "m.json", b"{}")
+    commit_all(buckets)
     s3_proxy.down()
     event = asyncio.run(first_event(trigger_via(s3_proxy, datetime.now(timezone.utc) + timedelta(seconds=1.5))))
     assert event["state"] == "error" and event["committed"] == []
-    assert "cannot read the update manifests of round 000042 at the deadline" in event["reason"]
+    assert f"cannot read the silos' answers of round {ROUND} at the deadline" in event["reason"]
 
 
-def test_access_denied_is_reported_at_once_not_polled_through(buckets, s3_proxy):
-    s3_proxy.fail(403, times=None)
+def test_one_silo_that_cannot_be_read_counts_as_not_committed_and_the_others_go_on(buckets, s3_proxy, capfd):
+    """Access denied on one silo's bucket (HEAD and GET) is that silo's problem: logged, not
+    committed, never an error for the round."""
+    commit_all(buckets)
+    s3_proxy.fail(403, times=None, match=r"/trigf-b/")
     started = datetime.now(timezone.utc)
-    event = asyncio.run(first_event(trigger_via(s3_proxy, started + timedelta(hours=1))))
-    assert event["state"] == "error" and "(403)" in event["reason"] and "Forbidden" in event["reason"]
-    assert "at the deadline" not in event["reason"]
-    assert datetime.now(timezone.utc) - started < timedelta(seconds=10)
+    event = asyncio.run(first_event(trigger_via(s3_proxy, started + timedelta(seconds=2))))
+    assert event["state"] == "met" and event["committed"] == ["a", "c"]
+    assert datetime.now(timezone.utc) - started < timedelta(seconds=15)
+    logged = "".join(capfd.readouterr())
+    assert f"round {ROUND}: b counts as not committed: update manifest unreadable: storage error 403" in logged
 
 
-def test_the_sensor_fails_retryably_on_an_error_event_and_records_nothing(s3_server, mlflow_uri, write_federation):
-    path = write_federation()
-    coordinator = Coordinator(load_federation(path))
-    create_buckets(coordinator.spec, coordinator.store)
+def test_the_sensor_fails_retryably_on_an_error_event_and_records_nothing(make_federation):
+    spec, coordinator, clients = make_federation()
     round_id = coordinator.prepare(RunContext(run_id="trigger-faults"))
-    sensor = QuorumSensor(task_id="wait_for_quorum", federation_file=str(path), round_id=round_id)
+    coordinator.dispatch(round_id)
+    for client_id in ("silo-0", "silo-1"):
+        clients[client_id].answer(round_id)
+    sensor = QuorumSensor(task_id="wait_for_quorum", federation_file=spec.source, round_id=round_id)
     with pytest.raises(StorageUnavailable, match="at the deadline"):  # not AirflowFailException: retried
         sensor.execute_complete({}, {"state": "error", "committed": [], "reason": "cannot read the update "
                                      "manifests of round x at the deadline (3 failed polls): boom"})
-    assert coordinator.store.get_bytes(coordinator.bucket, coordinator.round_key(round_id, "quorum.json")) is None
-    assert coordinator.store.get_bytes(coordinator.bucket, coordinator.round_key(round_id, "failure.json")) is None
+    assert coordinator.records.get_json(round_id, "quorum.json") is None
+    assert coordinator.records.get_json(round_id, "failure.json") is None
     # The retry decides from what S3 really holds.
     result = sensor.execute_complete({}, {"state": "met", "committed": ["silo-0", "silo-1"], "reason": "deadline"})
     assert result["committed"] == ["silo-0", "silo-1"]
-    record = json.loads(coordinator.store.get_bytes(coordinator.bucket, coordinator.round_key(round_id, "quorum.json")))
-    assert record["state"] == "met"
+    record = coordinator.records.get_json(round_id, "quorum.json")
+    assert record["state"] == "met" and record["committed"] == ["silo-0", "silo-1"]

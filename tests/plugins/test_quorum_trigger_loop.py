@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 
 from fl_tasks.protocol.storage import ObjectStore
 from tests.conftest import REPO
+from tests.plugins.test_quorum_trigger import CLIENTS, ROUND, make_trigger, update_manifest
+from fl_tasks import protocol
 
 WARNING_THRESHOLD = 0.2  # airflow.cfg [triggerer] blocked_main_thread_warning_threshold, default
 
@@ -59,12 +61,12 @@ SCRIPT = textwrap.dedent("""
 
 def test_polling_never_blocks_the_event_loop_and_logs_only_changes(s3_server):
     store = ObjectStore(s3_server.endpoint_url)
-    for name in ("loop-a", "loop-b", "loop-c"):
-        store.ensure_bucket(name)
-    store.put_bytes("loop-a", "m.json", b"{}")
-    kwargs = {"round_id": "000009", "manifests": {c: [f"loop-{c}", "m.json"] for c in "abc"},
-              "deadline": (datetime.now(timezone.utc) + timedelta(seconds=4)).isoformat(), "required": 1,
-              "poll_interval": 0.2, "endpoint_url": s3_server.endpoint_url}
+    for c in CLIENTS:
+        store.ensure_bucket(f"loop-{c}")
+        store.delete(f"loop-{c}", protocol.update_manifest_key("", "trig", ROUND))
+    store.put_bytes("loop-a", protocol.update_manifest_key("", "trig", ROUND), update_manifest("a"))
+    kwargs = make_trigger(datetime.now(timezone.utc) + timedelta(seconds=4), min_clients=1,
+                          endpoint_url=s3_server.endpoint_url, bucket_prefix="loop").serialize()[1]
     result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kwargs)], capture_output=True, text=True,
                             timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'plugins'}"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,7 +74,7 @@ def test_polling_never_blocks_the_event_loop_and_logs_only_changes(s3_server):
     assert out["event"]["state"] == "met" and out["event"]["committed"] == ["a"]
     assert out["max_lag"] < WARNING_THRESHOLD, f"the event loop was blocked for {out['max_lag']:.2f}s"
     # About 20 polls, two states: one line while waiting, one when the deadline closed it.
-    round_lines = [line for line in out["lines"] if line.startswith("round 000009")]
+    round_lines = [line for line in out["lines"] if line.startswith(f"round {ROUND}")]
     assert len(round_lines) == 2, round_lines
     assert "waiting for ['b', 'c']" in round_lines[0] and "deadline passed" in round_lines[1]
 

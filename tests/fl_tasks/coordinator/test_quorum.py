@@ -128,3 +128,65 @@ def test_grace_below_quorum_keeps_waiting_then_fails_at_deadline():
 def test_grace_needs_commit_times():
     with pytest.raises(ValueError, match="commit time"):
         decide(["bank-a", "bank-b"], EXPECTED, 2, DEADLINE, BEFORE, GRACE)
+
+
+# --- declines: a silo may answer "not this round" (protocol.DeclineManifest) ---------------
+REASON = "data contract: column 'Amount' missing"
+
+
+def test_declines_that_leave_too_few_clients_fail_at_once():
+    # 2 of 4 declined and the quorum is 3: waiting for bank-d cannot help, so no need to wait for the deadline.
+    declined = {"bank-a": REASON, "bank-b": "task version 1 is not installed"}
+    d = decide({"bank-c": at(1)}, EXPECTED, 3, DEADLINE, BEFORE, declined=declined)
+    assert d.state == FAILED and d.committed == ("bank-c",)
+    assert d.reason == ("quorum of 3 cannot be reached: 2 of 4 clients declined "
+                        f"(bank-a declined: {REASON}; bank-b declined: task version 1 is not installed); "
+                        "1 committed, 1 still pending")
+
+
+def test_every_client_declining_fails_at_once():
+    d = decide([], EXPECTED, 1, DEADLINE, at(0), declined=dict.fromkeys(EXPECTED, REASON))
+    assert d.state == FAILED and d.committed == ()
+    assert "4 of 4 clients declined" in d.reason and "0 committed, 0 still pending" in d.reason
+
+
+def test_declines_that_still_leave_the_quorum_reachable_keep_waiting():
+    # 1 declined, 1 committed, 2 pending: 3 is still reachable, so the round waits for the others.
+    d = decide(["bank-a"], EXPECTED, 3, DEADLINE, BEFORE, declined={"bank-b": REASON})
+    assert d.state == WAITING and d.committed == ("bank-a",)
+    assert d.reason == "1 of 4 committed, waiting for ['bank-c', 'bank-d']"  # a decliner is not waited for
+
+
+def test_every_client_answered_closes_before_the_deadline():
+    d = decide(["bank-a", "bank-b", "bank-d"], EXPECTED, 3, DEADLINE, BEFORE, declined={"bank-c": REASON})
+    assert d == QuorumDecision(MET, ("bank-a", "bank-b", "bank-d"), "every client answered: 3 committed, 1 declined")
+
+
+def test_a_decline_never_counts_towards_the_quorum():
+    # Everyone answered, but two declines leave one commit for a quorum of 2.
+    d = decide(["bank-a"], EXPECTED, 2, DEADLINE, BEFORE, declined={"bank-b": REASON, "bank-c": REASON,
+                                                                    "bank-d": REASON})
+    assert d.state == FAILED and d.committed == ("bank-a",)
+    assert "quorum of 2 cannot be reached: 3 of 4 clients declined" in d.reason
+
+
+def test_an_update_wins_over_a_decline_and_strangers_declines_are_ignored():
+    d = decide(EXPECTED, EXPECTED, 4, DEADLINE, BEFORE, declined={"bank-a": REASON, "intruder": REASON})
+    assert d == QuorumDecision(MET, tuple(EXPECTED), "all 4 clients committed")
+    d = decide(["bank-a"], EXPECTED, 2, DEADLINE, AFTER, declined={"intruder": REASON})
+    assert d.state == FAILED and "intruder" not in d.reason
+
+
+def test_at_the_deadline_declined_clients_are_not_listed_as_missing():
+    d = decide(["bank-a", "bank-b"], EXPECTED, 2, DEADLINE, AFTER, declined={"bank-c": REASON})
+    assert d.state == MET and d.committed == ("bank-a", "bank-b")
+    assert d.reason.endswith("missing ['bank-d']")
+
+
+def test_grace_waits_only_for_clients_that_have_not_answered():
+    commits = {"bank-a": at(1), "bank-b": at(2)}
+    d = decide(commits, EXPECTED, 2, DEADLINE, at(6), GRACE, declined={"bank-c": REASON})
+    assert d.state == WAITING and "stragglers ['bank-d']" in d.reason
+    # Once the last straggler declines, everyone has answered: the round closes without waiting out the grace.
+    d = decide(commits, EXPECTED, 2, DEADLINE, at(3), GRACE, declined={"bank-c": REASON, "bank-d": REASON})
+    assert d.state == MET and d.reason == "every client answered: 2 committed, 2 declined"

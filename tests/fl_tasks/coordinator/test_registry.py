@@ -7,8 +7,6 @@ from mlflow import MlflowClient
 
 from fl_tasks.coordinator import registry
 from fl_tasks.config import parse_federation
-from fl_tasks.tasks.models import build_model
-
 from tests.conftest import federation_doc
 
 
@@ -17,9 +15,14 @@ def spec(mlflow_uri):
     return parse_federation(federation_doc(), "inline")
 
 
+def build_model(spec, seed=1):
+    """The federation's task model (the built-in fraud task), seeded."""
+    return spec.load_task().seeded_model(seed)
+
+
 def register(spec, round_id, base="seed"):
     return registry.register_candidate(
-        spec, build_model(spec.model, seed=1), round_id=round_id, airflow_run_id=f"run-{round_id}",
+        spec, build_model(spec), round_id=round_id, airflow_run_id=f"run-{round_id}",
         base_version=base, weights_uri=f"s3://coord/{round_id}.safetensors", weights_sha256="a" * 64,
         params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id}).version
 
@@ -32,6 +35,7 @@ def test_register_is_idempotent_per_round_and_tags_lineage(spec):
     tags = client.get_model_version(spec.model_name, version).tags
     assert tags["fl.round_id"] == "000001" and tags["fl.base_version"] == "seed"
     assert tags["fl.airflow_run_id"] == "run-000001" and tags["fl.decision"] == "pending"
+    assert tags["fl.task"] == "fl_tasks.tasks.fraud:FraudTask" and tags["fl.weights_sha256"] == "a" * 64
     run = client.get_run(client.get_model_version(spec.model_name, version).run_id)
     assert run.data.metrics["candidate_roc_auc"] == 0.9 and run.info.run_name == "round-000001"
 
@@ -61,8 +65,8 @@ def test_a_retry_after_an_interrupted_try_reuses_its_run_and_logged_model(spec):
     # What a try killed after logging the model but before registering it leaves behind.
     with mlflow.start_run(experiment_id=experiment, tags={"fl.round_id": "000009"}) as interrupted:
         mlflow.log_params({"aggregator": "fedavg"})
-        info = mlflow.pytorch.log_model(build_model(spec.model, seed=1), name="model",
-                                        input_example=np.zeros((2, spec.model.input_dim), dtype=np.float32),
+        info = mlflow.pytorch.log_model(build_model(spec), name="model",
+                                        input_example=np.zeros((2, spec.load_task().input_dim), dtype=np.float32),
                                         pip_requirements=["torch==2.13.0"])
     version = register(spec, "000009")
     runs = client.search_runs([experiment], filter_string="tags.`fl.round_id` = '000009'")
@@ -75,7 +79,7 @@ def test_a_retry_after_an_interrupted_try_reuses_its_run_and_logged_model(spec):
 def test_registration_names_the_run_and_experiment_that_logged_the_version(spec):
     def registered():
         return registry.register_candidate(
-            spec, build_model(spec.model, seed=1), round_id="000004", airflow_run_id="run-4", base_version="seed",
+            spec, build_model(spec), round_id="000004", airflow_run_id="run-4", base_version="seed",
             weights_uri="s3://coord/4.safetensors", weights_sha256="a" * 64, params={}, metrics={}, report={})
 
     first = registered()
@@ -85,3 +89,44 @@ def test_registration_names_the_run_and_experiment_that_logged_the_version(spec)
     assert client.get_run(first.run_id).info.experiment_id == first.experiment_id
     assert client.get_experiment(first.experiment_id).name == spec.experiment_name
     assert registered() == first  # found again, not registered twice
+
+
+def test_version_weights_sha256_reads_the_tag_and_knows_missing_versions(spec):
+    version = register(spec, "000005")
+    assert registry.version_weights_sha256(spec, version) == "a" * 64
+    assert registry.version_weights_sha256(spec, "99") is None
+
+
+def test_the_registered_model_loads_and_matches_the_candidates_weights(spec):
+    # The version must be the candidate that passed the gates: logged in eval mode, its
+    # batch-norm statistics untouched by any input example.
+    import mlflow.pytorch
+    import numpy as np
+
+    from fl_tasks.tasks.api import model_state
+
+    model = build_model(spec)
+    version = registry.register_candidate(
+        spec, model, round_id="000006", airflow_run_id="run-6", base_version="seed", base_origin="seed 3",
+        weights_uri="s3://coord/6.safetensors", weights_sha256="b" * 64, params={}, metrics={}, report={}).version
+    assert MlflowClient().get_model_version(spec.model_name, version).tags["fl.base_origin"] == "seed 3"
+    loaded = mlflow.pytorch.load_model(f"models:/{spec.model_name}/{version}", map_location="cpu")
+    expected, got = model_state(model), model_state(loaded)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+    assert model.training  # the caller's model is left as it was
+
+
+def test_log_audit_attaches_the_log_to_the_rounds_run_or_a_failed_one(spec):
+    version = register(spec, "000007")
+    client = MlflowClient()
+    run_id = registry.log_audit(spec, "000007", b'{"event": "round_planned"}\n')
+    assert run_id == client.get_model_version(spec.model_name, version).run_id
+    assert registry.log_audit(spec, "000007", b'{"event": "again"}\n') == run_id  # a retry rewrites the same file
+    text = client.download_artifacts(run_id, "audit/audit.jsonl")
+    assert open(text).read() == '{"event": "again"}\n'
+    # A round that never reached register gets a run of its own, marked FAILED.
+    orphan = registry.log_audit(spec, "000008", b"{}\n")
+    assert orphan != run_id and client.get_run(orphan).info.status == "FAILED"
+    assert client.get_run(orphan).data.tags["fl.round_id"] == "000008"

@@ -12,8 +12,6 @@ from mlflow.exceptions import MlflowException
 
 from fl_tasks.coordinator import registry
 from fl_tasks.config import parse_federation
-from fl_tasks.tasks.models import build_model
-
 from tests.conftest import federation_doc
 
 MODEL_UPLOAD = r"^PUT .*/mlflow-artifacts/artifacts/.*/models/m-[0-9a-f]+/artifacts/data/"
@@ -30,9 +28,14 @@ def direct(mlflow_server):
     return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
 
 
+def build_model(spec, seed):
+    """The federation's task model (the built-in fraud task), seeded."""
+    return spec.load_task().seeded_model(seed)
+
+
 def register(spec, round_id, seed=1, base="seed"):
     return registry.register_candidate(
-        spec, build_model(spec.model, seed=seed), round_id=round_id, airflow_run_id=f"run-{round_id}",
+        spec, build_model(spec, seed), round_id=round_id, airflow_run_id=f"run-{round_id}",
         base_version=base, weights_uri=f"s3://coord/{round_id}.safetensors", weights_sha256=f"{seed:064d}",
         params={"aggregator": "fedavg"}, metrics={"candidate_roc_auc": 0.9}, report={"round": round_id}).version
 
@@ -87,7 +90,7 @@ def test_mlflow_dying_during_register_registers_nothing_and_the_retry_registers_
     assert registered.source == f"models:/{model_id}" and model_id != partial.model_id
     assert str(direct.get_logged_model(model_id).status) == "READY"
     loaded = __import__("mlflow.pytorch").pytorch.load_model(f"models:/{spec.model_name}/{second}")
-    expected = build_model(spec.model, seed=2).state_dict()
+    expected = build_model(spec, 2).state_dict()
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, expected[name]), name  # the whole model, not a partial upload
     assert champion(direct, spec) == first  # registering never moves the alias
@@ -146,15 +149,15 @@ def test_prepare_with_mlflow_down_fails_then_resumes_the_same_round_from_the_cha
     from fl_tasks.protocol.codec import encode_state
     from fl_tasks.coordinator import Coordinator, RunContext
     from devstack.embedded import create_buckets
-    from fl_tasks.tasks.models import state_to_numpy
+    from fl_tasks.tasks.api import model_state
     from fl_tasks.protocol import sha256_hex
 
     coordinator = Coordinator(spec)
     create_buckets(spec, coordinator.store)
-    weights = encode_state(state_to_numpy(build_model(spec.model, seed=4)))
+    weights = encode_state(model_state(build_model(spec, 4)))
     coordinator.store.put_bytes(coordinator.bucket, "champion.safetensors", weights)
     version = registry.register_candidate(
-        spec, build_model(spec.model, seed=4), round_id="000001", airflow_run_id="run-1", base_version="seed",
+        spec, build_model(spec, 4), round_id="000001", airflow_run_id="run-1", base_version="seed",
         weights_uri=f"s3://{coordinator.bucket}/champion.safetensors", weights_sha256=sha256_hex(weights),
         params={}, metrics={}, report={}).version
     registry.promote(spec, version)

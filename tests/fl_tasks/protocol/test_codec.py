@@ -1,4 +1,4 @@
-"""fl_tasks/codec.py: safetensors payloads round-trip exactly and never unpickle anything."""
+"""fl_tasks/protocol/codec.py: safetensors payloads round-trip exactly and never unpickle anything."""
 
 from __future__ import annotations
 

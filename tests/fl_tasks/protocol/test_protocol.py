@@ -1,4 +1,4 @@
-"""fl_tasks/protocol.py: object keys, round ids and manifests with a strict schema."""
+"""fl_tasks/protocol: object keys, round ids and manifests with a strict schema."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from datetime import datetime
 import pytest
 
 from fl_tasks import protocol
-from fl_tasks.protocol import (MAX_MANIFEST_BYTES, PROTOCOL_VERSION, GlobalManifest, ManifestError, UpdateManifest,
-                               global_manifest_key, global_model_key, round_id_for_interval, round_id_for_number,
-                               round_prefix, rounds_listing_prefix, sha256_hex, update_manifest_key,
-                               update_payload_key, validate_round_id)
+from fl_tasks.protocol import (MAX_MANIFEST_BYTES, PROTOCOL_VERSION, DeclineManifest, GlobalManifest, ManifestError,
+                               UpdateManifest, decline_key, global_manifest_key, global_model_key,
+                               round_id_for_interval, round_id_for_number, round_prefix, rounds_listing_prefix,
+                               sha256_hex, update_manifest_key, update_payload_key, validate_round_id)
 
 SHA_A = hashlib.sha256(b"a").hexdigest()
 SHA_B = hashlib.sha256(b"b").hexdigest()
@@ -27,6 +27,7 @@ def test_key_layout_without_prefix():
     assert global_manifest_key("", "banks", "000001") == "banks/rounds/000001/global/manifest.json"
     assert update_payload_key("", "banks", "000001") == "banks/rounds/000001/update/update.safetensors"
     assert update_manifest_key("", "banks", "000001") == "banks/rounds/000001/update/manifest.json"
+    assert decline_key("", "banks", "000001") == "banks/rounds/000001/update/decline.json"
     assert round_prefix("", "banks", "000001") == "banks/rounds/000001"
     assert rounds_listing_prefix("", "banks") == "banks/rounds/"
 
@@ -37,6 +38,7 @@ def test_key_layout_with_client_prefix():
         assert global_manifest_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/global/manifest.json"
         assert update_payload_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/update/update.safetensors"
         assert update_manifest_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/update/manifest.json"
+        assert decline_key(prefix, "banks", "r1") == "silos/bank-a/banks/rounds/r1/update/decline.json"
         assert rounds_listing_prefix(prefix, "banks") == "silos/bank-a/banks/rounds/"
 
 
@@ -45,6 +47,8 @@ def test_keys_validate_the_round_id():
         global_model_key("", "banks", "../../etc")
     with pytest.raises(ValueError):
         update_manifest_key("p", "banks", "a/b")
+    with pytest.raises(ValueError):
+        decline_key("p", "banks", "../000001")
 
 
 # --- round ids --------------------------------------------------------------------------------
@@ -76,9 +80,20 @@ def test_sha256_hex():
 # --- manifests ---------------------------------------------------------------------------------
 
 
+# The global manifest names the task (entrypoint, version, params and their hash) and the data
+# contract, where it used to carry a `model` spec.
+TASK = {"entrypoint": "fl_tasks.tasks.fraud:FraudTask", "version": "2", "params": {"hidden": [64, 32]},
+        "params_sha256": SHA_B}
+CONTRACT = {"label": {"name": "Class", "type": "boolean", "categories": [], "max_missing_share": 0.0,
+                      "max_unknown_share": 0.0},
+            "features": [{"name": "Amount", "type": "numeric", "categories": [], "max_missing_share": 0.0,
+                          "max_unknown_share": 0.0}],
+            "event_time": "event_time", "allow_extra_columns": False, "min_rows": 2}
+
+
 def global_manifest(**changes) -> GlobalManifest:
     values = dict(federation="banks", round_id="000001", model_name="banks-fraud-mlp", model_version="seed",
-                  model={"factory": "fraud_mlp", "input_dim": 30, "hidden": [64, 32]}, payload_sha256=SHA_A,
+                  task=TASK, contract=CONTRACT, payload_sha256=SHA_A,
                   payload_bytes=1234, training={"local_epochs": 1, "learning_rate": 0.001},
                   data_window={"start": None, "end": "2013-09-02T00:00:00"},
                   deadline="2024-01-01T00:10:00+00:00", created_at="2024-01-01T00:00:00+00:00")
@@ -146,7 +161,7 @@ def test_update_missing_required_field(name):
     expect_error(UpdateManifest, body, f"missing field '{name}'")
 
 
-@pytest.mark.parametrize("name", ["deadline", "model", "payload_sha256", "data_window"])
+@pytest.mark.parametrize("name", ["deadline", "task", "contract", "payload_sha256", "data_window"])
 def test_global_missing_required_field(name):
     body = body_of(global_manifest())
     del body[name]
@@ -325,3 +340,143 @@ def test_signature_is_empty_or_64_hex_digits(signature):
     expect_error(UpdateManifest, body, "field 'signature' must be empty or a hex HMAC-SHA256")
     body["signature"] = "0" * 64
     assert UpdateManifest.from_json(encode(body)).signature == "0" * 64
+
+
+def test_global_manifest_task_must_name_entrypoint_version_params_and_hash():
+    for missing in ("entrypoint", "version", "params", "params_sha256"):
+        task = {k: v for k, v in TASK.items() if k != missing}
+        expect_error(GlobalManifest, body_of(global_manifest(task=task)),
+                     "field 'task' needs entrypoint, version, params and params_sha256")
+    expect_error(GlobalManifest, body_of(global_manifest(contract=[])), "field 'contract' has type list, expected dict")
+
+
+# --- encodings and the protocol number ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_manifests_in_other_unicode_encodings_are_refused(encoding):
+    # json.loads would happily decode these (it sniffs UTF-16 and UTF-32): the protocol says UTF-8.
+    text = update_manifest().to_json().decode()
+    assert json.loads(text.encode(encoding)) == json.loads(text)  # what a lax reader would accept
+    expect_error(UpdateManifest, text.encode(encoding), "update manifest is not valid JSON")
+    expect_error(GlobalManifest, global_manifest().to_json().decode().encode(encoding), "global manifest is not valid JSON")
+
+
+def test_a_utf8_byte_order_mark_is_refused():
+    data = b"\xef\xbb\xbf" + update_manifest().to_json()
+    expect_error(UpdateManifest, data, "update manifest is not valid JSON", "byte-order mark")
+    expect_error(GlobalManifest, b"\xef\xbb\xbf" + global_manifest().to_json(), "byte-order mark")
+    expect_error(DeclineManifest, b"\xef\xbb\xbf" + decline_manifest().to_json(), "byte-order mark")
+
+
+def test_non_ascii_utf8_text_is_read():
+    m = update_manifest(created_at="2024-01-01T00:05:00+00:00 \u00e9\u00e8")
+    data = json.dumps(body_of(m), ensure_ascii=False).encode("utf-8")
+    assert b"\xc3\xa9" in data
+    assert UpdateManifest.from_json(data) == m
+
+
+@pytest.mark.parametrize("value", [True, 1.0, "1", None, 0, 2])
+@pytest.mark.parametrize("cls", ["update", "global", "decline"])
+def test_protocol_must_be_the_integer_one(cls, value):
+    # `true == 1` and `1.0 == 1` in Python: a loose check would take both for protocol 1.
+    manifest = {"update": update_manifest, "global": global_manifest, "decline": decline_manifest}[cls]()
+    body = body_of(manifest)
+    body["protocol"] = value
+    expect_error(type(manifest), body, "field 'protocol' must be 1")
+    body["protocol"] = 1
+    assert type(manifest).from_json(encode(body)) == manifest
+
+
+def test_protocol_field_is_required():
+    body = body_of(update_manifest())
+    del body["protocol"]
+    expect_error(UpdateManifest, body, "field 'protocol' must be 1")
+
+
+# --- decline manifests ----------------------------------------------------------------------------
+
+
+def decline_manifest(**changes) -> DeclineManifest:
+    values = dict(client_id="bank-a", federation="banks", round_id="000001",
+                  reason="column 'Amount' missing", signature="", created_at="2024-01-01T00:05:00+00:00")
+    values.update(changes)
+    return DeclineManifest(**values)
+
+
+def test_decline_manifest_round_trip():
+    m = decline_manifest()
+    data = m.to_json()
+    body = json.loads(data)
+    assert body == {"kind": "decline", "protocol": PROTOCOL_VERSION, "client_id": "bank-a", "federation": "banks",
+                    "round_id": "000001", "reason": "column 'Amount' missing", "signature": "",
+                    "created_at": "2024-01-01T00:05:00+00:00"}
+    assert data == json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert DeclineManifest.from_json(data) == m
+
+
+def test_decline_defaults_fill_optional_fields():
+    body = body_of(decline_manifest())
+    del body["signature"], body["created_at"]
+    m = DeclineManifest.from_json(encode(body))
+    assert m.signature == "" and m.created_at == ""
+
+
+@pytest.mark.parametrize("name", ["client_id", "federation", "round_id", "reason"])
+def test_decline_missing_required_field(name):
+    body = body_of(decline_manifest())
+    del body[name]
+    expect_error(DeclineManifest, body, f"decline manifest is missing field '{name}'")
+
+
+def test_decline_unknown_field_rejected():
+    body = body_of(decline_manifest())
+    body["num_examples"] = 5  # a decline carries no update fields
+    expect_error(DeclineManifest, body, "decline manifest has unknown fields ['num_examples']")
+
+
+@pytest.mark.parametrize("name, value, got", [("reason", 7, "int"), ("reason", None, "NoneType"),
+                                              ("client_id", ["bank-a"], "list"), ("signature", True, "bool")])
+def test_decline_wrong_type_rejected(name, value, got):
+    body = body_of(decline_manifest())
+    body[name] = value
+    expect_error(DeclineManifest, body, f"decline manifest field '{name}' has type {got}")
+
+
+def test_decline_reason_must_be_one_to_max_characters():
+    expect_error(DeclineManifest, body_of(decline_manifest(reason="")),
+                 f"field 'reason' must be 1..{DeclineManifest.MAX_REASON_CHARS} characters")
+    expect_error(DeclineManifest, body_of(decline_manifest(reason="x" * (DeclineManifest.MAX_REASON_CHARS + 1))),
+                 "field 'reason' must be 1..")
+    longest = "x" * DeclineManifest.MAX_REASON_CHARS
+    assert DeclineManifest.from_json(decline_manifest(reason=longest).to_json()).reason == longest
+
+
+@pytest.mark.parametrize("bad", ["bank/a", "../a", "Bank-A", ""])
+def test_decline_bad_client_id_rejected(bad):
+    expect_error(DeclineManifest, body_of(decline_manifest(client_id=bad)), "decline manifest field 'client_id'")
+
+
+def test_decline_bad_round_id_rejected():
+    expect_error(DeclineManifest, body_of(decline_manifest(round_id="../000001")),
+                 "decline manifest field 'round_id' is not a valid round id")
+
+
+@pytest.mark.parametrize("signature", ["abc", "A" * 64, "0" * 63])
+def test_decline_signature_is_empty_or_64_hex_digits(signature):
+    expect_error(DeclineManifest, body_of(decline_manifest(signature=signature)),
+                 "decline manifest field 'signature' must be empty or a hex HMAC-SHA256")
+    assert DeclineManifest.from_json(decline_manifest(signature="f" * 64).to_json()).signature == "f" * 64
+
+
+def test_a_decline_is_not_an_update_and_an_update_is_not_a_decline():
+    expect_error(UpdateManifest, decline_manifest().to_json(), "field 'kind' must be 'update'")
+    expect_error(DeclineManifest, update_manifest().to_json(), "field 'kind' must be 'decline'")
+    expect_error(GlobalManifest, decline_manifest().to_json(), "field 'kind' must be 'global'")
+
+
+def test_decline_size_limit_and_strict_json_apply():
+    body = body_of(decline_manifest())
+    body["created_at"] = "x" * MAX_MANIFEST_BYTES
+    expect_error(DeclineManifest, encode(body), "over the")
+    expect_error(DeclineManifest, b'{"kind": "decline", "kind": "decline"}', "duplicate keys ['kind']")

@@ -1,4 +1,4 @@
-"""fl_tasks/signing.py: HMAC-SHA256 over the canonical update manifest, per-client keys."""
+"""fl_tasks/protocol/signing.py: HMAC-SHA256 over the canonical update or decline manifest, per-client keys."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from fl_tasks.protocol import signing
 from fl_tasks.config import parse_federation
-from fl_tasks.protocol import UpdateManifest
+from fl_tasks.protocol import DeclineManifest, ManifestError, UpdateManifest, signing
 from fl_tasks.protocol.signing import SignatureError, sign_manifest, verify_manifest
+
+from tests.conftest import FRAUD_CONTRACT
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -128,8 +129,65 @@ def test_generated_keys_are_random_and_long():
 
 
 def test_coordinator_env_holds_a_connection_and_a_variable_per_client():
+    # A federation file now has to declare its data contract.
     spec = parse_federation({"federation": "unit", "coordinator": {"bucket": "coord"},
-                             "clients": [{"id": "bank-a", "bucket": "s3://bank-a"}]})
+                             "clients": [{"id": "bank-a", "bucket": "s3://bank-a"}],
+                             "data": {"contract": FRAUD_CONTRACT}})
     env = signing.coordinator_env(spec, {"bank-a": "x" * 20})
     assert env == {"AIRFLOW_CONN_FL_SIGNING_BANK_A": json.dumps({"conn_type": "generic", "password": "x" * 20}),
                    "FL_SIGNING_KEY_BANK_A": "x" * 20}
+
+
+# --- declines ------------------------------------------------------------------------------------
+
+
+def decline(**changes) -> DeclineManifest:
+    values = dict(client_id="bank-a", federation="banks", round_id="000001", reason="column 'Amount' missing",
+                  created_at="2024-01-01T00:05:00+00:00")
+    values.update(changes)
+    return DeclineManifest(**values)
+
+
+DECLINE_CHANGES = {"client_id": "bank-b", "federation": "other", "round_id": "000002",
+                   "reason": "column 'Amount' missing; column 'Class' missing", "created_at": "2024-01-01T00:05:01+00:00"}
+
+
+def test_a_decline_is_signed_and_verified_like_an_update():
+    signed = sign_manifest(decline(), KEY)
+    assert isinstance(signed, DeclineManifest) and dataclasses.replace(signed, signature="") == decline()
+    verify_manifest(signed, KEY)
+    verify_manifest(DeclineManifest.from_json(signed.to_json()), KEY)
+    assert json.loads(signing.canonical_bytes(signed))["kind"] == "decline"
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify_manifest(signed, OTHER_KEY)
+    with pytest.raises(SignatureError, match="unsigned"):
+        verify_manifest(decline(), KEY)
+
+
+def test_every_decline_field_but_the_signature_is_covered():
+    assert set(DECLINE_CHANGES) == {f.name for f in dataclasses.fields(DeclineManifest)} - {"signature"}
+
+
+@pytest.mark.parametrize("name", sorted(DECLINE_CHANGES))
+def test_tampering_with_any_decline_field_breaks_the_signature(name):
+    tampered = dataclasses.replace(sign_manifest(decline(), KEY), **{name: DECLINE_CHANGES[name]})
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify_manifest(tampered, KEY)
+
+
+def test_a_declines_signature_never_passes_for_an_update():
+    """The kind is signed: a silo's signed "not this round" cannot be replayed as an update
+    (nor the other way round), even where every shared field is equal."""
+    signed_decline = sign_manifest(decline(), KEY)
+    update = manifest(signature=signed_decline.signature)
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify_manifest(update, KEY)
+    signed_update = sign_manifest(manifest(), KEY)
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify_manifest(decline(signature=signed_update.signature), KEY)
+    # Nor does relabelling the signed bytes help: a decline's JSON read as an update is refused outright.
+    with pytest.raises(ManifestError, match="field 'kind' must be 'update'"):
+        UpdateManifest.from_json(signed_decline.to_json())
+    # The two kinds' canonical bytes differ even in the fields they share.
+    assert json.loads(signing.canonical_bytes(signed_decline))["kind"] != \
+        json.loads(signing.canonical_bytes(signed_update))["kind"]
