@@ -74,7 +74,10 @@ class Intake:
         """The silo's verified answer; a rejection reason (str) when what it wrote is not one;
         None when it wrote nothing yet. An update wins over a decline."""
         client = self.spec.client(client_id)
-        store = self.client_store(client_id)
+        try:
+            store = self.client_store(client_id)
+        except ValueError as exc:  # its S3 connection cannot be resolved: this silo's problem
+            return f"bucket unreachable: {exc}"
         for kind, key in (("update", protocol.update_manifest_key(client.prefix, plan.federation, plan.round_id)),
                           ("decline", protocol.decline_key(client.prefix, plan.federation, plan.round_id))):
             try:
@@ -115,7 +118,11 @@ class Intake:
         if manifest.payload_bytes > limit:
             raise ValueError(f"payload_bytes {manifest.payload_bytes} is over the limit {limit} (twice the base model)")
         try:
-            payload = self.client_store(client.id).get_bytes(
+            store = self.client_store(client.id)
+        except ValueError as exc:
+            raise ValueError(f"bucket unreachable: {exc}") from None
+        try:
+            payload = store.get_bytes(
                 client.bucket_name, protocol.update_payload_key(client.prefix, plan.federation, plan.round_id),
                 max_bytes=limit)
         except STORAGE_ERRORS as exc:

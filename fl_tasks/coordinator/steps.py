@@ -186,15 +186,15 @@ class Coordinator:
             event = {"event": "model_dispatched", "client_id": client.id, "bucket": client.bucket_name,
                      "manifest_key": manifest_key, "manifest_sha256": sha256_hex(manifest),
                      "payload_sha256": plan.base_sha256, "model_version": plan.base_version}
-            store = self.buckets.client(client.id)
             try:
+                store = self.buckets.client(client.id)
                 # Bounded read: whatever sits at the manifest key may have been planted there.
                 if store.get_bytes(client.bucket_name, manifest_key, max_bytes=protocol.MAX_MANIFEST_BYTES) != manifest:
                     store.put_bytes(client.bucket_name, protocol.global_model_key(client.prefix, plan.federation,
                                                                                   round_id), payload)
                     store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
                 reached.append(client.id)
-            except STORAGE_ERRORS as exc:
+            except (*STORAGE_ERRORS, ValueError) as exc:  # ValueError: its S3 connection cannot be resolved
                 event = {**event, "event": "dispatch_failed", "reason": storage_reason(exc)}
                 log.warning("round %s: not dispatched to %s: %s", round_id, client.id, event["reason"])
             events.append(event)

@@ -18,15 +18,19 @@ def s3_access(aws_conn_id: str | None) -> S3Access:
     if aws_conn_id is None:
         return S3Access()
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    hook = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3")
     try:
-        config = hook.conn_config
+        # Looked up first: the hook would fall back to the worker's own credentials for a
+        # connection id that does not exist, and a typo must not reach another account.
+        BaseHook.get_connection(aws_conn_id)
     except AirflowNotFoundException:
         raise ValueError(f"Airflow connection '{aws_conn_id}' (named in the federation file as an aws_conn_id) does "
                          "not exist; create it (type aws: login = access key id, password = secret, extra "
                          "{\"endpoint_url\": ..., \"region_name\": ...})") from None
+    hook = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="s3")
+    config = hook.conn_config
     credentials = hook.get_credentials()
     return S3Access(endpoint_url=config.endpoint_url, region=config.region_name,
                     access_key_id=credentials.access_key, secret_access_key=credentials.secret_key,

@@ -24,7 +24,10 @@ def coordinator_for(federation_file: str):
         spec = load_federation(federation_file)
     except ConfigError as exc:  # the file changed since the DAG was parsed: say so, do not retry
         raise AirflowFailException(str(exc)) from None
-    return Coordinator(spec, keys=ConnectionKeys(spec), access=s3_access)
+    try:
+        return Coordinator(spec, keys=ConnectionKeys(spec), access=s3_access)
+    except ValueError as exc:  # the coordinator's own S3 connection is missing: a retry will not create it
+        raise AirflowFailException(f"{spec.source}: field 'storage.aws_conn_id': {exc}") from None
 
 
 def run_step(coordinator, step: str, round_id: str) -> Any:
