@@ -110,8 +110,9 @@ def service_env(state_dir: Path, endpoint_url: str, federations_dir: Path) -> di
         "AIRFLOW_HOME": str(airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        # devstack/ is not installed: Airflow's processes import it (make stack's hostname callable) from here.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        # devstack/ is not installed (Airflow's processes import make stack's hostname callable from
+        # it), and examples/ is how the example tasks reach workers and silos: a folder on the path.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "examples"), os.environ.get("PYTHONPATH")])),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",

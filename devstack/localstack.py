@@ -382,7 +382,6 @@ class LocalStack:
         for spec in specs:
             publish_validation(spec, prepared[spec.federation], self.store)
         return prepared
-                for spec in specs if spec.federation not in self.no_silos}
 
     def down(self) -> None:
         state = self.state_dir / "stack.json"

@@ -237,12 +237,14 @@ class FederationSpec:
     def load_task(self):
         """The task object (imports the task's module: torch and all). Raises ConfigError
         naming `task.entrypoint` or `task.params` when it does not import or fit the API."""
-        from fl_tasks.tasks.api import TaskError, load_task
+        from fl_tasks.tasks.api import TaskError, import_task_class, load_task
 
+        field_path = "task.entrypoint"  # until the class imports and fits the API; then its params
         try:
+            import_task_class(self.task.entrypoint)
+            field_path = "task.params"
             return load_task(self.task.entrypoint, self.task.params, self.contract)
         except TaskError as exc:
-            field_path = "task.params" if "param" in str(exc) else "task.entrypoint"
             raise ConfigError(self.source, field_path, str(exc).split("; ")[0],
                               "; ".join(str(exc).split("; ")[1:]) or "fix the task") from None
 
@@ -551,7 +553,8 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     for name, value in spec.round_defaults().items():
         setting = next(s for s in ROUND_SETTINGS if s.name == name)
         problem = setting.problem(value, len(spec.clients))
-        _require(problem is None, source, setting.path, problem or "", setting.description)
+        _require(problem is None, source, setting.path, problem or "",
+                 f"set '{setting.path}' to {setting.allowed(len(spec.clients))} ({setting.description})")
     for metric, threshold in spec.gates.thresholds.items():
         _require(isinstance(threshold, (int, float)) and not isinstance(threshold, bool), source,
                  f"gates.thresholds.{metric}", f"expected a number, got {threshold!r}",
@@ -572,7 +575,8 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
              "set data.contract.event_time, or training.window: all")
     _require(spec.simulation.rows >= 10, source, "simulation.rows", "must be at least 10", "e.g. 20000")
     _require(not spec.validation.data or spec.validation.data.startswith("s3://")
-             or spec.validation.data.endswith((".parquet", ".csv")), source, "validation.data",
+             or ("://" not in spec.validation.data and spec.validation.data.endswith((".parquet", ".csv"))),
+             source, "validation.data",
              f"{spec.validation.data!r} is neither an s3:// URI nor a .parquet or .csv file",
              "e.g. 's3://fl-coordinator/banks/holdout/validation.parquet'")
     template = spec.security.signing_key_conn_id

@@ -16,6 +16,7 @@ from typing import Any
 from fl_tasks.aggregation.names import STRATEGY_NAMES
 
 CLIENTS = "clients"  # a bound that is the federation's number of clients
+KIND_WORDS = {"integer": "a whole number", "number": "a number", "string": "a string", "object": "a mapping"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,20 @@ class RoundSetting:
             schema["enum"] = list(self.enum)
         return schema
 
+    def allowed(self, num_clients: int) -> str:
+        """The values this setting takes, in words (the fix of an error message), e.g. 'a whole
+        number >= 1 and <= 5'."""
+        if self.enum:
+            text = f"one of {', '.join(self.enum)}"
+        else:
+            words = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+            bounds = self.bounds(num_clients)
+            limits = [f"{word} {bounds[key]}" for key, word in words.items() if key in bounds]
+            text = " ".join([KIND_WORDS[self.type], " and ".join(limits)]).strip()
+        if not self.nullable:
+            return text
+        return text + (", or null" if self.type == "object" else ", or null to switch it off")
+
     def json_type(self) -> str | list[str]:
         return [self.type, "null"] if self.nullable else self.type
 
@@ -52,7 +67,7 @@ class RoundSetting:
             return None if self.nullable else "must be set"
         expected = {"integer": int, "number": (int, float), "string": str, "object": dict}[self.type]
         if isinstance(value, bool) or not isinstance(value, expected):
-            return f"must be {'a whole number' if self.type == 'integer' else 'a ' + self.type}, got {value!r}"
+            return f"must be {KIND_WORDS[self.type]}, got {value!r}"
         if self.type in ("integer", "number"):
             if not math.isfinite(value):
                 return f"must be a finite number, got {value!r}"

@@ -73,7 +73,7 @@ def sign_manifest(manifest: SignedManifest, key: bytes | str) -> SignedManifest:
 def verify_manifest(manifest: SignedManifest, key: bytes | str) -> None:
     """Raise SignatureError unless the manifest carries a valid signature made with `key`."""
     if not manifest.signature:
-        raise SignatureError("unsigned update: the manifest has no signature")
+        raise SignatureError(f"unsigned {manifest.kind}: the manifest has no signature")
     expected = compute_signature(manifest, key)
     # Constant time: the comparison must not tell an attacker how many characters matched.
     if not hmac.compare_digest(expected.encode(), manifest.signature.encode()):

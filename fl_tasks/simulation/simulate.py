@@ -79,14 +79,18 @@ class SiloProcesses:
 
     def __init__(self, spec: FederationSpec, silo_paths: dict[str, Path], log_dir: Path,
                  behaviours: dict[str, str] | None = None, delay_seconds: float = 0.0, poll_seconds: float = 1.0,
-                 extra_args: list[str] | None = None, signing_keys: dict[str, str] | None = None):
+                 extra_args: list[str] | None = None, signing_keys: dict[str, str] | None = None,
+                 data_args: dict[str, list[str]] | None = None):
         """`signing_keys`: client id -> its key (FL_SIGNING_KEY of that silo's process);
-        default: the FL_SIGNING_KEY_<CLIENT_ID> variables that are set."""
+        default: the FL_SIGNING_KEY_<CLIENT_ID> variables that are set. `data_args`: client id
+        -> the data source arguments of that silo (e.g. a database URL and --sql-table)
+        instead of its file in `silo_paths`."""
         self.spec, self.paths, self.log_dir = spec, silo_paths, log_dir
         self.signing_keys = signing_keys if signing_keys is not None else env_signing_keys(spec)
         self.behaviours = behaviours or {}
         self.delay_seconds, self.poll_seconds = delay_seconds, poll_seconds
         self.extra_args = extra_args or []
+        self.data_args = data_args or {}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self) -> "SiloProcesses":
@@ -98,7 +102,8 @@ class SiloProcesses:
                 ["fl_tasks.simulation.attacks", "--behaviour", behaviour, "--delay-seconds", str(self.delay_seconds)]
             cmd = [sys.executable, "-m", *module, "--client-id", client.id,
                    "--federation", self.spec.federation, "--bucket", client.bucket,
-                   "--data", str(self.paths[client.id]), "--poll-seconds", str(self.poll_seconds), *self.extra_args]
+                   *self.data_args.get(client.id, ["--data", str(self.paths.get(client.id))]),
+                   "--poll-seconds", str(self.poll_seconds), *self.extra_args]
             if self.spec.endpoint_url:
                 cmd += ["--endpoint-url", self.spec.endpoint_url]
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}

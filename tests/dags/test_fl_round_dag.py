@@ -48,7 +48,7 @@ def test_round_chain_and_branches(dagbag):
 
 @pytest.mark.parametrize("conf", [
     {"min_clients": 0}, {"min_clients": 6}, {"aggregator": "nope"}, {"learning_rate": 0},
-    {"min_roc_auc": 1.5}, {"local_epochs": "three"}, {"round_id": "../escape"},
+    {"gate_thresholds": "high"}, {"max_regression": -0.1}, {"local_epochs": "three"}, {"round_id": "../escape"},
 ])
 def test_bad_trigger_params_are_refused(dagbag, conf):
     params = copy.deepcopy(dagbag.dags["fl_round__banks"].params)
@@ -60,7 +60,44 @@ def test_good_trigger_params_pass_with_defaults_from_the_file(dagbag):
     params = copy.deepcopy(dagbag.dags["fl_round__banks"].params)
     params.update({"min_clients": 4, "round_id": "r-7"})
     values = params.validate()
-    assert values["min_clients"] == 4 and values["aggregator"] == "fedavg" and values["min_roc_auc"] == 0.9
+    assert values["min_clients"] == 4 and values["aggregator"] == "fedavg"
+    assert values["gate_thresholds"] == {"roc_auc": 0.9, "pr_auc": 0.3} and values["max_regression"] == 0.02
+
+
+def test_the_trigger_form_is_the_settings_table():
+    """Every per-round setting appears in the form once, typed and bounded as fl_tasks.settings says."""
+    from fl_round import round_params
+
+    from fl_tasks.config import load_federation
+    from fl_tasks.settings import ROUND_SETTINGS
+
+    spec = load_federation(REPO / "federations" / "banks.yaml")
+    params = round_params(spec)
+    assert sorted(params) == sorted([s.name for s in ROUND_SETTINGS] + ["round_id"])
+    assert params["min_clients"].schema["maximum"] == len(spec.clients) == 5
+    assert params["min_fraction"].schema["type"] == ["number", "null"]
+
+
+def test_a_broken_federation_file_leaves_the_other_dags_and_shows_its_error(tmp_path, monkeypatch):
+    """One typo must not take every federation's DAG down: the good files still load, and the
+    bad one becomes a paused DAG whose description names the file, the field and the fix."""
+    import shutil
+
+    federations = tmp_path / "federations"
+    federations.mkdir()
+    shutil.copy(REPO / "federations" / "banks.yaml", federations / "banks.yaml")
+    broken = (REPO / "federations" / "banks.yaml").read_text().replace("federation: banks", "federation: broken")
+    (federations / "broken.yaml").write_text(broken.replace("min_clients: 3", "min_client: 3"))
+    (federations / "garbled.yaml").write_text("federation: [unclosed")
+    monkeypatch.setenv("FL_FEDERATIONS_DIR", str(federations))
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    assert sorted(bag.dag_ids) == ["fl_config_error__broken", "fl_config_error__garbled", "fl_round__banks"]
+    error = bag.dags["fl_config_error__broken"]
+    assert "broken.yaml: field 'quorum.min_client': unknown field. Fix: did you mean 'min_clients'?" in \
+        error.description
+    assert error.is_paused_upon_creation and "config-error" in error.tags
+    assert "line 1" in bag.dags["fl_config_error__garbled"].description
 
 
 def test_parsing_the_dag_file_imports_no_heavy_library():

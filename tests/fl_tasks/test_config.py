@@ -1,20 +1,39 @@
-"""fl_tasks/config.py: federation files load into validated specs; bad files fail with file, field and fix."""
+"""fl_tasks/config.py: federation files load into validated specs; bad files fail with file, field and fix.
+
+(The `model:` section became `task: {entrypoint, params, seed, warm_start}`, `data.dataset`
+became `data: {contract: ...}` (now required), the synthetic/real data choice moved to
+`simulation:`, `gates.min_roc_auc` became `gates.thresholds: {metric: value}`, and the
+per-round settings take their defaults and bounds from fl_tasks.settings.)
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fl_tasks.config import (ClientSpec, ConfigError, FederationSpec, load_federation, load_federations,
-                             parse_federation)
+from fl_tasks.config import (ClientSpec, ConfigError, FederationSpec, GatesSpec, QuorumSpec, ScreeningSpec,
+                             SimulationSpec, TaskSpec, TrainingSpec, ValidationSpec, load_federation, load_federations,
+                             parse_federation, scan_federations)
+from fl_tasks.contract import Column, DataContract
+from fl_tasks.settings import CLIENTS, ROUND_SETTINGS
+
+from tests.conftest import FRAUD_CONTRACT
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = "federations/test.yaml"
 
+CONTRACT = {
+    "label": {"name": "is_fraud", "type": "boolean"},
+    "event_time": "event_time",
+    "features": [{"name": "amount", "type": "numeric"},
+                 {"name": "channel", "type": "categorical", "categories": ["web", "pos"], "max_unknown_share": 0.05}],
+}
 BASE = {
     "federation": "unit-fed",
     "coordinator": {"bucket": "unit-coordinator"},
@@ -23,13 +42,25 @@ BASE = {
         {"id": "bank-b", "bucket": "s3://shared-bucket/silos/bank-b/"},
     ],
     "quorum": {"min_clients": 2},
+    "data": {"contract": CONTRACT},
 }
 
 
 def doc(**changes) -> dict:
     raw = copy.deepcopy(BASE)
-    raw.update(changes)
+    raw.update(copy.deepcopy(changes))
     return raw
+
+
+def with_contract(**changes) -> dict:
+    """BASE with data.contract's entries replaced by `changes` (None removes one)."""
+    contract = copy.deepcopy(CONTRACT)
+    for key, value in changes.items():
+        if value is None:
+            contract.pop(key, None)
+        else:
+            contract[key] = value
+    return doc(data={"contract": contract})
 
 
 def config_error(raw, field: str) -> ConfigError:
@@ -41,12 +72,12 @@ def config_error(raw, field: str) -> ConfigError:
     assert err.field_path == field
     assert err.source == SOURCE
     assert message.startswith(f"{SOURCE}: field '{field}': ")
-    assert "Fix: " in message
+    assert "Fix: " in message and err.fix
     assert message.endswith(err.fix)
     return err
 
 
-# --- the shipped federation file ----------------------------------------------------------
+# --- the shipped federation files -----------------------------------------------------------
 
 
 def test_banks_yaml_loads_with_five_clients():
@@ -60,20 +91,43 @@ def test_banks_yaml_loads_with_five_clients():
     assert spec.quorum.min_clients == 3
     # YAML integers become floats where the field is a float.
     assert spec.quorum.round_timeout_minutes == 10.0 and isinstance(spec.quorum.round_timeout_minutes, float)
-    assert spec.model.hidden == (64, 32) and spec.model.batch_norm is False and spec.model.seed == 7
+    assert spec.task == TaskSpec(entrypoint="fl_tasks.tasks.fraud:FraudTask",
+                                 params={"hidden": [64, 32], "batch_norm": False}, seed=7)
     assert spec.training.local_epochs == 3
-    assert spec.gates.min_roc_auc == 0.90 and spec.gates.max_regression == 0.02
+    assert spec.gates.thresholds == {"roc_auc": 0.90, "pr_auc": 0.30} and spec.gates.max_regression == 0.02
     assert spec.model_name == "banks-fraud-mlp"
     assert spec.experiment_name == "fl/banks"
-    assert spec.data.dataset == "creditcard" and spec.data.seed == 42
+    assert (spec.simulation.source, spec.simulation.seed) == ("creditcard", 42)
+    # The contract the tests use is the one the shipped file declares.
+    assert spec.contract == parse_federation(doc(data={"contract": FRAUD_CONTRACT})).contract
+    assert spec.contract.columns == [*(f"V{i}" for i in range(1, 29)), "Amount", "Class", "event_time"]
     # Backfillable over the two days the public data covers; nothing runs on its own.
     assert (spec.schedule, spec.start_date, spec.end_date) == ("0 */8 * * *", "2013-09-01", "2013-09-03")
     assert spec.source.endswith("banks.yaml")
 
 
+def test_banks_yaml_task_loads():
+    from fl_tasks.tasks.fraud import FraudTask
+
+    task = load_federation(REPO / "federations" / "banks.yaml").load_task()
+    assert isinstance(task, FraudTask) and task.hidden == (64, 32) and task.batch_norm is False
+
+
+def test_claims_yaml_loads_with_the_example_task():
+    spec = load_federation(REPO / "federations" / "claims.yaml")
+    assert spec.task.entrypoint == "claims_triage.task:ClaimsTriageTask"
+    assert spec.contract.label == Column("triage", "categorical", ("fast_track", "standard", "investigate"))
+    assert spec.contract.feature("channel").max_unknown_share == 0.05
+    assert [c.name for c in spec.contract.features if c.type == "numeric"] == ["claim_amount", "policy_age_days",
+                                                                              "prior_claims"]
+    assert spec.gates.thresholds == {"log_loss": 0.95, "accuracy": 0.5}
+    task = spec.load_task()  # examples/ is on the test path, as it is on workers and silos
+    assert {m.name for m in task.metrics} >= set(spec.gates.thresholds)
+
+
 def test_load_federations_reads_the_shipped_folder():
     specs = load_federations(REPO / "federations")
-    assert "banks" in [s.federation for s in specs]
+    assert [s.federation for s in specs] == ["banks", "claims"]
 
 
 # --- derived values -----------------------------------------------------------------------
@@ -85,7 +139,11 @@ def test_defaults_and_derived_names():
     assert spec.model_name == "banks-eu-global"
     assert spec.experiment_name == "fl/banks-eu"
     assert spec.aggregation == "fedavg"
-    assert spec.training.codec == "fp32"
+    assert spec.training.codec == "fp32" and spec.training.window == "interval"
+    assert spec.task == TaskSpec()  # the built-in fraud task, no params, seed 0, no warm start
+    assert spec.simulation == SimulationSpec(source="synthetic", rows=20000, seed=0)
+    assert spec.validation_uri == "s3://unit-coordinator/banks-eu/holdout/validation.parquet"
+    assert spec.storage_aws_conn_id is None and spec.max_weight_share == 0.5
     # A trailing slash is dropped; the prefix is the path below the bucket.
     b = spec.client("bank-b")
     assert b == ClientSpec(id="bank-b", bucket="s3://shared-bucket/silos/bank-b")
@@ -122,9 +180,16 @@ def test_unknown_top_level_field_suggests_close_name():
     assert "did you mean 'clients'?" in str(err)
 
 
+def test_the_old_model_section_is_refused():
+    # `model:` was replaced by `task:`; an old file fails on load and points at the new name.
+    err = config_error(doc(model={"hidden": [64, 32]}), "model")
+    assert err.problem == "unknown field"
+    assert "mlflow" in err.fix or "allowed" in err.fix
+
+
 def test_unknown_field_without_close_name_lists_allowed():
     err = config_error(doc(training={"zzz": 1}), "training.zzz")
-    assert "allowed fields: local_epochs, learning_rate, batch_size, proximal_mu, codec" in str(err)
+    assert "allowed fields: local_epochs, learning_rate, batch_size, proximal_mu, codec, window" in str(err)
 
 
 @pytest.mark.parametrize("bad_id", ["bank/a", "..", "../bank-a", "bank.a", "Bank-A", "-bank", "bank-a\n", ""])
@@ -145,9 +210,16 @@ def test_client_bucket_must_be_s3_uri(bucket):
     assert "s3://bucket[/prefix]" in err.fix
 
 
-def test_client_needs_exactly_id_and_bucket():
+def test_client_takes_only_the_known_fields():
     raw = doc()
     raw["clients"][0]["region"] = "eu"
+    err = config_error(raw, "clients[0]")
+    assert "may set aws_conn_id, endpoint_url, max_examples" in str(err)
+
+
+def test_client_needs_id_and_bucket():
+    raw = doc()
+    del raw["clients"][0]["bucket"]
     config_error(raw, "clients[0]")
 
 
@@ -163,13 +235,16 @@ def test_no_clients_rejected():
 
 
 def test_min_clients_above_number_of_clients():
+    # The bound comes from the settings table (maximum: the number of clients); the fix says
+    # which values are allowed.
     err = config_error(doc(quorum={"min_clients": 3}), "quorum.min_clients")
-    assert "3 is outside 1..2" in str(err)
-    assert "between 1 and 2" in err.fix
+    assert "must be <= 2, got 3" in str(err)
+    assert "a whole number >= 1 and <= 2" in err.fix
 
 
 def test_min_clients_zero_rejected():
-    config_error(doc(quorum={"min_clients": 0}), "quorum.min_clients")
+    err = config_error(doc(quorum={"min_clients": 0}), "quorum.min_clients")
+    assert "must be >= 1, got 0" in str(err)
 
 
 @pytest.mark.parametrize("section, key, value, expected", [
@@ -177,31 +252,41 @@ def test_min_clients_zero_rejected():
     ("quorum", "min_clients", 2.5, "a whole number"),
     ("quorum", "min_clients", True, "a whole number"),
     ("training", "learning_rate", "fast", "a number"),
-    ("model", "batch_norm", "yes", "true or false"),
-    ("model", "hidden", [64, "32"], "a list of whole numbers"),
+    ("security", "require_signatures", "yes", "true or false"),
+    ("task", "params", [64, 32], "a mapping"),
+    ("task", "seed", "7", "a whole number"),
+    ("task", "entrypoint", 5, "a string"),
     ("mlflow", "model_name", 5, "a string"),
+    ("simulation", "rows", 100.5, "a whole number"),
+    ("gates", "thresholds", [0.9], "a mapping"),
+    ("screening", "max_abs_value", None, "a number"),
 ])
 def test_wrong_type_rejected(section, key, value, expected):
     raw = doc(**{section: {**BASE.get(section, {}), key: value}})
     err = config_error(raw, f"{section}.{key}")
     assert f"expected {expected}, got {value!r}" in str(err)
+    assert f"set '{section}.{key}' to {expected}" in err.fix
 
 
 @pytest.mark.parametrize("section, values, field", [
     ("training", {"learning_rate": 1.5}, "training.learning_rate"),
+    ("training", {"learning_rate": 0}, "training.learning_rate"),
     ("training", {"local_epochs": 0}, "training.local_epochs"),
+    ("training", {"local_epochs": 101}, "training.local_epochs"),
     ("training", {"proximal_mu": -0.1}, "training.proximal_mu"),
     ("training", {"codec": "int8"}, "training.codec"),
-    ("gates", {"min_roc_auc": 1.2}, "gates.min_roc_auc"),
+    ("training", {"batch_size": 0}, "training.batch_size"),
+    ("training", {"window": "week"}, "training.window"),
+    ("gates", {"max_regression": -0.1}, "gates.max_regression"),
     ("quorum", {"min_clients": 1, "round_timeout_minutes": 0}, "quorum.round_timeout_minutes"),
-    ("model", {"factory": "resnet"}, "model.factory"),
-    ("data", {"dataset": "mnist"}, "data.dataset"),
+    ("quorum", {"min_clients": 1, "poll_interval_seconds": 0}, "quorum.poll_interval_seconds"),
     ("quorum", {"min_clients": 1, "min_fraction": 0}, "quorum.min_fraction"),
     ("quorum", {"min_clients": 1, "min_fraction": 1.5}, "quorum.min_fraction"),
     ("quorum", {"min_clients": 1, "grace_period_minutes": -1}, "quorum.grace_period_minutes"),
     ("staleness", {"policy": "discount"}, "staleness.policy"),
     ("staleness", {"exponent": -1}, "staleness.exponent"),
     ("staleness", {"max_staleness": 0}, "staleness.max_staleness"),
+    ("simulation", {"rows": 5}, "simulation.rows"),
 ])
 def test_out_of_range_values_rejected(section, values, field):
     config_error(doc(**{section: values}), field)
@@ -249,16 +334,18 @@ def test_load_federation_from_file_records_source(tmp_path):
     spec = load_federation(path)
     assert spec.source == str(path)
     assert spec.federation == "unit-fed"
-    # The spec round-trips through a plain dict.
-    assert spec.to_dict()["clients"][0] == {"id": "bank-a", "bucket": "s3://bank-a"}
+    # The spec round-trips through a plain dict (clients now carry their optional access settings).
+    assert spec.to_dict()["clients"][0] == {"id": "bank-a", "bucket": "s3://bank-a", "aws_conn_id": None,
+                                            "endpoint_url": None, "max_examples": None}
+    assert json.loads(json.dumps(spec.to_dict()))["contract"] == spec.contract.as_dict()
 
 
 def test_errors_from_files_name_the_file(tmp_path):
     path = tmp_path / "typo.yaml"
-    path.write_text(yaml.safe_dump(doc(gates={"min_roc_aucc": 0.9})))
+    path.write_text(yaml.safe_dump(doc(gates={"treshold": {"pr_auc": 0.3}})))
     with pytest.raises(ConfigError) as info:
         load_federation(path)
-    assert str(info.value).startswith(f"{path}: field 'gates.min_roc_aucc': unknown field. Fix: did you mean 'min_roc_auc'?")
+    assert str(info.value).startswith(f"{path}: field 'gates.treshold': unknown field. Fix: did you mean 'thresholds'?")
 
 
 def test_load_federations_rejects_duplicate_names(tmp_path):
@@ -290,48 +377,332 @@ def test_quorum_fraction_grace_and_staleness_load_with_defaults_off():
     assert (spec.staleness.policy, spec.staleness.exponent, spec.staleness.max_staleness) == ("polynomial", 1.0, 2)
 
 
-# --- security: update signatures ----------------------------------------------------------
+# --- scan_federations: one broken file does not take the others down ---------------------------
 
 
-def test_security_defaults_and_connection_ids():
-    spec = parse_federation(doc(federation="banks-eu"), SOURCE)
-    assert spec.security.require_signatures is False
-    assert spec.security.signing_key_conn_id == "fl_signing_{client}"
-    # '-' becomes '_': the id doubles as the AIRFLOW_CONN_<ID> variable name.
-    assert spec.security.conn_id(spec.federation, "bank-a") == "fl_signing_bank_a"
-    custom = parse_federation(doc(federation="banks-eu", security={
-        "require_signatures": True, "signing_key_conn_id": "fl_{federation}_key_{client}"}), SOURCE)
-    assert custom.security.require_signatures is True
-    assert custom.security.conn_id(custom.federation, "bank-b") == "fl_banks_eu_key_bank_b"
+def test_scan_keeps_the_good_files_and_reports_the_bad_ones(tmp_path):
+    (tmp_path / "a-good.yaml").write_text(yaml.safe_dump(doc(federation="alpha")))
+    (tmp_path / "b-typo.yaml").write_text(yaml.safe_dump(doc(federation="beta", quorum={"min_client": 1})))
+    (tmp_path / "c-broken.yaml").write_text("federation: gamma\nclients:\n\t- oops\n")
+    (tmp_path / "d-good.yaml").write_text(yaml.safe_dump(doc(federation="delta")))
+    (tmp_path / "e-copy.yaml").write_text(yaml.safe_dump(doc(federation="alpha")))
+    (tmp_path / "notes.txt").write_text("not a federation")
+    scan = scan_federations(tmp_path)
+    assert [s.federation for s in scan.specs] == ["alpha", "delta"]
+    assert [(Path(e.source).name, e.field_path) for e in scan.errors] == [
+        ("b-typo.yaml", "quorum.min_client"), ("c-broken.yaml", "line 3"), ("e-copy.yaml", "federation")]
+    assert all(isinstance(e, ConfigError) and "Fix: " in str(e) for e in scan.errors)
+    assert "did you mean 'min_clients'?" in str(scan.errors[0])
+    assert str(tmp_path / "a-good.yaml") in str(scan.errors[2])  # the duplicate names the first file
+    # load_federations is the strict form: the first error raises.
+    with pytest.raises(ConfigError, match="quorum.min_client"):
+        load_federations(tmp_path)
 
 
-def test_banks_yaml_requires_signatures():
-    assert load_federation(REPO / "federations" / "banks.yaml").security.require_signatures is True
+def test_scan_of_an_empty_or_missing_folder_is_empty(tmp_path):
+    for folder in (tmp_path, tmp_path / "missing"):
+        scan = scan_federations(folder)
+        assert scan.specs == [] and scan.errors == []
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("require_signatures", "yes", "true or false"),
-    ("require_signatures", 1, "true or false"),
-    ("signing_key_conn_id", 5, "a string"),
+# --- task -------------------------------------------------------------------------------------------
+
+
+def test_task_section_loads():
+    spec = parse_federation(doc(task={"entrypoint": "fraud_banks.task:FraudTask", "params": {"hidden": [8]},
+                                      "seed": 7, "warm_start": "models:/banks-fraud/3"}), SOURCE)
+    assert spec.task == TaskSpec("fraud_banks.task:FraudTask", {"hidden": [8]}, 7, "models:/banks-fraud/3")
+
+
+@pytest.mark.parametrize("warm_start", ["models:/banks-fraud/3", "models:/banks-fraud@champion",
+                                        "s3://team-models/fraud/v7/weights.safetensors"])
+def test_warm_start_forms(warm_start):
+    assert parse_federation(doc(task={"warm_start": warm_start}), SOURCE).task.warm_start == warm_start
+
+
+@pytest.mark.parametrize("warm_start", ["models:/banks-fraud", "models:/a/b/c", "runs:/abc/model",
+                                        "/tmp/weights.safetensors", "s3://Bad_Bucket/w"])
+def test_bad_warm_start_rejected(warm_start):
+    err = config_error(doc(task={"warm_start": warm_start}), "task.warm_start")
+    assert "models:/<name>/<version>" in err.fix and "s3://" in err.fix
+
+
+@pytest.mark.parametrize("entrypoint", ["fl_tasks.tasks.fraud.FraudTask", "fraud:", ":FraudTask", "a b:C",
+                                        "fl_tasks/tasks/fraud.py:FraudTask"])
+def test_entrypoint_must_be_module_colon_class(entrypoint):
+    err = config_error(doc(task={"entrypoint": entrypoint}), "task.entrypoint")
+    assert "is not 'module:Class'" in str(err) and "e.g. 'fraud_banks.task:FraudTask'" in err.fix
+
+
+def test_unknown_task_field_suggests_close_name():
+    err = config_error(doc(task={"param": {}}), "task.param")
+    assert "did you mean 'params'?" in err.fix
+
+
+def test_reading_a_file_does_not_import_its_task():
+    # An entrypoint that cannot be imported here is only an error where the task is loaded.
+    spec = parse_federation(doc(task={"entrypoint": "not_installed_here.task:Task"}), SOURCE)
+    assert spec.task.entrypoint == "not_installed_here.task:Task"
+
+
+def load_task_error(**task) -> ConfigError:
+    spec = parse_federation(with_contract() | {"data": {"contract": FRAUD_CONTRACT}, "task": task}, SOURCE)
+    with pytest.raises(ConfigError) as info:
+        spec.load_task()
+    err = info.value
+    assert err.source == SOURCE and str(err).startswith(f"{SOURCE}: field '{err.field_path}': ")
+    assert "Fix: " in str(err) and err.fix
+    return err
+
+
+def test_load_task_errors_name_the_entrypoint_or_the_params():
+    err = load_task_error(entrypoint="not_installed_here.task:Task")
+    assert err.field_path == "task.entrypoint"
+    assert "cannot import 'not_installed_here.task'" in err.problem and "PYTHONPATH" in err.fix
+    err = load_task_error(entrypoint="fl_tasks.tasks.fraud:Fraud")
+    assert err.field_path == "task.entrypoint" and "has no 'Fraud'" in err.problem
+    err = load_task_error(entrypoint="fl_tasks.contract:Column")
+    assert err.field_path == "task.entrypoint" and "not a subclass" in err.problem
+    err = load_task_error(params={"hidden": [8], "depth": 2})
+    assert err.field_path == "task.params"
+    assert "does not take params ['depth', 'hidden']" in err.problem and "it accepts hidden, batch_norm" in err.fix
+    err = load_task_error(params={"hidden": []})
+    assert err.field_path == "task.params" and "hidden must be a list of positive layer widths" in err.problem
+
+
+def test_a_module_whose_name_says_params_is_still_an_entrypoint_error():
+    err = load_task_error(entrypoint="team_params.task:Task")
+    assert err.field_path == "task.entrypoint" and "cannot import 'team_params.task'" in err.problem
+
+
+# --- data contract ------------------------------------------------------------------------------------
+
+
+def test_contract_loads():
+    contract = parse_federation(doc(), SOURCE).contract
+    assert contract == DataContract(
+        label=Column("is_fraud", "boolean"),
+        features=(Column("amount", "numeric"),
+                  Column("channel", "categorical", ("web", "pos"), max_unknown_share=0.05)),
+        event_time="event_time")
+    assert contract.allow_extra_columns is False and contract.min_rows == 2
+
+
+def test_contract_names_and_label_shortcut():
+    contract = parse_federation(with_contract(
+        label="fraud", features=[{"names": ["v1", "v2"], "type": "numeric", "max_missing_share": 0.1}],
+        allow_extra_columns=True, min_rows=50), SOURCE).contract
+    assert contract.label == Column("fraud", "boolean")  # a bare name is a boolean label
+    assert contract.features == (Column("v1", "numeric", max_missing_share=0.1),
+                                 Column("v2", "numeric", max_missing_share=0.1))
+    assert contract.allow_extra_columns is True and contract.min_rows == 50
+
+
+def test_data_must_be_exactly_a_contract():
+    for data in (None, {}, {"dataset": "creditcard"}, {"contract": CONTRACT, "dataset": "creditcard"}, "creditcard"):
+        raw = doc(data=data) if data is not None else {k: v for k, v in doc().items() if k != "data"}
+        err = config_error(raw, "data")
+        assert "expected exactly 'contract'" in err.problem and "data: {contract:" in err.fix
+
+
+@pytest.mark.parametrize("changes, field, fragment", [
+    ({"label": None}, "data.contract.label", "needs exactly one of 'name' or 'names'"),
+    ({"label": {"name": "is_fraud", "type": "text"}}, "data.contract.label.type", "unknown column type 'text'"),
+    ({"features": []}, "data.contract.features", "at least one feature column is required"),
+    ({"features": "amount"}, "data.contract.features", "at least one feature column is required"),
+    ({"features": ["amount"]}, "data.contract.features[0]", "expected a mapping"),
+    ({"features": [{"name": "amount"}]}, "data.contract.features[0].type", "unknown column type None"),
+    ({"features": [{"name": "amount", "type": "money"}]}, "data.contract.features[0].type",
+     "unknown column type 'money'"),
+    ({"features": [{"name": "amount", "names": ["a"], "type": "numeric"}]}, "data.contract.features[0]",
+     "needs exactly one of 'name' or 'names'"),
+    ({"features": [{"names": [], "type": "numeric"}]}, "data.contract.features[0].names", "expected column names"),
+    ({"features": [{"name": "", "type": "numeric"}]}, "data.contract.features[0].name", "expected column names"),
+    ({"features": [{"name": "amount", "type": "numeric", "unit": "EUR"}]}, "data.contract.features[0].unit",
+     "unknown field"),
+    ({"features": [{"name": "channel", "type": "categorical"}]}, "data.contract.features[0].categories",
+     "categorical columns need their categories"),
+    ({"features": [{"name": "amount", "type": "numeric", "categories": ["a"]}]},
+     "data.contract.features[0].categories", "categorical columns need their categories, other types have none"),
+    ({"features": [{"name": "channel", "type": "categorical", "categories": [1, 2]}]},
+     "data.contract.features[0].categories", "expected a list of strings"),
+    ({"features": [{"name": "amount", "type": "numeric", "max_missing_share": 1.5}]},
+     "data.contract.features[0].max_missing_share", "1.5 is not a share between 0 and 1"),
+    ({"features": [{"name": "amount", "type": "numeric", "max_missing_share": True}]},
+     "data.contract.features[0].max_missing_share", "True is not a share"),
+    ({"features": [{"name": "is_fraud", "type": "numeric"}]}, "data.contract", "columns ['is_fraud'] are declared twice"),
+    ({"event_time": 5}, "data.contract.event_time", "expected a column name"),
+    ({"allow_extra_columns": "no"}, "data.contract.allow_extra_columns", "expected true or false"),
+    ({"min_rows": 0}, "data.contract.min_rows", "0 is not a positive whole number"),
+    ({"min_row": 5}, "data.contract.min_row", "unknown field"),
 ])
-def test_security_wrong_types_rejected(key, value, expected):
-    err = config_error(doc(security={key: value}), f"security.{key}")
-    assert f"expected {expected}, got {value!r}" in str(err)
+def test_contract_errors_name_the_field(changes, field, fragment):
+    err = config_error(with_contract(**changes), field)
+    assert fragment in err.problem
 
 
-@pytest.mark.parametrize("template, problem", [
-    ("fl_signing", "does not contain '{client}' exactly once"),
-    ("fl_{client}_{client}", "does not contain '{client}' exactly once"),
-    ("fl-signing-{client}", "is not a usable Airflow connection id"),
-    ("fl/{client}", "is not a usable Airflow connection id"),
-    ("fl_{clients}_{client}", "is not a usable Airflow connection id"),
-    ("fl_{region}_{client}", "is not a usable Airflow connection id"),
+def test_an_interval_window_needs_an_event_time():
+    err = config_error(with_contract(event_time=None), "training.window")
+    assert "needs an event-time column" in err.problem and "data.contract.event_time" in err.fix
+    spec = parse_federation(with_contract(event_time=None) | {"training": {"window": "all"}}, SOURCE)
+    assert spec.contract.event_time is None and spec.training.window == "all"
+
+
+# --- simulation, validation, gates, storage, clients, aggregation, screening -------------------------------
+
+
+def test_simulation_section():
+    spec = parse_federation(doc(simulation={"source": "creditcard", "rows": 500, "seed": 9}), SOURCE)
+    assert spec.simulation == SimulationSpec("creditcard", 500, 9)
+    err = config_error(doc(simulation={"dataset": "creditcard"}), "simulation.dataset")
+    assert "allowed fields: source, rows, seed" in err.fix
+
+
+@pytest.mark.parametrize("uri", ["s3://fl-coordinator/banks/holdout/validation.parquet", "/data/holdout.parquet",
+                                 "holdout.csv"])
+def test_validation_data(uri):
+    spec = parse_federation(doc(validation={"data": uri}), SOURCE)
+    assert spec.validation == ValidationSpec(uri) and spec.validation_uri == uri
+
+
+@pytest.mark.parametrize("uri", ["/data/holdout.npz", "https://example.com/v.parquet", "holdout"])
+def test_bad_validation_data(uri):
+    err = config_error(doc(validation={"data": uri}), "validation.data")
+    assert "neither an s3:// URI nor a .parquet or .csv file" in err.problem
+
+
+def test_gates_thresholds():
+    spec = parse_federation(doc(gates={"thresholds": {"pr_auc": 0.3, "log_loss": 1}, "max_regression": 0.02}), SOURCE)
+    assert spec.gates == GatesSpec({"pr_auc": 0.3, "log_loss": 1}, 0.02)
+    err = config_error(doc(gates={"thresholds": {"pr_auc": "high"}}), "gates.thresholds.pr_auc")
+    assert "expected a number, got 'high'" in err.problem and "pr_auc: 0.3" in err.fix
+    config_error(doc(gates={"thresholds": {"pr_auc": True}}), "gates.thresholds.pr_auc")
+    err = config_error(doc(gates={"min_roc_auc": 0.9}), "gates.min_roc_auc")  # the old form
+    assert "allowed fields: thresholds, max_regression" in err.fix
+
+
+def test_storage_section():
+    spec = parse_federation(doc(storage={"endpoint_url": "http://minio:9000", "aws_conn_id": "aws_fl"}), SOURCE)
+    assert (spec.storage_endpoint_url, spec.storage_aws_conn_id) == ("http://minio:9000", "aws_fl")
+    err = config_error(doc(storage={"region": "eu-west-1"}), "storage")
+    assert "only 'endpoint_url' and 'aws_conn_id' are allowed" in err.problem
+    config_error(doc(storage={"endpoint_url": 9000}), "storage.endpoint_url")
+    err = config_error(doc(storage={"aws_conn_id": "aws-fl"}), "storage.aws_conn_id")
+    assert "'aws-fl' is not an Airflow connection id" in err.problem and "underscores" in err.fix
+
+
+def test_per_client_access_and_size():
+    raw = doc()
+    raw["clients"][0].update(aws_conn_id="aws_bank_a", endpoint_url="https://s3.bank-a.example", max_examples=250000)
+    spec = parse_federation(raw, SOURCE)
+    assert spec.client("bank-a") == ClientSpec("bank-a", "s3://bank-a", "aws_bank_a", "https://s3.bank-a.example",
+                                               250000)
+    assert spec.client("bank-b").aws_conn_id is None and spec.client("bank-b").max_examples is None
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("aws_conn_id", "aws bank", "is not an Airflow connection id"),
+    ("aws_conn_id", 7, "is not an Airflow connection id"),
+    ("endpoint_url", 443, "expected a URL string"),
+    ("max_examples", 0, "0 is not a positive whole number"),
+    ("max_examples", 2.5, "2.5 is not a positive whole number"),
+    ("max_examples", True, "True is not a positive whole number"),
 ])
-def test_bad_signing_key_conn_id_rejected(template, problem):
-    err = config_error(doc(security={"signing_key_conn_id": template}), "security.signing_key_conn_id")
-    assert problem in str(err)
+def test_bad_per_client_settings(key, value, fragment):
+    raw = doc()
+    raw["clients"][1][key] = value
+    err = config_error(raw, f"clients[1].{key}")
+    assert fragment in err.problem
 
 
-def test_unknown_security_field_suggests_close_name():
-    err = config_error(doc(security={"require_signature": True}), "security.require_signature")
-    assert "did you mean 'require_signatures'?" in str(err)
+def test_max_weight_share():
+    assert parse_federation(doc(aggregation={"strategy": "fedavg", "max_weight_share": 0.3}), SOURCE).max_weight_share \
+        == 0.3
+    assert parse_federation(doc(aggregation={"strategy": "fedavg", "max_weight_share": None}),
+                            SOURCE).max_weight_share is None
+    assert parse_federation(doc(aggregation={"max_weight_share": 1}), SOURCE).max_weight_share == 1.0
+    for bad in (0, 1.5, -0.1, "half", True):
+        err = config_error(doc(aggregation={"strategy": "fedavg", "max_weight_share": bad}),
+                           "aggregation.max_weight_share")
+        assert "is not a share in (0, 1]" in err.problem and "null" in err.fix
+
+
+def test_screening_defaults_are_on_and_cheap():
+    spec = parse_federation(doc(), SOURCE)
+    assert spec.screening == ScreeningSpec(max_update_norm=None, max_norm_ratio=None, min_cosine=None,
+                                           max_abs_value=1e6, min_norm_ratio=0.01, max_example_growth=10.0)
+    off = parse_federation(doc(screening={"min_norm_ratio": None, "max_example_growth": None,
+                                          "max_norm_ratio": 3}), SOURCE).screening
+    assert (off.min_norm_ratio, off.max_example_growth, off.max_norm_ratio) == (None, None, 3.0)
+
+
+# --- per-round settings: fl_tasks.settings is the one source of defaults and bounds -------------------------
+
+
+SPEC_FIELDS = {"quorum": QuorumSpec, "training": TrainingSpec, "gates": GatesSpec}
+
+
+def test_every_round_setting_is_a_field_of_the_file():
+    for setting in ROUND_SETTINGS:
+        section, _, name = setting.path.partition(".")
+        if section == "aggregation":
+            continue  # parsed by _parse_aggregation: `aggregation: name` or a mapping
+        assert name in {f.name for f in dataclasses.fields(SPEC_FIELDS[section])}, setting.path
+
+
+@pytest.mark.parametrize("setting", [s for s in ROUND_SETTINGS if s.path.split(".")[0] in SPEC_FIELDS],
+                         ids=lambda s: s.path)
+def test_section_defaults_come_from_the_settings_table(setting):
+    section, _, name = setting.path.partition(".")
+    field = next(f for f in dataclasses.fields(SPEC_FIELDS[section]) if f.name == name)
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if setting.type == "object":  # mutable: a factory, and empty means "none"
+        assert field.default_factory() == {} and setting.default is None
+    else:
+        assert default == setting.default
+
+
+def test_round_defaults_are_the_files_values_by_setting_name():
+    spec = parse_federation(doc(aggregation={"strategy": "trimmed_mean", "params": {"beta": 0.2}},
+                                gates={"thresholds": {"pr_auc": 0.3}}), SOURCE)
+    defaults = spec.round_defaults()
+    assert set(defaults) == {s.name for s in ROUND_SETTINGS}
+    assert defaults["aggregator"] == "trimmed_mean" and defaults["aggregator_params"] == {"beta": 0.2}
+    assert defaults["min_clients"] == 2 and defaults["gate_thresholds"] == {"pr_auc": 0.3}
+    plain = parse_federation(doc(quorum={}), SOURCE).round_defaults()
+    assert all(plain[s.name] == s.default for s in ROUND_SETTINGS if s.type != "object")
+
+
+@pytest.mark.parametrize("setting", [s for s in ROUND_SETTINGS if s.type in ("integer", "number")],
+                         ids=lambda s: s.path)
+def test_file_bounds_are_the_settings_bounds(setting):
+    """Each numeric setting's file field is refused exactly where the table's bound says."""
+    section, _, name = setting.path.partition(".")
+    bounds = setting.bounds(len(BASE["clients"]))
+    assert bounds, setting.path
+    # (value just outside the bound, whether the bound itself is allowed)
+    probes = {"minimum": (-1, True), "maximum": (+1, True), "exclusiveMinimum": (0, False),
+              "exclusiveMaximum": (0, False)}
+
+    def parsed(value):
+        raw = doc()
+        raw[section] = {**raw.get(section, {}), name: value}
+        return parse_federation(raw, SOURCE)
+
+    for key, bound in bounds.items():
+        step, bound_allowed = probes[key]
+        outside = bound + step
+        with pytest.raises(ConfigError) as info:
+            parsed(outside)
+        assert info.value.field_path == setting.path and f"got {outside!r}" in info.value.problem
+        assert setting.allowed(len(BASE["clients"])) in info.value.fix
+        if bound_allowed:
+            assert getattr(getattr(parsed(bound), section), name) == bound
+
+
+def test_min_clients_bound_follows_the_number_of_clients():
+    setting = next(s for s in ROUND_SETTINGS if s.name == "min_clients")
+    assert setting.maximum == CLIENTS
+    raw = doc(quorum={"min_clients": 3})
+    raw["clients"].append({"id": "bank-c", "bucket": "s3://bank-c"})
+    assert parse_federation(raw, SOURCE).quorum.min_clients == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import stat
 
+import pytest
 import yaml
 
 from fl_tasks.protocol import signing
@@ -58,3 +59,21 @@ def test_local_stack_gives_airflow_one_connection_per_key(tmp_path):
     env = stack.env()
     for conn_id, key in keys.items():
         assert json.loads(env[signing.airflow_conn_env_var(conn_id)])["password"] == key
+
+
+def test_a_decline_signed_with_a_simulated_silos_key_verifies_with_the_coordinators_copy(tmp_path, monkeypatch):
+    """fl-simulate hands each silo its key and the coordinator the same keys: what a silo signs
+    (an update or a decline) verifies with the coordinator's key for that silo, and only that one."""
+    from fl_tasks.protocol import DeclineManifest
+
+    for i in range(3):
+        monkeypatch.delenv(f"FL_SIGNING_KEY_SILO_{i}", raising=False)
+    keys = simulation_keys(spec(True), tmp_path)
+    environ = {name: value.strip("'") for name, value in
+               (line.split("=", 1) for line in (tmp_path / "signing-keys.env").read_text().splitlines())}
+    coordinator_keys = signing.EnvKeys(environ)
+    decline = signing.sign_manifest(DeclineManifest(client_id="silo-1", federation="keys-fed", round_id="000001",
+                                                    reason="column 'Amount' missing"), keys["silo-1"])
+    signing.verify_manifest(decline, coordinator_keys("silo-1"))
+    with pytest.raises(signing.SignatureError):
+        signing.verify_manifest(decline, coordinator_keys("silo-2"))

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from fl_tasks.config import load_federation
 from devstack.embedded import airflow, create_buckets, service_env
-from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos
+from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos, publish_validation
 from fl_tasks.protocol.storage import ObjectStore
 
 from tests.faultproxy import FaultProxy
@@ -49,7 +49,9 @@ def stack(s3_server, tmp_path_factory):
                     "FL_TASK_MAX_RETRY_DELAY_SECONDS": "5"})
         migrated = airflow(["db", "migrate"], env)
         assert migrated.returncode == 0, migrated.stderr[-3000:]
-        silos = SiloProcesses(spec, prepare_silos(spec, state), state / "silo-logs", poll_seconds=0.5).start()
+        data = prepare_silos(spec, state)
+        publish_validation(spec, data, store)
+        silos = SiloProcesses(spec, data.silos, state / "silo-logs", poll_seconds=0.5).start()
         try:
             yield {"env": env, "spec": spec, "store": store, "proxy": proxy, "state": state}
         finally:

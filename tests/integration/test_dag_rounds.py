@@ -13,7 +13,7 @@ from fl_tasks.protocol import signing
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator
 from devstack.embedded import airflow, create_buckets, service_env
-from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos
+from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos, publish_validation
 from fl_tasks.protocol.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
@@ -48,8 +48,9 @@ def stack(s3_server, tmp_path_factory):
         create_buckets(spec, store)
     migrated = airflow(["db", "migrate"], env)
     assert migrated.returncode == 0, migrated.stderr[-3000:]
-    paths = prepare_silos(specs["itest"], state)
-    silos = SiloProcesses(specs["itest"], paths, state / "silo-logs", poll_seconds=0.5, signing_keys=keys).start()
+    data = prepare_silos(specs["itest"], state)
+    publish_validation(specs["itest"], data, store)
+    silos = SiloProcesses(specs["itest"], data.silos, state / "silo-logs", poll_seconds=0.5, signing_keys=keys).start()
     try:
         yield {"env": env, "specs": specs, "store": store, "state": state}
     finally:
@@ -97,7 +98,7 @@ def test_round_failing_a_gate_rolls_back(stack):
     spec = stack["specs"]["itest"]
     client = MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
     before = str(client.get_model_version_by_alias(spec.model_name, "champion").version)
-    run_round(stack, "itest", {"min_roc_auc": 0.9999})
+    run_round(stack, "itest", {"gate_thresholds": {"roc_auc": 0.9999}})
     report = latest_report(stack, "itest")
     assert report["decision"] == "rejected", report
     assert str(client.get_model_version_by_alias(spec.model_name, "champion").version) == before

@@ -1,10 +1,16 @@
 """A corpus of hostile and broken updates, each in a real round on the moto S3 server.
 
-In every case two honest silos train and commit signed updates with the client runtime, and
-a third silo (`silo-2`) commits the hostile case instead. The round must reject it with a
+In every case two honest silos train and commit signed updates with the silo agent, and a
+third silo (`silo-2`) commits the hostile case instead. The round must reject it with a
 named reason, build the candidate from exactly the honest updates (the same model a round
 without the hostile silo gives), not crash, and lose nothing: the hostile objects stay in the
-silo's bucket untouched and the rejection is recorded in candidate/manifest.json.
+silo's bucket untouched and the rejection is recorded.
+
+Where it is rejected depends on what is wrong: a manifest that does not parse, belongs to
+another round, client or federation, or is not signed by the silo's key is refused at the
+close (the silo never counts as committed; the reason is in quorum.json's `unreadable` and
+the report), everything else at intake and screening in the aggregate step (the reason is in
+candidate/manifest.json).
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import yaml
 
 from fl_tasks import aggregation, protocol
 from fl_tasks.coordinator import quorum
-from fl_tasks.silo.agent import ClientRuntime
+from fl_tasks.aggregation.mean import cap_shares
+from fl_tasks.silo.agent import SiloAgent
+from fl_tasks.silo.sources import FileSource
 from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator, RunContext
-from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, load_dataset
+from fl_tasks.simulation.simulate import prepare_silos, publish_validation
 from devstack.embedded import create_buckets
 from fl_tasks.protocol import UpdateManifest, sha256_hex
 from fl_tasks.protocol.signing import StaticKeys, sign_manifest
@@ -44,7 +52,7 @@ KEYS = {"silo-0": "silo-0-signing-key-0000", "silo-1": "silo-1-signing-key-1111"
 class Federation:
     spec: object
     coordinator: Coordinator
-    clients: dict[str, ClientRuntime]
+    clients: dict[str, SiloAgent]
     rounds: int = 0
 
 
@@ -54,7 +62,7 @@ def federation(s3_server, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("hostile")
     doc = federation_doc(security={"require_signatures": True}, training={"local_epochs": 1},
-                         data={"synthetic_rows": 3000}, quorum={"min_clients": 2, "round_timeout_minutes": 5})
+                         simulation={"rows": 3000}, quorum={"min_clients": 2, "round_timeout_minutes": 5})
     path = folder / f"{doc['federation']}.yaml"
     path.write_text(yaml.safe_dump(doc))
     spec = load_federation(path)
@@ -64,12 +72,11 @@ def federation(s3_server, tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         coordinator = Coordinator(spec, keys=StaticKeys(KEYS))
         create_buckets(spec, coordinator.store)
-        pool = holdout_split(load_dataset("synthetic", seed=spec.data.seed, synthetic_rows=spec.data.synthetic_rows),
-                             seed=spec.data.seed)[0]
-        parts = dirichlet_partition(pool.y, len(spec.clients), alpha=5.0, seed=1, min_rows=200)
-        clients = {c.id: ClientRuntime(c.id, spec.federation, c.bucket, pool.take(p), coordinator.store,
-                                       signing_key=KEYS[c.id])
-                   for c, p in zip(spec.clients, parts) if c.id in HONEST}
+        data = prepare_silos(spec, folder / "data", alpha=5.0)
+        publish_validation(spec, data, coordinator.store)
+        clients = {c.id: SiloAgent(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
+                                   signing_key=KEYS[c.id])
+                   for c in spec.clients if c.id in HONEST}
         yield Federation(spec, coordinator, clients)
 
 
@@ -200,6 +207,28 @@ def _set_value(value: float) -> Callable[[dict], None]:
         state[name] = state[name].copy()
         state[name].flat[0] = value
     return change
+
+
+def _set_named(suffix: str, change: Callable[[np.ndarray], np.ndarray]) -> Callable[[dict], None]:
+    def apply(state: dict) -> None:
+        name = next(n for n in sorted(state) if n.endswith(suffix))
+        state[name] = change(state[name].copy())
+    return apply
+
+
+def _negative_variance(value: np.ndarray) -> np.ndarray:
+    value.flat[0] = -1.0
+    return value
+
+
+def _base_sent_back(r: Round) -> bytes:
+    return r.payload(r.base())
+
+
+def _noise_level_update(r: Round) -> bytes:
+    rng = np.random.default_rng(3)
+    return r.payload({name: (value + rng.normal(0, 1e-7, value.shape)).astype(value.dtype)
+                      if np.issubdtype(value.dtype, np.floating) else value for name, value in r.base().items()})
 
 
 def _wrong_shape(state: dict) -> None:
@@ -333,77 +362,91 @@ def _json_with(text_change: Callable[[bytes], bytes]) -> Callable[[Round, bytes]
     return lambda r, payload: text_change(r.manifest(payload).to_json())
 
 
+CLOSE, AGGREGATE, NEVER = "close", "aggregate", "never"
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
     write: Callable[[Round], None]
     reason: str  # a fragment of the recorded reason; "" for a silo that never committed
+    # Where the round refuses it: at the close (the manifest is not a valid answer of this
+    # silo for this round), in the aggregate step (intake and screening), or never (not committed).
+    at: str = AGGREGATE
 
 
 CASES = [
-    # Manifest bytes that are not a manifest.
+    # Manifest bytes that are not a manifest (refused at the close: the silo never counts as committed).
     Case("malformed-json", _raw_manifest(lambda r, p: b'{"kind": "update", "client_id": silo-2}'),
-         "update manifest is not valid JSON"),
+         "update manifest is not valid JSON", CLOSE),
     Case("truncated-json", _raw_manifest(lambda r, p: r.manifest(p).to_json()[:150]),
-         "update manifest is not valid JSON"),
-    Case("empty-file", _raw_manifest(lambda r, p: b""), "update manifest is not valid JSON"),
-    Case("empty-object", _raw_manifest(lambda r, p: b"{}"), "manifest field 'kind' must be 'update'"),
+         "update manifest is not valid JSON", CLOSE),
+    Case("empty-file", _raw_manifest(lambda r, p: b""), "update manifest is not valid JSON", CLOSE),
+    Case("empty-object", _raw_manifest(lambda r, p: b"{}"), "manifest field 'kind' must be 'update'", CLOSE),
     Case("json-array", _raw_manifest(lambda r, p: json.dumps([r.body(p)]).encode()),
-         "update manifest must be a JSON object"),
-    Case("json-null", _raw_manifest(lambda r, p: b"null"), "update manifest must be a JSON object"),
-    Case("not-utf8", _raw_manifest(lambda r, p: b"\xff\xfe{\x00\x00garbage"), "update manifest is not valid JSON"),
-    Case("deeply-nested-json", _raw_manifest(lambda r, p: b"[" * 30000 + b"]" * 30000), "nested too deeply"),
-    Case("huge-manifest", _huge_manifest, "over the 65536 limit"),
+         "update manifest must be a JSON object", CLOSE),
+    Case("json-null", _raw_manifest(lambda r, p: b"null"), "update manifest must be a JSON object", CLOSE),
+    Case("not-utf8", _raw_manifest(lambda r, p: b"\xff\xfe{\x00\x00garbage"), "update manifest is not valid JSON",
+         CLOSE),
+    Case("deeply-nested-json", _raw_manifest(lambda r, p: b"[" * 30000 + b"]" * 30000), "nested too deeply", CLOSE),
+    Case("huge-manifest", _huge_manifest, "over the 65536 limit", CLOSE),
     Case("global-manifest-instead", _raw_manifest(lambda r, p: json.dumps({**r.body(p), "kind": "global"}).encode()),
-         "manifest field 'kind' must be 'update'"),
-    Case("other-protocol-version", _body_with(protocol=2), "manifest field 'protocol' must be 1"),
+         "manifest field 'kind' must be 'update'", CLOSE),
+    Case("other-protocol-version", _body_with(protocol=2), "manifest field 'protocol' must be 1", CLOSE),
     # Schema: fields and types.
-    Case("missing-num-examples", _body_without("num_examples"), "missing field 'num_examples'"),
-    Case("missing-payload-sha256", _body_without("payload_sha256"), "missing field 'payload_sha256'"),
-    Case("unknown-extra-field", _body_with(weight_override=100.0), "unknown fields ['weight_override']"),
-    Case("string-example-count", _body_with(num_examples="400"), "field 'num_examples' has type str, expected int"),
-    Case("float-example-count", _body_with(num_examples=400.5), "field 'num_examples' has type float, expected int"),
-    Case("bool-example-count", _body_with(num_examples=True), "field 'num_examples' has type bool, expected int"),
-    Case("negative-example-count", _signed(num_examples=-400), "'num_examples' must be in 1.."),
-    Case("zero-example-count", _signed(num_examples=0), "'num_examples' must be in 1.."),
-    Case("absurd-example-count-int", _signed(num_examples=10**15), "'num_examples' must be in 1.."),
-    Case("absurd-example-count-1e15", _body_with(num_examples=1e15), "field 'num_examples' has type float"),
+    Case("missing-num-examples", _body_without("num_examples"), "missing field 'num_examples'", CLOSE),
+    Case("missing-payload-sha256", _body_without("payload_sha256"), "missing field 'payload_sha256'", CLOSE),
+    Case("unknown-extra-field", _body_with(weight_override=100.0), "unknown fields ['weight_override']", CLOSE),
+    Case("string-example-count", _body_with(num_examples="400"), "field 'num_examples' has type str, expected int",
+         CLOSE),
+    Case("float-example-count", _body_with(num_examples=400.5), "field 'num_examples' has type float, expected int",
+         CLOSE),
+    Case("bool-example-count", _body_with(num_examples=True), "field 'num_examples' has type bool, expected int",
+         CLOSE),
+    Case("negative-example-count", _signed(num_examples=-400), "'num_examples' must be in 1..", CLOSE),
+    Case("zero-example-count", _signed(num_examples=0), "'num_examples' must be in 1..", CLOSE),
+    Case("absurd-example-count-int", _signed(num_examples=10**15), "'num_examples' must be in 1..", CLOSE),
+    Case("absurd-example-count-1e15", _body_with(num_examples=1e15), "field 'num_examples' has type float", CLOSE),
     Case("nan-in-manifest-json", _raw_manifest(_json_with(lambda j: j.replace(b'"train_loss":0.5',
                                                                                b'"train_loss":NaN'))),
-         "NaN is not a JSON number"),
+         "NaN is not a JSON number", CLOSE),
     Case("overflowing-number-in-manifest", _raw_manifest(_json_with(lambda j: j.replace(b'"train_loss":0.5',
                                                                                          b'"train_loss":1e999'))),
-         "out of range"),
+         "out of range", CLOSE),
     Case("duplicate-json-keys", _raw_manifest(_json_with(lambda j: j.replace(b'"num_examples":400',
                                                                               b'"num_examples":400,"num_examples":4000000'))),
-         "duplicate keys ['num_examples']"),
-    Case("unknown-codec", _signed(codec="pickle"), "field 'codec' is unknown: 'pickle'"),
+         "duplicate keys ['num_examples']", CLOSE),
+    Case("unknown-codec", _signed(codec="pickle"), "field 'codec' is unknown: 'pickle'", CLOSE),
     # Identity: ids, rounds, other clients.
-    Case("client-id-traversal", _signed(client_id="../silo-0"), "field 'client_id' is not a valid client id"),
+    Case("client-id-traversal", _signed(client_id="../silo-0"), "field 'client_id' is not a valid client id", CLOSE),
     Case("client-id-path-separator", _signed(client_id="silo-2/../../coord"),
-         "field 'client_id' is not a valid client id"),
-    Case("client-id-slash", _signed(client_id="a/b"), "field 'client_id' is not a valid client id"),
+         "field 'client_id' is not a valid client id", CLOSE),
+    Case("client-id-slash", _signed(client_id="a/b"), "field 'client_id' is not a valid client id", CLOSE),
     Case("replayed-from-another-round", _replayed_from_another_round,
-         "manifest round_id='000000' does not match the round"),
+         "manifest round_id='000000' does not match the round", CLOSE),
     Case("replayed-onto-another-base", _replayed_from_another_base,
          "base version '41' is not an earlier version of this federation's model"),
     Case("dispatched-version-wrong-base-hash", _wrong_base_hash,
          "base_sha256 does not match the dispatched version seed"),
     Case("replayed-from-another-federation", _signed(federation="other-fed"),
-         "manifest federation='other-fed' does not match the round"),
-    Case("replayed-from-another-client", _replayed_from_another_client, "signature does not match"),
+         "manifest federation='other-fed' does not match the round", CLOSE),
+    # The manifest's identity is now checked before its signature (at the close), so a
+    # byte-for-byte copy of silo-0's signed manifest is refused for naming silo-0; it used
+    # to be refused for its signature (silo-0's, not silo-2's). Both are still refused.
+    Case("replayed-from-another-client", _replayed_from_another_client,
+         "manifest client_id='silo-0' does not match the round ('silo-2')", CLOSE),
     Case("replayed-from-another-client-resigned", _replayed_from_another_client_resigned,
-         "manifest client_id='silo-0' does not match the round ('silo-2')"),
+         "manifest client_id='silo-0' does not match the round ('silo-2')", CLOSE),
     # Signatures.
-    Case("unsigned-update", _signed(key=None), "unsigned update: federation requires signatures"),
-    Case("forged-signature", _signed(key=None, signature="ab" * 32), "signature does not match"),
-    Case("signed-with-another-clients-key", _signed(key=KEYS["silo-0"]), "signature does not match"),
+    Case("unsigned-update", _signed(key=None), "unsigned update: the federation requires signatures", CLOSE),  # + "the"
+    Case("forged-signature", _signed(key=None, signature="ab" * 32), "signature does not match", CLOSE),
+    Case("signed-with-another-clients-key", _signed(key=KEYS["silo-0"]), "signature does not match", CLOSE),
     Case("malformed-signature", _signed(key=None, signature="forged"),
-         "field 'signature' must be empty or a hex HMAC-SHA256"),
-    Case("example-count-inflated-after-signing", _inflated_after_signing, "signature does not match"),
-    # Payloads.
+         "field 'signature' must be empty or a hex HMAC-SHA256", CLOSE),
+    Case("example-count-inflated-after-signing", _inflated_after_signing, "signature does not match", CLOSE),
+    # Payloads (refused at intake, in the aggregate step).
     Case("manifest-without-payload", _manifest_without_payload, "manifest committed but the payload is missing"),
-    Case("payload-without-manifest", _payload_without_manifest, ""),
+    Case("payload-without-manifest", _payload_without_manifest, "", NEVER),
     Case("payload-hash-mismatch", _hash_mismatch, "payload sha256 does not match the manifest"),
     Case("payload-size-lie", _payload_bytes_lie, "the manifest says"),
     Case("oversized-payload", _payload(_oversized_payload), "over the"),
@@ -420,11 +463,23 @@ CASES = [
     Case("nan-values", _payload(_tensor_change(_set_value(float("nan")))), "has NaN or Inf values"),
     Case("inf-values", _payload(_tensor_change(_set_value(float("inf")))), "has NaN or Inf values"),
     Case("negative-inf-values", _payload(_tensor_change(_set_value(float("-inf")))), "has NaN or Inf values"),
+    # Values a trained model cannot have (the default-on value checks).
+    Case("huge-finite-values", _payload(_tensor_change(_set_value(3e38))), "over the bound 1e+06"),
+    Case("negative-running-variance", _payload(_tensor_change(_set_named("running_var", _negative_variance))),
+         "outside the task's range 0..inf"),
+    Case("batch-counter-rewound", _payload(_tensor_change(_set_named("num_batches_tracked", lambda v: v - 1))),
+         "moved by -1..-1 from the base"),
+    Case("batch-counter-inflated", _payload(_tensor_change(_set_named("num_batches_tracked", lambda v: v + 10**6))),
+         "moved by 1000000..1000000 from the base; a round allows 0..400"),
+    # Free riders: the base model sent back, or noise-level changes, to collect a weight.
+    Case("base-sent-back", _payload(_base_sent_back), "free rider"),
+    Case("noise-level-update", _payload(_noise_level_update), "free rider"),
 ]
 
 
 def test_the_corpus_is_large_and_named_uniquely():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+    assert {c.at for c in CASES} == {CLOSE, AGGREGATE, NEVER}
 
 
 def _objects(fed: Federation, round_id: str) -> dict[tuple[str, str], bytes]:
@@ -437,9 +492,11 @@ def _objects(fed: Federation, round_id: str) -> dict[tuple[str, str], bytes]:
     return found
 
 
-def play_round(fed: Federation, write: Callable[[Round], None]) -> tuple[str, dict]:
-    """A round where the honest silos answer and the hostile silo writes `write`'s objects."""
-    coordinator = fed.coordinator
+def play_round(fed: Federation, write: Callable[[Round], None],
+               coordinator: Coordinator | None = None) -> tuple[str, quorum.QuorumDecision]:
+    """A round where the honest silos answer and the hostile silo writes `write`'s objects,
+    closed by `coordinator` (default: the federation's, which has every key)."""
+    coordinator = coordinator or fed.coordinator
     fed.rounds += 1
     round_id = coordinator.prepare(RunContext(run_id=f"hostile-{fed.rounds}"))
     coordinator.dispatch(round_id)
@@ -447,8 +504,8 @@ def play_round(fed: Federation, write: Callable[[Round], None]) -> tuple[str, di
         assert runtime.answer(round_id)
     write(Round(fed, round_id))
     decision = coordinator.check_quorum(round_id)
-    if decision.state == quorum.WAITING:  # the hostile silo never committed: close at the deadline
-        decision = coordinator.check_quorum(round_id, now=datetime.now(timezone.utc) + timedelta(hours=1))
+    if decision.state == quorum.WAITING:  # no valid answer from the hostile silo: close at the deadline
+        decision = coordinator.check_quorum(round_id, now_=datetime.now(timezone.utc) + timedelta(hours=1))
     assert decision.state == quorum.MET, decision.reason
     coordinator.close_round(round_id, decision)
     return round_id, decision
@@ -465,8 +522,12 @@ def honest_candidate(fed: Federation, round_id: str) -> dict[str, np.ndarray]:
         payload = store.get_bytes(client.bucket_name, protocol.update_payload_key("", fed.spec.federation, round_id))
         updates.append((decode_state(payload), manifest.num_examples))
     plan = fed.coordinator.load_plan(round_id)
+    # The round caps each silo's share of the weights (aggregation.max_weight_share, 0.5 by
+    # default); with two silos that means equal weights.
+    weights = cap_shares([float(n) for _, n in updates], plan.aggregation["max_weight_share"])
     return aggregation.build(plan.aggregation["strategy"], clip_norm=plan.aggregation["clip_norm"],
-                             **plan.aggregation["params"]).aggregate(base, iter(updates))
+                             **plan.aggregation["params"]).aggregate(
+        base, iter([(state, w) for (state, _), w in zip(updates, weights)]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -481,13 +542,20 @@ def test_hostile_update_is_rejected_and_the_round_goes_on(federation, case):
     # The hostile update is rejected with its named reason, and recorded.
     recorded = json.loads(fed.coordinator.store.get_bytes(
         fed.spec.coordinator_bucket, fed.coordinator.round_key(round_id, "candidate/manifest.json")))
+    closed = fed.coordinator.records.get_json(round_id, "quorum.json")
     assert recorded["rejected"] == summary["rejected"]
-    if case.reason:
-        assert HOSTILE in decision.committed
+    if case.at == AGGREGATE:
+        assert HOSTILE in decision.committed and closed["unreadable"] == {}
         assert [r["client_id"] for r in recorded["rejected"]] == [HOSTILE], recorded["rejected"]
         assert case.reason in recorded["rejected"][0]["reason"], recorded["rejected"][0]["reason"]
-    else:  # an uncommitted payload does not count and is not even looked at
+    elif case.at == CLOSE:  # not a valid answer: never committed, its reason kept with the close
         assert HOSTILE not in decision.committed and recorded["rejected"] == []
+        assert list(closed["unreadable"]) == [HOSTILE], closed
+        assert closed["unreadable"][HOSTILE].startswith("update manifest "), closed["unreadable"]
+        assert case.reason in closed["unreadable"][HOSTILE], closed["unreadable"][HOSTILE]
+        assert HOSTILE not in closed["answers"]
+    else:  # an uncommitted payload does not count and is not even looked at
+        assert HOSTILE not in decision.committed and recorded["rejected"] == [] and closed["unreadable"] == {}
 
     # The candidate is exactly the honest silos' round.
     assert [a["client_id"] for a in recorded["accepted"]] == list(HONEST)
@@ -517,14 +585,32 @@ def test_a_round_with_a_hostile_silo_completes_to_a_decision(federation):
     assert "not a valid safetensors file" in report["clients_rejected"][0]["reason"]
 
 
+def test_a_manifest_refused_at_the_close_is_in_the_report(federation):
+    fed = federation
+    round_id, _ = play_round(fed, _signed(key=None, signature="ab" * 32))
+    fed.coordinator.aggregate(round_id)
+    fed.coordinator.validate(round_id)
+    fed.coordinator.register(round_id)
+    getattr(fed.coordinator, fed.coordinator.decide(round_id))(round_id)
+    report = fed.coordinator.summarize(round_id)
+    assert report["decision"] in ("promoted", "rejected") and report["version"]
+    assert report["clients_committed"] == 2 and report["clients_accepted"] == list(HONEST)
+    assert [r["client_id"] for r in report["clients_rejected"]] == [HOSTILE]
+    assert "signature does not match" in report["clients_rejected"][0]["reason"]
+
+
 def test_a_signed_update_without_a_key_names_the_connection_to_create(federation):
     fed = federation
     keyless = Coordinator(fed.spec, fed.coordinator.store, keys=StaticKeys({c: k for c, k in KEYS.items()
                                                                              if c != HOSTILE}))
-    round_id, _ = play_round(fed, _signed())
+    # Signatures are checked when the round closes (no longer in the aggregate step), so the
+    # coordinator without the key closes the round itself.
+    round_id, decision = play_round(fed, _signed(), coordinator=keyless)
+    assert HOSTILE not in decision.committed
     summary = keyless.aggregate(round_id)
-    assert [r["client_id"] for r in summary["rejected"]] == [HOSTILE]
-    assert "signed update but no signing key for client 'silo-2'" in summary["rejected"][0]["reason"]
+    assert summary["rejected"] == [] and [a["client_id"] for a in summary["accepted"]] == list(HONEST)
+    reason = keyless.records.get_json(round_id, "quorum.json")["unreadable"][HOSTILE]
+    assert "signed update but no signing key for client 'silo-2'" in reason
 
     # The DAG's key provider names the Airflow connection to create.
     from fl_airflow.keys import ConnectionKeys
@@ -538,7 +624,9 @@ def test_a_signed_update_without_a_key_names_the_connection_to_create(federation
 def test_a_short_key_at_the_coordinator_is_a_named_rejection(federation):
     fed = federation
     weak = Coordinator(fed.spec, fed.coordinator.store, keys=StaticKeys({**KEYS, HOSTILE: "short"}))
-    round_id, _ = play_round(fed, _signed())
+    round_id, decision = play_round(fed, _signed(), coordinator=weak)  # checked at the close (see above)
+    assert HOSTILE not in decision.committed
     summary = weak.aggregate(round_id)
-    assert [r["client_id"] for r in summary["rejected"]] == [HOSTILE]
-    assert "the signing key of client 'silo-2' is 5 bytes" in summary["rejected"][0]["reason"]
+    assert summary["rejected"] == [] and [a["client_id"] for a in summary["accepted"]] == list(HONEST)
+    reason = weak.records.get_json(round_id, "quorum.json")["unreadable"][HOSTILE]
+    assert "the signing key of client 'silo-2' is 5 bytes" in reason

@@ -61,7 +61,7 @@ def test_min_fraction_raises_the_quorum_and_the_grace_period_closes_early(make_f
     assert decision.state == quorum.WAITING and "stragglers" in decision.reason
     third.answer(round_id)  # a straggler inside the grace period still makes it
     later = datetime.now(timezone.utc) + timedelta(seconds=5)
-    decision = coordinator.check_quorum(round_id, now=later)
+    decision = coordinator.check_quorum(round_id, now_=later)
     assert decision.state == quorum.MET and decision.committed == ("silo-0", "silo-1", "silo-2")
     record = coordinator.close_round(round_id, decision)
     assert set(record["commit_times"]) == {"silo-0", "silo-1", "silo-2"}
@@ -75,7 +75,7 @@ def test_an_update_after_the_round_closed_is_ignored_and_recorded(make_federatio
     for runtime in runtimes[:2]:
         runtime.answer(round_id)
     closing = datetime.now(timezone.utc) + timedelta(hours=1)  # past the deadline: closes with 2 of 3
-    coordinator.close_round(round_id, coordinator.check_quorum(round_id, now=closing))
+    coordinator.close_round(round_id, coordinator.check_quorum(round_id, now_=closing))
     runtimes[2].answer(round_id)  # arrives after the close
     summary = coordinator.aggregate(round_id)
     assert sorted(a["client_id"] for a in summary["accepted"]) == ["silo-0", "silo-1"]
@@ -316,7 +316,7 @@ def test_a_failed_quorum_is_logged_and_attached_to_a_failed_mlflow_run(make_fede
     coordinator.dispatch(round_id)
     next(iter(clients.values())).answer(round_id)
     closing = datetime.now(timezone.utc) + timedelta(hours=1)
-    coordinator.close_round(round_id, coordinator.check_quorum(round_id, now=closing))
+    coordinator.close_round(round_id, coordinator.check_quorum(round_id, now_=closing))
     report = coordinator.summarize(round_id)
     assert report["decision"] == "no_model"
     events = coordinator.audit.events(round_id)

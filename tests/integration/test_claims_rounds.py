@@ -1,0 +1,110 @@
+"""The second example task (examples/claims_triage) in real DAG runs (`airflow dags test`):
+another model shape, categorical inputs, three classes and a primary metric where lower is
+better (log-loss). One insurer reads its claims from PostgreSQL, the others from Parquet;
+one more insurer's rows lack a column of the data contract, so it declines every round."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from devstack.embedded import airflow, create_buckets, service_env
+from fl_tasks.config import load_federation
+from fl_tasks.protocol.storage import ObjectStore
+from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos, publish_validation
+from tests.conftest import REPO, _names
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def claims(s3_server, postgres_server, tmp_path_factory):
+    state = tmp_path_factory.mktemp("claims")
+    federations = state / "federations"
+    federations.mkdir()
+    n = next(_names)
+    doc = yaml.safe_load((REPO / "federations" / "claims.yaml").read_text())
+    doc.update({"federation": "itest-claims", "coordinator": {"bucket": f"claims-coord-{n}"},
+                "clients": [{"id": f"insurer-{i}", "bucket": f"s3://claims-{n}-{i}"} for i in range(4)],
+                "quorum": {"min_clients": 2, "round_timeout_minutes": 3, "poll_interval_seconds": 0.5},
+                "simulation": {"source": "synthetic", "rows": 6000, "seed": 11},
+                "training": {"local_epochs": 3, "learning_rate": 0.01, "batch_size": 64},
+                "mlflow": {"model_name": f"claims-{n}"}})
+    (federations / "itest-claims.yaml").write_text(yaml.safe_dump(doc))
+    spec = load_federation(federations / "itest-claims.yaml")
+    env = service_env(state, s3_server.endpoint_url, federations)
+    env.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    saved = dict(os.environ)
+    os.environ.update(env)
+    store = ObjectStore(s3_server.endpoint_url)
+    create_buckets(spec, store)
+    assert airflow(["db", "migrate"], env).returncode == 0
+    data = prepare_silos(spec, state)
+    publish_validation(spec, data, store)
+    # insurer-0 keeps its claims in PostgreSQL (a table the agent queries per data window).
+    postgres_server.create_database("insurer0")
+    url = postgres_server.url("insurer0")
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    pd.read_parquet(data.silos["insurer-0"]).to_sql("claims", engine, index=False)
+    engine.dispose()
+    # insurer-3's export lost a column of the contract.
+    broken = state / "insurer-3-broken.parquet"
+    pd.read_parquet(data.silos["insurer-3"]).drop(columns="claim_amount").to_parquet(broken, index=False)
+    silos = SiloProcesses(spec, data.silos, state / "silo-logs", poll_seconds=0.5, data_args={
+        "insurer-0": ["--data", url, "--sql-table", "claims"], "insurer-3": ["--data", str(broken)]}).start()
+    try:
+        yield {"env": env, "spec": spec, "store": store, "state": state, "silos": silos}
+    finally:
+        silos.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_round(env, spec, conf=None):
+    args = ["dags", "test", spec.dag_id] + (["--conf", json.dumps(conf)] if conf else [])
+    return airflow(args, env, timeout=600)
+
+
+def report(store, spec, round_id):
+    return json.loads(store.get_bytes(spec.coordinator_bucket, f"{spec.federation}/rounds/{round_id}/report.json"))
+
+
+def test_claims_rounds_train_on_postgres_and_parquet_and_record_the_decline(claims):
+    env, spec, store = claims["env"], claims["spec"], claims["store"]
+    result = run_round(env, spec)
+    first = report(store, spec, "000001")
+    assert first["decision"] == "promoted", (first, result.stdout[-3000:])
+    assert sorted(first["clients_accepted"]) == ["insurer-0", "insurer-1", "insurer-2"]  # PostgreSQL and Parquet
+    assert first["clients_declined"] == {"insurer-3": "column 'claim_amount' missing"}
+    assert first["primary_metric"] == "log_loss" and first["candidate"]["log_loss"] <= 0.95
+    assert set(first["candidate"]) == {"log_loss", "accuracy", "macro_f1"}
+    # The gate on a metric where lower is better is a ceiling.
+    gate = next(g for g in first["gates"] if g["name"] == "max_log_loss")
+    assert gate["passed"] and "<=" in gate["detail"]
+    assert "declined insurer-3: column 'claim_amount' missing" in result.stdout + result.stderr
+    # The PostgreSQL silo trained on its table, and said how many rows it used.
+    log = (claims["state"] / "silo-logs" / "insurer-0.log").read_text()
+    assert "claims" in log and "round 000001: update committed" in log
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias(spec.model_name, "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.params["declined_clients"] == "insurer-3"
+    assert run.data.params["task"] == "claims_triage.task:ClaimsTriageTask" and run.data.params["task_version"] == "1"
+    assert version.tags["fl.task"] == "claims_triage.task:ClaimsTriageTask"
+
+    # A second round from the champion; a regression gate on log-loss rolls it back when it rises.
+    run_round(env, spec, {"max_regression": 0.0, "local_epochs": 1, "learning_rate": 0.5})
+    second = report(store, spec, "000002")
+    assert second["base_version"] == first["version"]
+    regression = next(g for g in second["gates"] if g["name"] == "max_regression")
+    worse = second["candidate"]["log_loss"] > second["champion"]["log_loss"]
+    assert regression["passed"] is not worse and "log_loss rise vs champion" in regression["detail"]
+    assert second["decision"] == ("rejected" if worse else "promoted")
