@@ -319,6 +319,12 @@ class Coordinator:
         plan = RoundPlan(**planned[0]["plan"])
         record = closed[0]
         committed = {c: record["answers"][c] for c in record["committed"]}
+        # Checked first: a changed copy would otherwise only show as that update's rejection,
+        # or as a quorum error when the rejection leaves too few updates to build a candidate.
+        changed = sorted(c for c, entry in committed.items() if self.records.get(
+            plan.round_id, f"updates/{c}/manifest.json", sha256=entry["manifest_sha256"]) is None)
+        if changed:
+            raise ValueError(f"the kept manifests no longer hash to what the round saw: {changed}")
         summary = self._builder(plan, record["history"]).build(committed, self._server_state(plan)).summary
         logged = {e["client_id"]: e["manifest_sha256"] for e in events if e.get("event") == "update_seen"}
         seen = {client_id: entry["manifest_sha256"] for client_id, entry in summary["seen"].items()}

@@ -20,14 +20,13 @@ import urllib.request
 import uuid
 from datetime import datetime
 
-import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from fl_tasks import protocol
 from fl_tasks.config import load_federation
-from fl_tasks.simulation.datasets import Table
 from devstack.embedded import REPO
 from devstack.localstack import LocalStack
 from fl_tasks.protocol import GlobalManifest, UpdateManifest
@@ -264,15 +263,14 @@ def test_scheduler_and_triggerer_killed_mid_round_then_restarted_finish_the_roun
     assert wait_for_sensor(api, name, run["dag_run_id"]) == "deferred"
     local.kill("airflow-scheduler")
     local.kill("airflow-triggerer")
-    # The clients answer while no scheduler or triggerer is alive.
-    from fl_tasks.silo.agent import ClientRuntime
-    from fl_tasks.simulation.simulate import prepare_silos
+    # The clients answer while no scheduler or triggerer is alive (from the data make stack prepared).
+    from fl_tasks.silo.agent import SiloAgent
+    from fl_tasks.silo.sources import FileSource
 
-    silos = prepare_silos(spec, local.state_dir / "data" / name)
     for client in spec.clients:
-        runtime = ClientRuntime(client.id, spec.federation, client.bucket, Table.load(silos[client.id]),
-                                stack["store"])
-        assert runtime.answer("000001")
+        silo = local.state_dir / "data" / name / "silos" / f"{client.id}.parquet"
+        agent = SiloAgent(client.id, spec.federation, client.bucket, FileSource(silo), stack["store"])
+        assert agent.answer("000001")
     local.start_airflow("scheduler")
     local.start_airflow("triggerer")
     finished = api.wait_for_run(dag_id(name), run["dag_run_id"], timeout=300)
@@ -334,7 +332,7 @@ def test_readme_stack_commands_work_verbatim(stack):
     before = {r["dag_run_id"] for r in api.runs(dag_id("banks"))}
     run_readme_example(stack, cli)
     [run] = wait_for_new_runs(api, before, 1)
-    assert run["state"] == "success" and run["conf"] == {"min_roc_auc": 0.999}
+    assert run["state"] == "success" and run["conf"] == {"gate_thresholds": {"roc_auc": 0.999}}
     report = report_of(stack, "banks", "000001")
     assert report["run_id"] == run["dag_run_id"] and report["decision"] == "rejected"
     assert run["note"].startswith(f"**Round 000001: rolled back** · version {report['version']}")
@@ -401,9 +399,9 @@ def test_readme_stack_commands_work_verbatim(stack):
             assert datetime.fromisoformat(manifest.data_window["end"]) == end
             update = UpdateManifest.from_json(store.get_bytes(
                 c.bucket_name, protocol.update_manifest_key("", spec.federation, round_id)))
-            silo = Table.load(stack["stack"].state_dir / "data" / "banks" / "silos" / f"{c.id}.npz")
-            lo, hi = np.datetime64(start.replace(tzinfo=None), "s"), np.datetime64(end.replace(tzinfo=None), "s")
-            assert update.num_examples == int(((silo.time >= lo) & (silo.time < hi)).sum()) < len(silo)
+            silo = pd.read_parquet(stack["stack"].state_dir / "data" / "banks" / "silos" / f"{c.id}.parquet")
+            inside = (silo["event_time"] >= pd.Timestamp(start)) & (silo["event_time"] < pd.Timestamp(end))
+            assert update.num_examples == int(inside.sum()) < len(silo)
     versions = client.search_model_versions(f"name = '{spec.model_name}'")
 
     # The same backfill again, with "none": nothing new.

@@ -12,7 +12,7 @@ import pytest
 from fl_tasks import aggregation
 from fl_tasks.aggregation import STRATEGY_NAMES, build
 from fl_tasks.aggregation.fedavg import FedAvg
-from fl_tasks.aggregation.mean import CHUNK, StreamingWeightedMean, weighted_mean
+from fl_tasks.aggregation.mean import CHUNK, StreamingWeightedMean, cap_shares, weighted_mean
 
 
 def fedavg(updates, base=None):
@@ -376,3 +376,63 @@ def test_output_takes_the_base_dtypes():
     assert out["w"].dtype == np.float32 and out["n"].dtype == np.int64
     np.testing.assert_array_equal(out["w"], [1.5, 2.5])
     assert int(out["n"]) == 4  # 3.5 rounds half to even
+
+
+# --- cap_shares: no silo above aggregation.max_weight_share (water-filling) -------------------
+
+
+@pytest.mark.parametrize("weights, cap, expected", [
+    # Nobody above the cap (3 of 6 is exactly 0.5, inclusive): unchanged.
+    ([1.0, 2.0, 3.0], 0.5, [1.0, 2.0, 3.0]),
+    # 8 of 10 is capped at 5; its excess 3 goes to the others in proportion (1:1): 2.5 each.
+    ([8.0, 1.0, 1.0], 0.5, [5.0, 2.5, 2.5]),
+    ([1.0, 1.0, 8.0], 0.5, [2.5, 2.5, 5.0]),  # order does not matter
+    # In proportion to the others' weights: 9 of 12 capped at 6; the 3 left over splits 2:1.
+    ([9.0, 2.0, 1.0], 0.5, [6.0, 4.0, 2.0]),
+    # A cascade: capping 50 (share 0.5) at 35 lifts 30 to 39 of 100, over the cap in turn; then
+    # both hold 35 and the other two share 30 equally.
+    ([50.0, 30.0, 10.0, 10.0], 0.35, [35.0, 35.0, 15.0, 15.0]),
+    # Two caps at once, one pass: 40 and 40 of 100 at 0.3 -> 30 each, the 40 left over to 10 and 10.
+    ([40.0, 40.0, 10.0, 10.0], 0.3, [30.0, 30.0, 20.0, 20.0]),
+    # Exactly at the limit (n x cap = 1): the cap holds only with equal weights.
+    ([9.0, 1.0], 0.5, [5.0, 5.0]),
+])
+def test_cap_shares_water_fills_hand_computed_cases(weights, cap, expected):
+    capped = cap_shares(weights, cap)
+    assert capped == pytest.approx(expected, rel=1e-12)
+    assert sum(capped) == pytest.approx(sum(weights), rel=1e-12)  # the total is kept
+    assert max(capped) / sum(capped) <= cap + 1e-12
+
+
+def test_cap_shares_when_no_cap_can_hold_gives_equal_weights():
+    # Two silos cannot each stay below 0.4 of the sum (0.4 + 0.4 < 1): the closest is equal weights.
+    assert cap_shares([5.0, 1.0], 0.4) == [3.0, 3.0]
+    assert cap_shares([7.0, 2.0, 1.0, 2.0], 0.2) == [3.0, 3.0, 3.0, 3.0]
+    assert cap_shares([100.0], 0.5) == [100.0]  # a lone silo holds everything, whatever the cap
+
+
+def test_cap_shares_off_or_nothing_to_cap():
+    assert cap_shares([8.0, 1.0, 1.0], None) == [8.0, 1.0, 1.0]
+    assert cap_shares([], 0.5) == []
+    assert cap_shares([0.0, 0.0], 0.5) == [0.0, 0.0]
+    assert cap_shares([3.0, 1.0], 1.0) == [3.0, 1.0]  # a cap of 1 never binds
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cap_shares_on_random_weights_keeps_the_cap_the_sum_and_the_uncapped_proportions(seed):
+    rng = np.random.default_rng(seed)
+    weights = list(rng.lognormal(0.0, 2.0, size=12))
+    cap = 0.15
+    capped = cap_shares(weights, cap)
+    total = sum(weights)
+    assert sum(capped) == pytest.approx(total, rel=1e-12)
+    shares = [c / total for c in capped]
+    assert max(shares) <= cap + 1e-12
+    # Every silo below the cap keeps its weight relative to the others below it (they share
+    # the excess in proportion) and gains, never loses; the order of the weights is kept.
+    free = [i for i, s in enumerate(shares) if s < cap - 1e-12]
+    ratios = [capped[i] / weights[i] for i in free]
+    assert ratios and max(ratios) == pytest.approx(min(ratios), rel=1e-9) and min(ratios) >= 1.0
+    assert len(free) < len(weights)  # lognormal(0, 2) weights: some silo is over 0.15 of the sum
+    order = sorted(range(len(weights)), key=lambda i: weights[i])
+    assert all(capped[a] <= capped[b] * (1 + 1e-12) for a, b in zip(order, order[1:]))

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from fl_tasks import protocol
 from fl_tasks.coordinator import quorum
-from fl_tasks.aggregation.mean import weighted_mean
+from fl_tasks.aggregation.mean import cap_shares, weighted_mean
 from fl_tasks.coordinator.audit import parse
 from fl_tasks.protocol.codec import decode_state
 from fl_tasks.coordinator import Coordinator, RunContext
@@ -124,8 +124,11 @@ def test_stale_update_is_rejected_or_down_weighted_by_policy(make_federation, po
     assert weights["silo-2"]["staleness"] == 1 and weights["silo-0"]["staleness"] == 0
     raw = {a["client_id"]: a["num_examples"] * (0.5 if a["staleness"] else 1.0) for a in summary["accepted"]}
     total = sum(raw.values())
+    # The influence is the down-weighted share after the weight-share cap (aggregation.max_weight_share).
+    capped = dict(zip(raw, cap_shares(list(raw.values()), spec.max_weight_share)))
     for client_id, entry in weights.items():
-        assert entry["example_share"] == pytest.approx(raw[client_id] / total) == entry["influence"]
+        assert entry["example_share"] == pytest.approx(raw[client_id] / total)
+        assert entry["influence"] == pytest.approx(capped[client_id] / total)
     assert weights["silo-2"]["num_examples"] == old.num_examples
 
 
@@ -224,21 +227,32 @@ def test_every_step_killed_at_every_write_then_rerun_gives_one_clean_round(make_
         manifest = UpdateManifest.from_json(coordinator.store.get_bytes(
             client.bucket_name, protocol.update_manifest_key("", spec.federation, round_id)))
         updates.append((decode_state(payload), manifest.num_examples))
+    # Weighted by example count under the weight-share cap (aggregation.max_weight_share).
+    weights = cap_shares([float(n) for _, n in updates], spec.max_weight_share)
+    updates = [(state, w) for (state, _), w in zip(updates, weights)]
     candidate = decode_state(coordinator.store.get_bytes(coordinator.bucket,
                                                          coordinator.round_key(round_id, "candidate/model.safetensors")))
     for name, value in weighted_mean(updates).items():
         np.testing.assert_allclose(candidate[name], value, rtol=1e-6)
 
-    # The same object keys as an undisturbed round, and each audit event exactly once.
+    # The same object keys as an undisturbed round, and each audit event exactly once. The
+    # coordinator's bucket also keeps each committed manifest (at the close) and payload (at
+    # intake) of the round, and the silos' recent example counts (for screening).
     keys = sorted(k.removeprefix(f"{spec.federation}/") for k in coordinator.store.list_keys(coordinator.bucket, ""))
     assert keys == sorted([
         *(f"rounds/{round_id}/{name}" for name in (
             "plan.json", "base/model.safetensors", "quorum.json", "candidate/model.safetensors",
             "candidate/manifest.json", "validation.json", "registration.json", "decision.json", "report.json")),
+        *(f"rounds/{round_id}/updates/{client.id}/{name}" for client in spec.clients
+          for name in ("manifest.json", "update.safetensors")),
         *(f"audit/{round_id}/{n:02d}-{step}.jsonl" for n, step in enumerate(
             ("prepare", "dispatch", "quorum", "aggregate", "validate", "register", "decision", "summary"), 1)),
-        f"runs/{coordinator._claim_key('killed-run').rsplit('/', 1)[1]}",
+        f"runs/{coordinator.records.claim_key('killed-run').rsplit('/', 1)[1]}",
+        "history/examples.json", "holdout/validation.parquet",
     ])
+    history = json.loads(coordinator.store.get_bytes(coordinator.bucket, f"{spec.federation}/history/examples.json"))
+    assert history == {a["client_id"]: [a["num_examples"]] for a in read_json(
+        coordinator, round_id, "candidate/manifest.json")["accepted"]}  # each count recorded once
     events = coordinator.audit.events(round_id)
     counts = {}
     for event in events:
@@ -270,13 +284,18 @@ def test_audit_log_tells_who_did_what_and_replays_to_the_same_candidate(make_fed
     planned = next(e for e in events if e["event"] == "round_planned")
     assert planned["triggered_by"] == "alice" and planned["run_type"] == "manual"
     rejected = [e for e in events if e["event"] == "update_rejected"]
-    assert [(e["client_id"], "sha256 does not match" in e["reason"]) for e in rejected] == [(tampered.id, True)]
+    # The payload's size is now checked before its hash: the 30 bytes written are named.
+    assert [(e["client_id"], "payload is 30 bytes, the manifest says" in e["reason"]) for e in rejected] == \
+        [(tampered.id, True)]
     seen = {e["client_id"]: e for e in events if e["event"] == "update_seen"}
     assert set(seen) == set(clients) and all(len(e["payload_sha256"]) == 64 for e in seen.values())
     assert [e["event"] for e in events][-2:] == ["model_promoted", "round_summarized"]
 
-    # A replay from the log alone (a fresh coordinator, no plan.json or summary read).
+    # A replay from the log alone (a fresh coordinator, no plan.json or summary read), and
+    # the snapshots the round kept; it writes nothing.
+    before = sorted(coordinator.store.list_keys(coordinator.bucket, ""))
     replay = Coordinator(spec).replay(parse(jsonl))
+    assert sorted(coordinator.store.list_keys(coordinator.bucket, "")) == before
     assert replay["accepted"] == sorted(a["client_id"] for a in summary["accepted"])
     assert set(replay["rejected"]) == {tampered.id}
     assert replay["candidate_sha256"] == summary["candidate_sha256"]
@@ -289,13 +308,19 @@ def test_audit_log_tells_who_did_what_and_replays_to_the_same_candidate(make_fed
     with open(logged, "rb") as handle:
         assert handle.read() == jsonl
 
-    # A client that rewrites its manifest after the round breaks the replay, loudly.
+    # A client that rewrites its manifest after the round used to break the replay (which read
+    # the client buckets). The round now keeps its own copy of each committed manifest and
+    # payload, so the client's rewrite changes nothing...
     honest = spec.clients[0]
     key = protocol.update_manifest_key("", spec.federation, round_id)
     manifest = UpdateManifest.from_json(coordinator.store.get_bytes(honest.bucket_name, key))
-    coordinator.store.put_bytes(honest.bucket_name, key,
-                                UpdateManifest(**{**manifest.__dict__, "created_at": "2030-01-01T00:00:00+00:00"}).to_json())
-    with pytest.raises(ValueError, match="no longer hold the manifests the round saw: \\['silo-0'\\]"):
+    rewritten = UpdateManifest(**{**manifest.__dict__, "created_at": "2030-01-01T00:00:00+00:00"}).to_json()
+    coordinator.store.put_bytes(honest.bucket_name, key, rewritten)
+    assert Coordinator(spec).replay(parse(jsonl)) == replay
+    # ...and a kept copy changed in the coordinator's bucket breaks the replay, loudly.
+    coordinator.store.put_bytes(coordinator.bucket, coordinator.round_key(round_id, f"updates/{honest.id}/manifest.json"),
+                                rewritten)
+    with pytest.raises(ValueError, match="the kept manifests no longer hash to what the round saw: \\['silo-0'\\]"):
         Coordinator(spec).replay(parse(jsonl))
 
 

@@ -124,3 +124,18 @@ def test_behaviours_must_name_a_client_and_a_known_behaviour():
     for bad in ("silo-9=noise", "silo-1=evil", "silo-1"):
         with pytest.raises(ValueError, match="expected CLIENT=BEHAVIOUR"):
             simulate._parse_behaviours([bad], spec)
+
+
+def test_a_silo_may_read_a_database_instead_of_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    FakePopen.started = []
+    spec = spec_of()
+    url = "postgresql://reader@127.0.0.1:5432/silo1"
+    paths = {c.id: tmp_path / f"{c.id}.parquet" for c in spec.clients if c.id != "silo-1"}
+    with SiloProcesses(spec, paths, tmp_path / "logs", signing_keys={},
+                       data_args={"silo-1": ["--data", url, "--sql-table", "transactions"]}):
+        by_client = {p.cmd[p.cmd.index("--client-id") + 1]: p.cmd for p in FakePopen.started}
+    db = by_client["silo-1"]
+    assert db[db.index("--data") + 1: db.index("--data") + 4] == [url, "--sql-table", "transactions"]
+    assert db.count("--data") == 1
+    assert by_client["silo-0"][by_client["silo-0"].index("--data") + 1] == str(paths["silo-0"])
