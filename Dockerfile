@@ -25,3 +25,9 @@ COPY --chown=airflow:0 pyproject.toml /opt/fl/src/pyproject.toml
 COPY --chown=airflow:0 fl_tasks /opt/fl/src/fl_tasks
 RUN pip install --no-cache-dir --no-deps /opt/fl/src \
     && fl-client --help > /dev/null
+
+# Tasks: a federation's task must be importable on the workers and on every silo. The
+# example tasks are a folder on the path; your own task is `pip install`ed here the same
+# way as fl_tasks (or copied and added to PYTHONPATH).
+COPY --chown=airflow:0 examples /opt/fl/examples
+ENV PYTHONPATH=/opt/fl/examples

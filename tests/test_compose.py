@@ -287,7 +287,7 @@ def test_fl_client_ids_buckets_and_data_match_the_federation(services, fl_client
         client = spec.client(args.client_id)  # KeyError: not a client of the federation
         assert args.bucket == client.bucket, f"{name}: bucket {args.bucket} != {client.bucket}"
         assert BUCKET_URI_PATTERN.match(args.bucket)
-        assert args.data == f"/data/{client.id}.npz", f"{name}: data file {args.data}"
+        assert args.data == f"/data/{client.id}.parquet", f"{name}: data file {args.data}"
         assert any(target == "/data" for _, target in volume_mounts(service)), f"{name}: /data is not mounted"
         endpoint = urlparse(args.endpoint_url)
         assert endpoint.hostname in services, f"{name}: endpoint {args.endpoint_url} is not a compose service"
@@ -885,17 +885,19 @@ def test_silo_data_job_writes_the_files_each_fl_client_reads(services, fl_client
     assert argv[:2] == ["python", "-c"]
     calls = [n for n in ast.walk(ast.parse(argv[2])) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     prepare = next(c for c in calls if c.func.id == "prepare_silos")
-    load = prepare.args[0]
-    assert isinstance(load, ast.Call) and load.func.id == "load_federation"
+    load = next(c for c in calls if c.func.id == "load_federation")
+    publish = next(c for c in calls if c.func.id == "publish_validation")
+    assert prepare in ast.walk(publish)  # the coordinator's validation rows go to its bucket
+    assert silo["environment"]["AWS_ACCESS_KEY_ID"] == "fl-coordinator"
     federation_file, state_dir = _literal(load.args[0]), _literal(prepare.args[1])
     assert federation_file and state_dir
     # The federation file is the repository's, mounted.
     source, below = container_to_host(silo, federation_file)
     assert is_host_path(source) and (repo_path(source) / below).is_file(), f"{federation_file} is not in the repo"
     spec = load_federation(repo_path(source) / below)
-    # prepare_silos writes <state_dir>/silos/<client id>.npz ...
+    # prepare_silos writes <state_dir>/silos/<client id>.parquet ...
     code = inspect.getsource(prepare_silos)
-    assert 'state_dir / "silos"' in code and 'f"{client.id}.npz"' in code
+    assert 'state_dir / "silos"' in code and 'f"{client.id}.parquet"' in code
     volume, below = container_to_host(silo, f"{state_dir}/silos")
     assert volume and not is_host_path(volume) and below == "", f"{state_dir}/silos is not the root of a volume"
     # ... into the volume each fl-client reads its --data from, once the job has finished.
@@ -904,7 +906,7 @@ def test_silo_data_job_writes_the_files_each_fl_client_reads(services, fl_client
     for name, (service, argv) in fl_clients.items():
         args = build_parser().parse_args(argv[1:])
         assert args.federation == spec.federation, f"{name}: --federation {args.federation} != {spec.federation}"
-        assert container_to_host(service, args.data) == (volume, f"{args.client_id}.npz"), \
+        assert container_to_host(service, args.data) == (volume, f"{args.client_id}.parquet"), \
             f"{name}: --data {args.data} is not the file fl-silo-data writes for it"
         assert service["depends_on"]["fl-silo-data"]["condition"] == "service_completed_successfully", name
 
