@@ -32,6 +32,9 @@ sys.path.insert(0, str(REPO))
 STRATEGIES = {  # name -> params beyond the strategy's defaults, for at most one attacker
     "fedavg": {}, "fedavgm": {}, "fedadam": {}, "fedyogi": {}, "fedadagrad": {},
     "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1},
+    # FedAvg behind the coordinator's default screening and weight cap (banks.yaml's settings):
+    # what a round does when nobody configured a defence.
+    "fedavg+defaults": {},
 }
 
 
@@ -46,55 +49,91 @@ def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: 
     import torch
 
     from fl_tasks.aggregation import STRATEGY_PARAMS, build
-    from fl_tasks.simulation.attacks import SIGN_FLIP, poison_model
+    from fl_tasks.aggregation.mean import cap_shares
     from fl_tasks.config import load_federation
-    from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, load_dataset
-    from fl_tasks.tasks.evaluation import evaluate
-    from fl_tasks.tasks.models import build_model, load_numpy_state, state_to_numpy
-    from fl_tasks.tasks.training import train_local
+    from fl_tasks.coordinator import screening
+    from fl_tasks.simulation.attacks import SIGN_FLIP, poison_model
+    from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, label_codes
+    from fl_tasks.tasks.api import TrainingSettings, load_model_state, model_state
 
     torch.set_num_threads(1)
     spec = load_federation(REPO / "federations" / "banks.yaml")
-    pool, validation, test = holdout_split(load_dataset("creditcard"), seed=spec.data.seed)
+    task = spec.load_task()
+    frame = task.example_data("creditcard", 0, spec.simulation.seed)
+    labels = label_codes(frame, spec.contract)
+    pool, validation, test = holdout_split(labels, seed=spec.simulation.seed)
     ids = silo_ids([c.id for c in spec.clients], silos)
-    parts = dirichlet_partition(pool.y, len(ids), alpha=0.5, seed=spec.data.seed, min_rows=500,
+    parts = dirichlet_partition(labels[pool], len(ids), alpha=0.5, seed=spec.simulation.seed, min_rows=500,
                                 majority_alpha=5.0)
-    tables = {client_id: pool.take(p) for client_id, p in zip(ids, parts)}
-    head = {"strategy": strategy, "attacked": attacker is not None, "seed": seed}
+    tables = {client_id: frame.iloc[pool[p]] for client_id, p in zip(ids, parts)}
+    defence = strategy.endswith(DEFENDED)
+    strategy = strategy.removesuffix(DEFENDED)
+    head = {"strategy": strategy + (DEFENDED if defence else ""), "attacked": attacker is not None, "seed": seed}
     try:
         aggregator = build(strategy, **params)
     except ValueError as exc:
         return {**head, "error": str(exc)}
     effective = {name: getattr(aggregator, name) for name in STRATEGY_PARAMS[strategy] if hasattr(aggregator, name)}
-    model = build_model(spec.model, seed=spec.model.seed)
+    if defence:
+        effective.update({"max_weight_share": spec.max_weight_share, "min_norm_ratio": spec.screening.min_norm_ratio,
+                          "max_abs_value": spec.screening.max_abs_value})
+    model = task.seeded_model(spec.task.seed)
     started = time.perf_counter()
+    rejected = 0
     for number in range(rounds):
-        base = state_to_numpy(model)
+        base = model_state(model)
         updates = []
         for index, (client_id, table) in enumerate(tables.items()):
-            local = load_numpy_state(build_model(spec.model), base)
-            train_local(local, table, epochs=epochs, learning_rate=lr, batch_size=spec.training.batch_size,
-                        seed=seed * 100_000 + number * 100 + index)
-            trained = state_to_numpy(local)
+            local = load_model_state(task.build_model(), base)
+            task.train(local, table, TrainingSettings(epochs, lr, spec.training.batch_size,
+                                                      seed=seed * 100_000 + number * 100 + index), local.state_dict())
+            trained = model_state(local)
             if client_id == attacker:
                 trained = poison_model(SIGN_FLIP, trained, base, 10.0, f"{number:06d}")
             updates.append((trained, len(table)))
+        if defence:
+            updates, dropped = default_defence(spec, updates, base, epochs, screening, cap_shares, task)
+            rejected += dropped
         try:
-            model = load_numpy_state(build_model(spec.model), aggregator.aggregate(base, iter(updates)))
+            model = load_model_state(task.build_model(), aggregator.aggregate(base, iter(updates)))
         except ValueError as exc:
             return {**head, "error": str(exc)}
-    metrics = evaluate(model, test)
+    metrics = task.evaluate(model, frame.iloc[test])
     return {**head, "params": effective, "roc_auc": metrics["roc_auc"], "pr_auc": metrics["pr_auc"],
-            "validation_roc_auc": evaluate(model, validation)["roc_auc"],
-            "finite": bool(all(np.isfinite(v).all() for v in state_to_numpy(model).values())),
-            "seconds": time.perf_counter() - started}
+            "validation_roc_auc": task.evaluate(model, frame.iloc[validation])["roc_auc"],
+            "finite": bool(all(np.isfinite(v).all() for v in model_state(model).values())),
+            "rejected_updates": rejected, "seconds": time.perf_counter() - started}
+
+
+DEFENDED = "+defaults"
+
+
+def default_defence(spec, updates, base, epochs, screening, cap_shares, task):
+    """What the coordinator does by default before any strategy (banks.yaml's screening and
+    aggregation settings): value checks, free riders, norm screens, the weight-share cap.
+    Returns the updates that pass, with capped weights, and how many were dropped."""
+    rules = spec.screening
+    kept = []
+    for state, count in updates:
+        try:
+            screening.check_values(state, base, max_abs=rules.max_abs_value, max_increment=epochs * count,
+                                   ranges=task.tensor_ranges)
+            kept.append((state, count))
+        except ValueError:
+            pass
+    norms = {str(i): screening.update_norm(state, base) for i, (state, _) in enumerate(kept)}
+    drop = set(screening.free_riders(norms, rules.min_norm_ratio)) | set(
+        screening.norm_outliers(norms, rules.max_update_norm, rules.max_norm_ratio))
+    kept = [u for i, u in enumerate(kept) if str(i) not in drop]
+    weights = cap_shares([count for _, count in kept], spec.max_weight_share)
+    return [(state, weight) for (state, _), weight in zip(kept, weights)], len(updates) - len(kept)
 
 
 def run_all(jobs: list[tuple], workers: int) -> list[dict]:
     """run(*job) for every job, `workers` processes at a time (the dataset is cached first)."""
-    from fl_tasks.simulation.datasets import load_dataset
+    from fl_tasks.simulation.datasets import creditcard_frame
 
-    load_dataset("creditcard")  # fetch and cache once, before the workers start
+    creditcard_frame()  # fetch and cache once, before the workers start
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(run, *zip(*jobs)))
 
@@ -116,7 +155,7 @@ def build_table(results: list[dict]) -> dict:
             cell["error"] = result["error"]
             continue
         cell["runs"].append({k: result[k] for k in ("seed", "roc_auc", "pr_auc", "validation_roc_auc", "finite",
-                                                    "seconds")})
+                                                    "rejected_updates", "seconds")})
     for entry in table.values():
         for cell in (entry.get("clean", {}), entry.get("byzantine", {})):
             cell_medians(cell)
