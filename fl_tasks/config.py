@@ -119,7 +119,9 @@ class ScreeningSpec:
     """Statistical checks on top of the structural ones (null: off)."""
 
     max_update_norm: float | None = None  # absolute bound on ||update - base||
-    max_norm_ratio: float | None = None  # bound relative to the round's median norm
+    # Relative to the round's median norm: a scaled or sign-flipped update is many times the
+    # others' size, honest silos of different sizes stay within a few times of each other.
+    max_norm_ratio: float | None = 5.0
     min_cosine: float | None = None  # direction against the mean of the other updates
     # On by default, nearly free when nobody attacks (see the README's failure modes):
     max_abs_value: float = 1e6  # any weight's magnitude, whatever else is off

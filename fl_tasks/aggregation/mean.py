@@ -149,7 +149,7 @@ class StreamingWeightedMean:
 def cap_shares(weights: list[float], max_share: float | None) -> list[float]:
     """Weights scaled so that no one holds more than `max_share` of their sum, the excess
     redistributed to the others in proportion to their weights (water-filling), with the
-    sum kept. When n * max_share < 1 no cap can hold: equal weights."""
+    sum kept. When n * max_share <= 1 no cap can hold: equal weights."""
     total = float(sum(weights))
     if max_share is None or total <= 0 or not weights:
         return list(weights)
@@ -165,6 +165,9 @@ def cap_shares(weights: list[float], max_share: float | None) -> list[float]:
             capped[i] = True
         free = 1.0 - max_share * sum(capped)
         rest = sum(w for w, c in zip(weights, capped) if not c)
+        if rest <= 0:  # only zero weights left uncapped: they share what is left equally
+            left = capped.count(False)
+            return [(max_share if c else free / left) * total for c in capped]
         shares = [max_share if c else w / rest * free for w, c in zip(weights, capped)]
 
 

@@ -43,8 +43,10 @@ class CandidateBuilder:
 
     def __init__(self, plan: RoundPlan, bucket: CoordinatorBucket, intake: Intake, task,
                  version_sha256: Callable[[str], str | None], history: dict[str, list[int]],
-                 declared_sizes: dict[str, int | None], max_weight_share: float | None):
+                 declared_sizes: dict[str, int | None], max_weight_share: float | None, fetch: bool = True):
+        """`fetch=False` (a replay): read only the snapshots the round kept, never a silo's bucket."""
         self.plan, self.bucket, self.intake, self.task = plan, bucket, intake, task
+        self.fetch = fetch
         self.version_sha256, self.history, self.declared = version_sha256, history, declared_sizes
         self.max_weight_share = max_weight_share
         self.rejected: list[dict[str, Any]] = []
@@ -93,7 +95,7 @@ class CandidateBuilder:
 
     def state(self, manifest: UpdateManifest, base: StateDict) -> StateDict:
         """The update's tensors from its snapshot, with every per-update check."""
-        payload = self.intake.take_snapshot(self.plan, self.bucket, manifest)
+        payload = self.intake.take_snapshot(self.plan, self.bucket, manifest, self.fetch)
         state = decode_state(payload, manifest.codec)
         screening.check_structure(state, base)
         rules, epochs = self.plan.screening, int(self.plan.training["local_epochs"])

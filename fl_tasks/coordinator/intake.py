@@ -105,14 +105,17 @@ class Intake:
                              source)
 
     # --- intake: payloads -------------------------------------------------------------------
-    def take_snapshot(self, plan: RoundPlan, bucket: CoordinatorBucket, manifest: UpdateManifest) -> bytes:
+    def take_snapshot(self, plan: RoundPlan, bucket: CoordinatorBucket, manifest: UpdateManifest,
+                      fetch: bool = True) -> bytes:
         """The update's payload, read once from the silo's bucket and kept in the coordinator's
         (a retry finds the snapshot); ValueError naming the problem when it is not the bytes
-        the manifest committed to."""
+        the manifest committed to. With `fetch=False` (a replay) only the kept snapshot counts."""
         name = f"updates/{manifest.client_id}/update.safetensors"
         kept = bucket.get(plan.round_id, name, sha256=manifest.payload_sha256)
         if kept is not None:
             return kept
+        if not fetch:
+            raise ValueError("the round kept no snapshot of this update (it was rejected at intake)")
         client = self.spec.client(manifest.client_id)
         limit = 2 * plan.base_bytes + 4096
         if manifest.payload_bytes > limit:

@@ -27,7 +27,7 @@ from fl_tasks.coordinator.plan import RoundFailed, RoundPlan, RunContext, grace_
 from fl_tasks.protocol import GlobalManifest, sha256_hex
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
-from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
+from fl_tasks.protocol.storage import ObjectStore, ObjectTooLarge, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,7 @@ class Coordinator:
                      "payload_sha256": plan.base_sha256, "model_version": plan.base_version}
             try:
                 store = self.buckets.client(client.id)
-                # Bounded read: whatever sits at the manifest key may have been planted there.
-                if store.get_bytes(client.bucket_name, manifest_key, max_bytes=protocol.MAX_MANIFEST_BYTES) != manifest:
+                if self._held(store, client.bucket_name, manifest_key) != manifest:
                     store.put_bytes(client.bucket_name, protocol.global_model_key(client.prefix, plan.federation,
                                                                                   round_id), payload)
                     store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
@@ -207,6 +206,15 @@ class Coordinator:
                                    f"the round, quorum {required}: " + "; ".join(
                                        f"{e['client_id']}: {e['reason']}" for e in events if "reason" in e))
         return reached
+
+    @staticmethod
+    def _held(store: ObjectStore, bucket: str, key: str) -> bytes | None:
+        """What a silo's bucket holds at a key we write: a bounded read, since anything may
+        have been planted there (an oversized object is simply not ours, and is overwritten)."""
+        try:
+            return store.get_bytes(bucket, key, max_bytes=protocol.MAX_MANIFEST_BYTES)
+        except ObjectTooLarge:
+            return None
 
     # --- step 3: wait for quorum ---------------------------------------------------------
     def answers(self, round_id: str, plan: RoundPlan | None = None) -> dict[str, Answer | str]:
@@ -268,9 +276,9 @@ class Coordinator:
         self.store.put_bytes(self.bucket, f"{self.spec.federation}/history/examples.json",
                              dump(trimmed), "application/json")
 
-    def _builder(self, plan: RoundPlan, history: dict[str, list[int]]) -> CandidateBuilder:
+    def _builder(self, plan: RoundPlan, history: dict[str, list[int]], fetch: bool = True) -> CandidateBuilder:
         return CandidateBuilder(plan, self.records, self.intake, self.task, self._version_sha256, history,
-                                {c.id: c.max_examples for c in self.spec.clients}, self.spec.max_weight_share)
+                                {c.id: c.max_examples for c in self.spec.clients}, self.spec.max_weight_share, fetch)
 
     def _server_state(self, plan: RoundPlan):
         """The server optimiser's moments from the round that made the base (its lineage)."""
@@ -325,7 +333,7 @@ class Coordinator:
             plan.round_id, f"updates/{c}/manifest.json", sha256=entry["manifest_sha256"]) is None)
         if changed:
             raise ValueError(f"the kept manifests no longer hash to what the round saw: {changed}")
-        summary = self._builder(plan, record["history"]).build(committed, self._server_state(plan)).summary
+        summary = self._builder(plan, record["history"], fetch=False).build(committed, self._server_state(plan)).summary
         logged = {e["client_id"]: e["manifest_sha256"] for e in events if e.get("event") == "update_seen"}
         seen = {client_id: entry["manifest_sha256"] for client_id, entry in summary["seen"].items()}
         if logged != seen:

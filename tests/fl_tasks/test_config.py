@@ -629,7 +629,7 @@ def test_max_weight_share():
 
 def test_screening_defaults_are_on_and_cheap():
     spec = parse_federation(doc(), SOURCE)
-    assert spec.screening == ScreeningSpec(max_update_norm=None, max_norm_ratio=None, min_cosine=None,
+    assert spec.screening == ScreeningSpec(max_update_norm=None, max_norm_ratio=5.0, min_cosine=None,
                                            max_abs_value=1e6, min_norm_ratio=0.01, max_example_growth=10.0)
     off = parse_federation(doc(screening={"min_norm_ratio": None, "max_example_growth": None,
                                           "max_norm_ratio": 3}), SOURCE).screening

@@ -1,7 +1,9 @@
 """The second example task (examples/claims_triage) in real DAG runs (`airflow dags test`):
 another model shape, categorical inputs, three classes and a primary metric where lower is
 better (log-loss). One insurer reads its claims from PostgreSQL, the others from Parquet;
-one more insurer's rows lack a column of the data contract, so it declines every round."""
+one more insurer's rows lack a column of the data contract, so it declines every round. The
+coordinator reaches S3 only through the Airflow connection the federation file names
+(`storage.aws_conn_id`): its environment has no S3 endpoint and no AWS keys."""
 
 from __future__ import annotations
 
@@ -34,16 +36,22 @@ def claims(s3_server, postgres_server, tmp_path_factory):
                 "quorum": {"min_clients": 2, "round_timeout_minutes": 3, "poll_interval_seconds": 0.5},
                 "simulation": {"source": "synthetic", "rows": 6000, "seed": 11},
                 "training": {"local_epochs": 3, "learning_rate": 0.01, "batch_size": 64},
-                "mlflow": {"model_name": f"claims-{n}"}})
+                "mlflow": {"model_name": f"claims-{n}"}, "storage": {"aws_conn_id": "aws_claims"}})
     (federations / "itest-claims.yaml").write_text(yaml.safe_dump(doc))
     spec = load_federation(federations / "itest-claims.yaml")
     env = service_env(state, s3_server.endpoint_url, federations)
-    env.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    # The silos (this process's children) use their own S3 settings; Airflow gets none but the connection.
     saved = dict(os.environ)
-    os.environ.update(env)
+    os.environ.update({**env, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    for name in ("FL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name, None)
+    env["AIRFLOW_CONN_AWS_CLAIMS"] = json.dumps({"conn_type": "aws", "login": "claims-coordinator",
+                                                 "password": "claims-secret", "extra": {
+                                                     "endpoint_url": s3_server.endpoint_url,
+                                                     "region_name": "us-east-1"}})
     store = ObjectStore(s3_server.endpoint_url)
     create_buckets(spec, store)
-    assert airflow(["db", "migrate"], env).returncode == 0
+    assert airflow(["db", "migrate"], {**env, "FL_S3_ENDPOINT_URL": ""}).returncode == 0
     data = prepare_silos(spec, state)
     publish_validation(spec, data, store)
     # insurer-0 keeps its claims in PostgreSQL (a table the agent queries per data window).
@@ -69,7 +77,9 @@ def claims(s3_server, postgres_server, tmp_path_factory):
 
 def run_round(env, spec, conf=None):
     args = ["dags", "test", spec.dag_id] + (["--conf", json.dumps(conf)] if conf else [])
-    return airflow(args, env, timeout=600)
+    # Blank, not absent: airflow() starts from this process's environment, which the silos need.
+    return airflow(args, {**env, "FL_S3_ENDPOINT_URL": "", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
+                   timeout=600)
 
 
 def report(store, spec, round_id):
