@@ -30,7 +30,6 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -43,6 +42,8 @@ from fl_tasks import aggregation, protocol
 from fl_tasks.aggregation.mean import cap_shares
 from fl_tasks.config import FederationSpec, load_federation
 from fl_tasks.coordinator import Coordinator, RoundFailed, RunContext, quorum
+from fl_tasks.coordinator.bucket import CoordinatorBucket
+from fl_tasks.coordinator.plan import RoundPlan
 from fl_tasks.protocol import UpdateManifest, sha256_hex
 from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.protocol.signing import StaticKeys, sign_manifest
@@ -133,9 +134,6 @@ def new_federation(s3_server, mlflow_db, tmp_path) -> Callable[..., Federation]:
 
 # --- one round, and what the hostile silo writes into its own bucket -----------------------------
 
-ARCHIVED = "GLACIER"
-
-
 @dataclass
 class Round:
     fed: Federation
@@ -147,7 +145,7 @@ class Round:
         return self.fed.store
 
     @property
-    def plan(self):
+    def plan(self) -> RoundPlan:
         return self.coordinator.load_plan(self.round_id)
 
     def bucket(self, client: str = HOSTILE) -> str:
@@ -209,7 +207,7 @@ class Round:
     def archive(self, which: str, endpoint_url: str) -> None:
         """Move one of its objects to an archive storage class (GET fails, HEAD answers)."""
         s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1")
-        s3.put_object(Bucket=self.bucket(), Key=self.key(which), Body=self.read(which), StorageClass=ARCHIVED)
+        s3.put_object(Bucket=self.bucket(), Key=self.key(which), Body=self.read(which), StorageClass="GLACIER")
 
     def delete_bucket(self, endpoint_url: str) -> None:
         s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1")
@@ -242,8 +240,9 @@ def close(r: Round) -> quorum.QuorumDecision:
 
 
 def finish(r: Round, full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Aggregate and summarize (with `full`, validate, register and decide in between);
-    returns (candidate/manifest.json, report.json)."""
+    """Aggregate and summarize (with `full`, validate, register and decide in between; without,
+    the report has a candidate but no decision: `no_model`); returns (candidate/manifest.json,
+    report.json)."""
     coordinator = r.coordinator
     summary = coordinator.aggregate(r.round_id)
     if full:
@@ -514,15 +513,16 @@ def test_payload_swapped_after_the_intake_has_no_effect(new_federation, monkeypa
     fed = new_federation(screening={"min_cosine": -1.0})  # more reads of each snapshot
     r = open_round(fed)
     honest_answer(r)
-    committed = encode_state(r.train())
+    r.train()
+    committed = r.read("payload")
     num_examples = UpdateManifest.from_json(r.read("manifest")).num_examples
     close(r)
     intake = r.coordinator.intake
     original = intake.take_snapshot
     swaps = []
 
-    def snapshot_then_swap(plan, bucket, manifest):
-        kept = original(plan, bucket, manifest)
+    def snapshot_then_swap(plan: RoundPlan, bucket: CoordinatorBucket, manifest: UpdateManifest, *args: Any) -> bytes:
+        kept = original(plan, bucket, manifest, *args)
         if manifest.client_id == HOSTILE:
             _swap(r, committed)
             swaps.append(manifest.client_id)
@@ -557,7 +557,8 @@ def test_a_new_signed_update_after_the_close_is_not_aggregated(new_federation, w
     fed = new_federation()
     r = open_round(fed)
     honest_answer(r)
-    first = encode_state(r.train())
+    r.train()
+    first = r.read("payload")
     first_count = UpdateManifest.from_json(r.read("manifest")).num_examples
 
     def recommit() -> None:
@@ -581,6 +582,28 @@ def test_a_new_signed_update_after_the_close_is_not_aggregated(new_federation, w
     replayed = r.coordinator.replay(r.coordinator.audit.events(r.round_id))
     assert replayed["candidate_sha256"] == summary["candidate_sha256"]
     assert replayed["accepted"] == [a["client_id"] for a in summary["accepted"]]
+
+
+def test_a_replay_reads_only_what_the_round_took_in(new_federation):
+    """3. Re-commit after the close, then the replay: the payload it swapped before intake got
+    it rejected; after the round it puts the original back (which matches the manifest the
+    round closed with). A replay from the audit log must not take it in now: it reads only
+    the snapshots the round kept, so it gives the round's candidate and writes nothing."""
+    fed = new_federation()
+    r = open_round(fed)
+    honest_answer(r)
+    r.train()
+    committed = r.read("payload")
+    close(r)
+    _swap(r, committed)
+    summary, report = finish(r)
+    assert_rejected_at_intake(r, summary, report, "payload sha256 does not match the manifest")
+    r.put("payload", committed)  # what the manifest of the close promised, too late
+    keys = sorted(r.coordinator.store.list_keys(r.coordinator.bucket, ""))
+    replayed = r.coordinator.replay(r.coordinator.audit.events(r.round_id))
+    assert sorted(r.coordinator.store.list_keys(r.coordinator.bucket, "")) == keys
+    assert replayed["accepted"] == list(HONEST) and list(replayed["rejected"]) == [HOSTILE]
+    assert replayed["candidate_sha256"] == summary["candidate_sha256"]
 
 
 # === 4. Garbage does not count towards the quorum =====================================================
