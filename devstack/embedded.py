@@ -17,6 +17,11 @@ from fl_tasks.config import FederationSpec
 from fl_tasks.protocol.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+# The example tasks are a folder on the path, for the stack's services (service_env) and for
+# make stack and make demo themselves, which build each federation's simulated silos.
+if str(EXAMPLES) not in sys.path:
+    sys.path.append(str(EXAMPLES))
 
 
 def free_port() -> int:
@@ -112,7 +117,7 @@ def service_env(state_dir: Path, endpoint_url: str, federations_dir: Path) -> di
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         # devstack/ is not installed (Airflow's processes import make stack's hostname callable from
         # it), and examples/ is how the example tasks reach workers and silos: a folder on the path.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "examples"), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(EXAMPLES), os.environ.get("PYTHONPATH")])),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",

@@ -9,7 +9,7 @@ A team packages a task like this one as an ordinary Python package:
 
     claims_triage/
       __init__.py
-      task.py     # ClaimsTriageTask(fl_tasks.tasks.Task): model, training, metrics
+      task.py     # ClaimsTriageTask(fl_tasks.tasks.api.Task): model, training, metrics
       data.py     # example data for fl-simulate, the demo and tests (optional)
 
 installed (or put on PYTHONPATH) on the Airflow workers and on every silo, next to

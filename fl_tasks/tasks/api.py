@@ -166,7 +166,7 @@ def import_task_class(entrypoint: str) -> type[Task]:
     if cls is None:
         raise TaskError(f"module {module_name!r} has no {class_name!r}; check the class name")
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
-        raise TaskError(f"{entrypoint!r} is not a subclass of fl_tasks.tasks.Task; derive it from Task")
+        raise TaskError(f"{entrypoint!r} is not a subclass of fl_tasks.tasks.api.Task; derive it from Task")
     missing = sorted(name for name in getattr(cls, "__abstractmethods__", ()))
     if missing:
         raise TaskError(f"{entrypoint!r} does not implement {', '.join(missing)}; add those methods")

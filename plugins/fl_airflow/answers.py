@@ -41,6 +41,7 @@ class AnswerWatcher:
     def __init__(self, trigger):
         self.trigger = trigger
         self.stores: dict[tuple[str | None, str | None], AsyncObjectStore] = {}
+        self.unreachable: dict[tuple[str | None, str | None], str] = {}
         self.seen: dict[tuple[str, str], _Seen] = {}
         self.keys: dict[str, bytes | None] = {}
         self.limit = asyncio.Semaphore(CONCURRENT_READS)
@@ -50,10 +51,18 @@ class AnswerWatcher:
 
         for info in self.trigger.clients.values():
             group = (info.get("aws_conn_id"), info.get("endpoint_url"))
-            if group not in self.stores:
+            if group in self.stores or group in self.unreachable:
+                continue
+            try:
                 access = await asyncio.to_thread(s3_access, group[0])
-                store = AsyncObjectStore(group[1] or access.endpoint_url, access=access)
-                self.stores[group] = await store.__aenter__()
+            except ValueError as exc:  # the silo's connection is missing: that silo's problem only
+                self.unreachable[group] = f"bucket unreachable: {exc}"
+                continue
+            # The same order as the coordinator's (fl_tasks.coordinator.access): the client's own
+            # endpoint, the connection's, then the federation's.
+            store = AsyncObjectStore(group[1] or access.endpoint_url or info.get("federation_endpoint_url"),
+                                     access=access)
+            self.stores[group] = await store.__aenter__()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -83,29 +92,29 @@ class AnswerWatcher:
         return poll
 
     async def _read_client(self, client_id: str) -> tuple[str | None, Any, str, bool]:
-        """(kind, commit time or decline reason, problem, the problem is transient)."""
+        """(kind, commit time or decline reason, problem, the problem is transient), decided as
+        the coordinator's `Intake.read_answer` decides: the update manifest first, and a
+        decline only when there is no update manifest at all."""
         info = self.trigger.clients[client_id]
-        store = self.stores[(info.get("aws_conn_id"), info.get("endpoint_url"))]
-        problems = []
+        group = (info.get("aws_conn_id"), info.get("endpoint_url"))
+        if group in self.unreachable:
+            return None, None, self.unreachable[group], False
+        store = self.stores[group]
         for kind, key in (("update", info["update_key"]), ("decline", info["decline_key"])):
             async with self.limit:
                 try:
                     seen = await self._verified(store, client_id, kind, info["bucket"], key)
                 except STORAGE_ERRORS as exc:
-                    problems.append((f"{kind} manifest unreadable: {storage_reason(exc)}", is_transient_async(exc)))
-                    continue
+                    return None, None, f"{kind} manifest unreadable: {storage_reason(exc)}", is_transient_async(exc)
                 except Exception as exc:  # noqa: BLE001 - aiohttp/asyncio errors of an unreachable endpoint
                     if not is_transient_async(exc):
                         raise
-                    problems.append((f"{kind} manifest unreadable: {type(exc).__name__}: {exc}", True))
-                    continue
+                    return None, None, f"{kind} manifest unreadable: {type(exc).__name__}: {exc}", True
             if seen is None:
                 continue
-            if seen.verdict is None:
-                return kind, seen.written if kind == "update" else seen.reason, "", False
-            problems.append((f"{kind} manifest rejected: {seen.verdict}", False))
-        if problems:
-            return None, None, "; ".join(p for p, _ in problems), all(t for _, t in problems)
+            if seen.verdict is not None:
+                return None, None, f"{kind} manifest rejected: {seen.verdict}", False
+            return kind, seen.written if kind == "update" else seen.reason, "", False
         return None, None, "", False
 
     async def _verified(self, store: AsyncObjectStore, client_id: str, kind: str, bucket: str, key: str) -> _Seen | None:

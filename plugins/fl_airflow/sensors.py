@@ -56,7 +56,7 @@ class QuorumSensor(BaseSensorOperator):
                           "update_key": protocol.update_manifest_key(c.prefix, spec.federation, self.round_id),
                           "decline_key": protocol.decline_key(c.prefix, spec.federation, self.round_id),
                           "aws_conn_id": c.aws_conn_id or spec.storage_aws_conn_id,
-                          "endpoint_url": c.endpoint_url or spec.endpoint_url,
+                          "endpoint_url": c.endpoint_url, "federation_endpoint_url": spec.endpoint_url,
                           "signing_conn_id": spec.security.conn_id(spec.federation, c.id)}
                    for c in spec.clients if c.id in plan.clients}
         left = datetime.fromisoformat(plan.deadline) - datetime.now(timezone.utc)

@@ -48,7 +48,8 @@ class QuorumTrigger(BaseTrigger):
         super().__init__()
         self.round_id = round_id
         self.federation = federation
-        # client id -> {bucket, update_key, decline_key, aws_conn_id, endpoint_url, signing_conn_id}
+        # client id -> {bucket, update_key, decline_key, aws_conn_id, endpoint_url (the client's own),
+        # federation_endpoint_url, signing_conn_id}
         self.clients = clients
         self.deadline = deadline
         self.required = required

@@ -51,10 +51,10 @@ FEDERATIONS = {
     "e2e-restart": {"quorum": {"min_clients": 3, "round_timeout_minutes": 15, "poll_interval_seconds": 1}},
     # The README's examples run against it: banks.yaml's schedule and dates, synthetic data.
     "banks": {"schedule": "0 */8 * * *", "start_date": "2013-09-01", "end_date": "2013-09-03",
-              "gates": {"min_roc_auc": 0.5}, "quorum": {"min_clients": 3, "round_timeout_minutes": 5},
+              "gates": {"thresholds": {"roc_auc": 0.5}}, "quorum": {"min_clients": 3, "round_timeout_minutes": 5},
               "clients": [{"id": f"bank-{i}", "bucket": f"s3://e2e-bank-{i}-{uuid.uuid4().hex[:6]}"}
                           for i in range(4)],
-              "data": {"dataset": "synthetic", "synthetic_rows": 12000, "seed": 5}},
+              "simulation": {"source": "synthetic", "rows": 12000, "seed": 5}},
 }
 NO_SILOS = ("e2e-idle", "e2e-restart")
 
@@ -198,13 +198,13 @@ def test_rest_trigger_runs_a_round_and_refuses_bad_params(stack):
     # The trigger form sends every param; change two of them.
     dag = api.get(f"/api/v2/dags/{dag_id(name)}/details")
     conf = {key: param["value"] for key, param in dag["params"].items()}
-    conf.update({"local_epochs": 1, "min_roc_auc": 0.55})
+    conf.update({"local_epochs": 1, "gate_thresholds": {"roc_auc": 0.55}})
     run = api.post(f"/api/v2/dags/{dag_id(name)}/dagRuns", {"logical_date": None, "conf": conf})
     finished = api.wait_for_run(dag_id(name), run["dag_run_id"])
     assert finished["state"] == "success"
     report = report_of(stack, name, "000001")
     assert report["decision"] == "promoted" and report["run_id"] == run["dag_run_id"]
-    assert report["settings"]["local_epochs"] == 1 and report["settings"]["min_roc_auc"] == 0.55
+    assert report["settings"]["local_epochs"] == 1 and report["settings"]["gate_thresholds"] == {"roc_auc": 0.55}
     version = stack["mlflow"].get_model_version(stack["specs"][name].model_name, report["version"])
     assert version.tags["fl.airflow_run_id"] == run["dag_run_id"]
 

@@ -166,3 +166,26 @@ def test_a_garbage_or_foreign_commit_does_not_count_towards_the_quorum(buckets, 
             os.environ.pop(name)
     assert event["state"] == "failed" and event["committed"] == ["a"]  # only the verified one
     assert "quorum not met: 1 of 3" in event["reason"]
+
+
+def test_a_broken_update_beside_a_valid_decline_is_a_rejection_as_the_coordinator_sees_it(buckets, s3_server):
+    """The trigger decides as the coordinator's intake does: an update manifest, even a bad
+    one, is the silo's answer; a decline counts only when there is no update manifest."""
+    commit(buckets, "a", update_manifest("a"))
+    commit(buckets, "b", update_manifest("b"))
+    commit(buckets, "c", b"{not json")
+    commit(buckets, "c", decline("c"), kind="decline")
+    event = asyncio.run(first_event(make_trigger(datetime.now(timezone.utc) + timedelta(seconds=1.5),
+                                                 endpoint_url=s3_server.endpoint_url)))
+    assert event["state"] == "met" and event["committed"] == ["a", "b"] and event["declined"] == {}
+
+
+def test_a_silo_whose_s3_connection_is_missing_counts_as_not_committed(buckets, s3_server, capfd):
+    for c in CLIENTS:
+        commit(buckets, c, update_manifest(c))
+    trigger = make_trigger(datetime.now(timezone.utc) + timedelta(seconds=1.5), endpoint_url=s3_server.endpoint_url)
+    trigger.clients["c"] = {**trigger.clients["c"], "aws_conn_id": "aws_of_nobody"}
+    event = asyncio.run(first_event(trigger))
+    assert event["state"] == "met" and event["committed"] == ["a", "b"]
+    logged = "".join(capfd.readouterr())
+    assert "c counts as not committed: bucket unreachable: Airflow connection 'aws_of_nobody'" in logged

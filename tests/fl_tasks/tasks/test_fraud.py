@@ -433,7 +433,7 @@ def test_a_missing_class(task_modules):
 @pytest.mark.parametrize("entrypoint", ["fl_tasks.contract:Column", "fl_tasks.tasks.fraud:COMPONENTS",
                                         "fl_tasks.tasks.api:load_task"])
 def test_not_a_task_subclass(entrypoint):
-    with pytest.raises(TaskError, match=f"'{entrypoint}' is not a subclass of fl_tasks.tasks.Task; derive it from Task"):
+    with pytest.raises(TaskError, match=f"'{entrypoint}' is not a subclass of fl_tasks.tasks.api.Task; derive it from Task"):
         load_task(entrypoint, {}, CONTRACT)
 
 
