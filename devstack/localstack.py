@@ -392,7 +392,7 @@ class LocalStack:
                     os.killpg(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 10  # then SIGKILL: a dev stack keeps nothing that needs a slow stop
         for name, pid in processes.items():
             while pid > 0 and time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.2)
