@@ -36,10 +36,17 @@ def s3_server(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the session: creating one runs MLflow's migrations (seconds),
+    and every test federation has its own model and experiment names anyway."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch):
-    """A fresh SQLite MLflow store per test."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def mlflow_uri(mlflow_store, monkeypatch):
+    """The session's MLflow store as this test's tracking URI."""
+    uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import mlflow
 

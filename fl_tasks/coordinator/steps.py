@@ -458,25 +458,39 @@ class Coordinator:
     def promote(self, round_id: str) -> dict[str, Any]:
         from fl_tasks.coordinator import registry
 
-        version = self.register(round_id)
-        registry.promote(self.spec, version)
-        decision = {"decision": "promoted", "version": version, "reasons": [], **self.mlflow_refs(round_id)}
-        self.records.put_json(round_id, "decision.json", decision)
-        self.audit.append(round_id, "decision", [{"event": "model_promoted", "version": version, "alias": "champion",
-                                                  "previous_champion": self.load_plan(round_id).base_version}])
-        return decision
+        def move_alias(version: str) -> list[str]:
+            registry.promote(self.spec, version)
+            return []
+
+        return self._decision(round_id, move_alias, "promoted")
 
     def rollback(self, round_id: str) -> dict[str, Any]:
         from fl_tasks.coordinator import registry
 
-        version = self.register(round_id)
-        result = self.records.get_json(round_id, "validation.json")
-        reasons = [g["detail"] for g in result["gates"] if not g["passed"]]
-        registry.reject(self.spec, version, reasons)
-        decision = {"decision": "rejected", "version": version, "reasons": reasons, **self.mlflow_refs(round_id)}
-        self.records.put_json(round_id, "decision.json", decision)
-        self.audit.append(round_id, "decision", [{"event": "model_rolled_back", "version": version, "reasons": reasons,
-                                                  "champion": self.load_plan(round_id).base_version}])
+        def reject(version: str) -> list[str]:
+            result = self.records.get_json(round_id, "validation.json")
+            reasons = [g["detail"] for g in result["gates"] if not g["passed"]]
+            registry.reject(self.spec, version, reasons)
+            return reasons
+
+        return self._decision(round_id, reject, "rejected")
+
+    def _decision(self, round_id: str, act, decided: str) -> dict[str, Any]:
+        """Act on the registry once, then record the decision (decision.json, then the audit)."""
+        decision = self.records.get_json(round_id, "decision.json")
+        # Decided before: a re-run (say a task cleared in the UI, long after) must not move
+        # `champion` back to this round's version once later rounds have moved it on.
+        if decision is None:
+            version = self.register(round_id)
+            reasons = act(version)
+            decision = {"decision": decided, "version": version, "reasons": reasons, **self.mlflow_refs(round_id)}
+            self.records.put_json(round_id, "decision.json", decision)
+        base = self.load_plan(round_id).base_version
+        event = {"event": "model_promoted", "version": decision["version"], "alias": "champion",
+                 "previous_champion": base} if decided == "promoted" else \
+            {"event": "model_rolled_back", "version": decision["version"], "reasons": decision["reasons"],
+             "champion": base}
+        self.audit.append(round_id, "decision", [event])
         return decision
 
     def mlflow_refs(self, round_id: str) -> dict[str, str]:

@@ -244,3 +244,15 @@ def test_mlflow_weights_are_the_rules_influence_never_an_example_share(make_fede
         assert weights == {f"weight_{c}": float(c in chosen) for c in clients}
         assert run.data.metrics[f"selected_{chosen[0]}"] == 1.0
         assert f"selected: {chosen[0]}" in log
+
+
+def test_a_decision_taken_stays_taken_when_an_old_round_is_run_again(federation):
+    """Clearing an old round's promote in the UI must not move `champion` back to it."""
+    spec, coordinator, clients = federation
+    first = run_round_with_clients(spec, RunContext(run_id="old"), clients)
+    second = run_round_with_clients(spec, RunContext(run_id="new"), clients)
+    assert first["decision"] == "promoted" and second["decision"] == "promoted"
+    again = coordinator.promote(first["round_id"])
+    assert again["version"] == first["version"]
+    alias = MlflowClient().get_model_version_by_alias(spec.model_name, "champion")
+    assert str(alias.version) == second["version"]
