@@ -232,6 +232,8 @@ class LocalStack:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            # Backfilled rounds follow each other within seconds on a local stack.
+            "FL_PREVIOUS_ROUND_POKE_SECONDS": "3",
         })
         if self.password_file.exists():
             # The round's tasks set run notes through the REST API (plugins/fl_airflow/run_notes.py).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -97,7 +98,8 @@ class PreviousRoundSensor(BaseSensorOperator):
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("mode", "reschedule")
-        kwargs.setdefault("poke_interval", 10)
+        # FL_PREVIOUS_ROUND_POKE_SECONDS: how soon a round starts after its predecessor ends.
+        kwargs.setdefault("poke_interval", float(os.environ.get("FL_PREVIOUS_ROUND_POKE_SECONDS", "10")))
         kwargs.setdefault("timeout", 24 * 3600)
         super().__init__(**kwargs)
 
