@@ -1,6 +1,9 @@
-"""One DAG per federation file in `federations/`: `fl_round__<federation>`.
+"""One DAG per federation file in `federations/`: `fl_round__<federation>`, and, when the
+federation evaluates on its silos, `fl_evaluate__<federation>`.
 
-Each DAG run is one federated round. This file only wires tasks to the plain functions of
+Each run of `fl_round__<F>` is one federated round; each run of `fl_evaluate__<F>` asks
+every silo to score the champion (and optionally one named version) on its own data,
+without training or registering anything. This file only wires tasks to the plain functions of
 `fl_tasks.coordinator`; it imports no torch, mlflow, evidently or pandas, so it parses fast.
 A federation file that does not load becomes a paused DAG `fl_config_error__<file>` whose
 description and docs name the file, the field and the fix; the other federations' DAGs
@@ -21,7 +24,7 @@ from fl_airflow.steps import RoundStepOperator
 
 from fl_tasks.config import ConfigError, FederationSpec, scan_federations
 from fl_tasks.protocol import ROUND_ID_PATTERN
-from fl_tasks.settings import ROUND_SETTINGS
+from fl_tasks.settings import FEDERATED_EVALUATION_PREFIX, ROUND_SETTINGS
 
 FEDERATIONS_DIR = Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
 
@@ -54,10 +57,27 @@ One run is one round: **wait_for_previous_round** (rounds run one at a time, in 
 → **prepare** (round id, base = `champion` or the seeded model, deadline)
 → **dispatch** the base model to every client bucket → **wait_for_quorum** (deferred: no
 worker slot while clients train) → **aggregate** the screened updates ({aggregator}) →
-**validate** against the quality gates → **register** the candidate in MLflow as
+{evaluation}**validate** against the quality gates ({gates}) → **register** the candidate in MLflow as
 `{model_name}` → **promote** (alias `champion`) or **rollback** (tag `rejected`) → **summary**.
 
 Clients: {clients}. Quorum: {quorum}. Federation file: `{source}`.
+"""
+
+EVALUATION_STEPS = ("**request_evaluation** (the candidate and the champion to every silo that took part) → "
+                    "**wait_for_evaluations** (deferred: no worker slot while silos evaluate; {min_silos} silos "
+                    "within {timeout:g} minutes) → ")
+
+CHECK_DOC = """
+### Evaluation-only run: {federation}
+
+Asks every silo to score the current champion ({model_name}@champion), and optionally one more
+registered version (the `version` param), on its own evaluation share: the rows it never
+trains on. Nothing is trained, registered or promoted. The figures per silo and over the
+silos go to MLflow (a run `evaluation-<id>`, a `fl.last_evaluation` tag on each version) and to
+`evaluation/report.json` in the coordinator's bucket.
+
+**prepare_evaluation** → **request_evaluation** → **wait_for_evaluations** (deferred: {min_silos} silos
+within {timeout:g} minutes) → **report_evaluation**. Federation file: `{source}`.
 """
 
 
@@ -67,7 +87,8 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
     defaults = spec.round_defaults()
     params = {s.name: Param(None if s.name == "aggregator_params" else defaults[s.name], type=s.json_type(),
                             description=s.description, **s.bounds(len(spec.clients)))
-              for s in ROUND_SETTINGS}
+              for s in ROUND_SETTINGS
+              if spec.evaluation.federated is not None or not s.path.startswith(FEDERATED_EVALUATION_PREFIX)}
     params["round_id"] = Param(None, type=["null", "string"], pattern=ROUND_ID_PATTERN.pattern,
                                description="Optional explicit round id (manual runs); default: next free number")
     return params
@@ -111,7 +132,9 @@ def build_round_dag(spec: FederationSpec):
         tags=["federated-learning", spec.federation],
         doc_md=DOC.format(federation=spec.federation, description=spec.description, aggregator=spec.aggregation,
                           model_name=spec.model_name, clients=", ".join(c.id for c in spec.clients),
-                          quorum=_quorum_text(spec), source=spec.source),
+                          quorum=_quorum_text(spec), source=spec.source, gates=_gates_text(spec),
+                          evaluation=EVALUATION_STEPS.format(min_silos=fed.min_silos, timeout=fed.timeout_minutes)
+                          if (fed := spec.evaluation.federated) else ""),
         default_args=retry_policy(),
     )
     def fl_round():
@@ -154,10 +177,15 @@ def build_round_dag(spec: FederationSpec):
             summary = _step(federation_file, "aggregate", round_id)
             return {"accepted": [a["client_id"] for a in summary["accepted"]], "rejected": summary["rejected"]}
 
+        @task
+        def request_evaluation(round_id: str) -> list[str]:
+            return _step(federation_file, "request_evaluation", round_id)
+
         @task(show_return_value_in_logs=False)
         def validate(round_id: str) -> dict[str, Any]:
             result = _step(federation_file, "validate", round_id)
-            return {"passed": result["passed"], "candidate": result["candidate"], "champion": result["champion"]}
+            return {"passed": result["passed"], "decided_by": result["decided_by"], "candidate": result["candidate"],
+                    "champion": result["champion"]}
 
         @task.branch
         def promote_or_rollback(round_id: str) -> str:
@@ -186,10 +214,89 @@ def build_round_dag(spec: FederationSpec):
         wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id)
         register, promote, rollback = (RoundStepOperator(task_id=step, step=step, federation_file=federation_file,
                                                          round_id=round_id) for step in RoundStepOperator.STEPS)
-        chain(dispatch(round_id), wait, aggregate(round_id), validate(round_id), register,
+        evaluation = []
+        if spec.evaluation.federated is not None:
+            evaluation = [request_evaluation(round_id), QuorumSensor(
+                task_id="wait_for_evaluations", federation_file=federation_file, round_id=round_id,
+                answers="evaluation")]
+        chain(dispatch(round_id), wait, aggregate(round_id), *evaluation, validate(round_id), register,
               promote_or_rollback(round_id), [promote, rollback], summary())
 
     return fl_round()
+
+
+def _gates_text(spec: FederationSpec) -> str:
+    parts = []
+    fed = spec.evaluation.federated
+    if fed is not None:
+        parts.append(f"on the silos' own data: the {fed.statistic} over at least {fed.min_silos} silos"
+                     + (f", no silo losing more than {fed.max_silo_regression:g}" if fed.max_silo_regression is not None
+                        else ""))
+    if spec.evaluation.coordinator_data:
+        parts.append(f"on the coordinator's rows `{spec.evaluation.coordinator_data}`")
+    return "; ".join(parts)
+
+
+def build_evaluation_dag(spec: FederationSpec):
+    """`fl_evaluate__<F>`: an evaluation-only run, asked of every silo."""
+    federation_file = str(Path(spec.source).resolve())
+    fed = spec.evaluation.federated
+
+    @dag(
+        dag_id=spec.evaluation_dag_id,
+        description=f"Evaluation-only run of {spec.federation}: the silos score the champion on their own data",
+        schedule=None,
+        start_date=_utc(spec.start_date),
+        catchup=False,
+        max_active_runs=1,
+        params={"version": Param(None, type=["null", "string"], pattern=r"^[0-9]+$",
+                                 description=f"A registered version of {spec.model_name} to score beside the "
+                                             "champion; empty: the champion alone")},
+        tags=["federated-learning", spec.federation, "evaluation"],
+        doc_md=CHECK_DOC.format(federation=spec.federation, model_name=spec.model_name, min_silos=fed.min_silos,
+                                timeout=fed.timeout_minutes, source=spec.source),
+        default_args=retry_policy(),
+    )
+    def fl_evaluate():
+        @task
+        def prepare_evaluation(**context) -> str:
+            from fl_airflow.steps import coordinator_for
+
+            from fl_tasks.coordinator import RoundFailed, RunContext
+
+            run = context["dag_run"]
+            try:
+                return coordinator_for(federation_file).prepare_evaluation(
+                    RunContext(run_id=run.run_id, params=dict(context["params"])))
+            except (RoundFailed, ValueError) as exc:
+                raise AirflowFailException(str(exc)) from None
+
+        @task
+        def request_evaluation(evaluation_id: str) -> list[str]:
+            return _step(federation_file, "request_evaluation", evaluation_id)
+
+        @task(show_return_value_in_logs=False)
+        def report_evaluation(**context) -> dict[str, Any]:
+            from fl_airflow.run_notes import set_run_note
+
+            from fl_tasks.coordinator import report
+
+            evaluation_id = context["ti"].xcom_pull(task_ids="prepare_evaluation")
+            result = _step(federation_file, "report_evaluation", evaluation_id)
+            run = context["dag_run"]
+            set_run_note(run.dag_id, run.run_id, report.evaluation_note(result))
+            if not result["enough_silos"]:
+                raise AirflowFailException(f"evaluation {evaluation_id}: only {len(result['per_silo'])} silos "
+                                           f"evaluated; {result['required']} were asked for")
+            return {"evaluation_id": evaluation_id, "figures": result["figures"]}
+
+        evaluation_id = prepare_evaluation()
+        chain(request_evaluation(evaluation_id),
+              QuorumSensor(task_id="wait_for_evaluations", federation_file=federation_file, round_id=evaluation_id,
+                           answers="evaluation"),
+              report_evaluation())
+
+    return fl_evaluate()
 
 
 def build_error_dag(error: ConfigError):
@@ -218,6 +325,8 @@ def build_error_dag(error: ConfigError):
 _scan = scan_federations(FEDERATIONS_DIR)
 for _spec in _scan.specs:
     globals()[_spec.dag_id] = build_round_dag(_spec)
+    if _spec.evaluation.federated is not None:
+        globals()[_spec.evaluation_dag_id] = build_evaluation_dag(_spec)
 for _error in _scan.errors:
     _dag = build_error_dag(_error)
     globals()[_dag.dag_id] = _dag

@@ -162,12 +162,36 @@ class SimulationSpec:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class ValidationSpec:
-    """The coordinator's own labelled rows for the gates, read through the data contract.
-    Default: <federation>/holdout/validation.parquet in the coordinator's bucket."""
+DEFAULT_MIN_SILOS = 2  # evaluations a round needs unless the file says otherwise (1 with a single client)
 
-    data: str = ""
+
+@dataclass(frozen=True)
+class FederatedEvaluationSpec:
+    """The gates on the silos' own data: each silo that took part scores the candidate and the
+    champion on its evaluation share, the rows it never trains on. All but holdout_fraction
+    are per-round settings (fl_tasks.settings)."""
+
+    holdout_fraction: float = 0.2  # share of each silo's rows kept out of training
+    min_silos: int = default("evaluation.federated.min_silos")
+    timeout_minutes: float = default("evaluation.federated.timeout_minutes")
+    statistic: str = default("evaluation.federated.statistic")  # mean | median
+    max_silo_regression: float | None = default("evaluation.federated.max_silo_regression")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """Where the quality gates get their numbers: the silos (`federated`, on unless set to
+    false), the coordinator's own labelled rows (`coordinator_data`), or both."""
+
+    federated: FederatedEvaluationSpec | None = field(default_factory=FederatedEvaluationSpec)
+    # A URI of rows the coordinator owns (s3://... or a local .parquet/.csv), read through the
+    # data contract; empty: none.
+    coordinator_data: str = ""
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (("federated", self.federated is not None),
+                                           ("coordinator", bool(self.coordinator_data))) if on)
 
 
 @dataclass(frozen=True)
@@ -194,7 +218,7 @@ class FederationSpec:
     gates: GatesSpec = field(default_factory=GatesSpec)
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
-    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     security: SecuritySpec = field(default_factory=SecuritySpec)
     storage_endpoint_url: str = ""
     storage_aws_conn_id: str | None = None  # Airflow connection for the coordinator's S3 access
@@ -203,6 +227,10 @@ class FederationSpec:
     @property
     def dag_id(self) -> str:
         return f"fl_round__{self.federation.replace('-', '_')}"
+
+    @property
+    def evaluation_dag_id(self) -> str:
+        return f"fl_evaluate__{self.federation.replace('-', '_')}"
 
     @property
     def model_name(self) -> str:
@@ -217,10 +245,6 @@ class FederationSpec:
         """S3 endpoint: FL_S3_ENDPOINT_URL wins, so one file serves MinIO, moto and AWS."""
         return os.environ.get("FL_S3_ENDPOINT_URL") or self.storage_endpoint_url or None
 
-    @property
-    def validation_uri(self) -> str:
-        return self.validation.data or f"s3://{self.coordinator_bucket}/{self.federation}/holdout/validation.parquet"
-
     def client(self, client_id: str) -> ClientSpec:
         for c in self.clients:
             if c.id == client_id:
@@ -232,8 +256,13 @@ class FederationSpec:
         values = {"aggregation.strategy": self.aggregation, "aggregation.params": dict(self.aggregation_params)}
         for setting in ROUND_SETTINGS:
             if setting.path not in values:
-                section, _, name = setting.path.partition(".")
-                values[setting.path] = getattr(getattr(self, section), name)
+                found: Any = self
+                for name in setting.path.split("."):
+                    found = getattr(found, name)
+                    if found is None:  # a section switched off (federated evaluation): the built-in default
+                        found = setting.default
+                        break
+                values[setting.path] = found
         return {SETTINGS_BY_PATH[path].name: value for path, value in values.items()}
 
     def load_task(self):
@@ -317,7 +346,7 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
              "quorum", "staleness", "aggregation", "screening", "task", "training", "gates", "mlflow", "data",
-             "simulation", "validation", "security")
+             "simulation", "evaluation", "security")
 CLIENT_FIELDS = ("id", "bucket", "aws_conn_id", "endpoint_url", "max_examples")
 
 
@@ -326,6 +355,9 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     _require(isinstance(raw, dict), source, "<root>", "the file is not a YAML mapping",
              "start the file with 'federation: <name>'")
     for key in raw:
+        _require(key != "validation", source, "validation", "the section was renamed",
+                 "write 'evaluation: {coordinator_data: <your URI>}' (and 'federated: false' to gate on those "
+                 "rows alone)")
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
             raise ConfigError(source, str(key), "unknown field",
@@ -424,7 +456,7 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         gates=_section(GatesSpec, raw.get("gates"), source, "gates"),
         mlflow=_section(MlflowSpec, raw.get("mlflow"), source, "mlflow"),
         simulation=_section(SimulationSpec, raw.get("simulation"), source, "simulation"),
-        validation=_section(ValidationSpec, raw.get("validation"), source, "validation"),
+        evaluation=_parse_evaluation(raw.get("evaluation"), source, len(clients)),
         security=_section(SecuritySpec, raw.get("security"), source, "security"),
         source=source,
     )
@@ -464,6 +496,27 @@ def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, 
         raise ConfigError(source, "aggregation.params", str(exc), "fix the parameter values") from None
     return (name, dict(params), None if clip is None else float(clip), None if share is None else float(share),
             strategy.min_updates)
+
+
+def _parse_evaluation(raw: Any, source: str, num_clients: int) -> EvaluationSpec:
+    """`evaluation: {federated: {...} | true | false, coordinator_data: URI}`; federated is on by
+    default, with `min_silos` 2 (1 in a one-client federation)."""
+    if raw is None:
+        raw = {}
+    _require(isinstance(raw, dict) and set(raw) <= {"federated", "coordinator_data"}, source, "evaluation",
+             "allowed fields: federated, coordinator_data", "e.g. 'evaluation: {federated: {min_silos: 3}}'")
+    federated = raw.get("federated", {})
+    if federated is True:
+        federated = {}
+    if isinstance(federated, dict) and "min_silos" not in federated:
+        federated = {**federated, "min_silos": min(DEFAULT_MIN_SILOS, num_clients)}
+    data = raw.get("coordinator_data") or ""
+    _require(isinstance(data, str), source, "evaluation.coordinator_data", f"expected a URI, got {data!r}",
+             "e.g. 's3://fl-coordinator/banks/holdout.parquet'")
+    return EvaluationSpec(
+        federated=None if federated in (False, None) else _section(FederatedEvaluationSpec, federated, source,
+                                                                    "evaluation.federated"),
+        coordinator_data=data)
 
 
 def _check_conn_id(value: Any, source: str, field_path: str) -> None:
@@ -576,11 +629,17 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
              "'interval' needs an event-time column in the data contract",
              "set data.contract.event_time, or training.window: all")
     _require(spec.simulation.rows >= 10, source, "simulation.rows", "must be at least 10", "e.g. 20000")
-    _require(not spec.validation.data or spec.validation.data.startswith("s3://")
-             or ("://" not in spec.validation.data and spec.validation.data.endswith((".parquet", ".csv"))),
-             source, "validation.data",
-             f"{spec.validation.data!r} is neither an s3:// URI nor a .parquet or .csv file",
+    ev = spec.evaluation
+    _require(bool(ev.sources), source, "evaluation", "no source for the quality gates: federated evaluation is off "
+             "and no coordinator_data is set", "remove 'federated: false', or set 'evaluation.coordinator_data'")
+    _require(not ev.coordinator_data or ev.coordinator_data.startswith("s3://")
+             or ("://" not in ev.coordinator_data and ev.coordinator_data.endswith((".parquet", ".csv"))),
+             source, "evaluation.coordinator_data",
+             f"{ev.coordinator_data!r} is neither an s3:// URI nor a .parquet or .csv file",
              "e.g. 's3://fl-coordinator/banks/holdout/validation.parquet'")
+    if ev.federated is not None:
+        _require(0 < ev.federated.holdout_fraction < 1, source, "evaluation.federated.holdout_fraction",
+                 "must be between 0 and 1", "e.g. 0.2 (a fifth of each silo's rows is kept for evaluation)")
     template = spec.security.signing_key_conn_id
     _require(template.count("{client}") == 1, source, "security.signing_key_conn_id",
              f"{template!r} does not contain '{{client}}' exactly once (each client needs its own key)",

@@ -108,7 +108,22 @@ ROUND_SETTINGS: tuple[RoundSetting, ...] = (
     RoundSetting("max_regression", "gates.max_regression", "number", 1.0,
                  "Gate: largest drop of the task's primary metric allowed against the champion",
                  minimum=0),
+    # The federation file's default is 2 (1 with a single client): fl_tasks.config.
+    RoundSetting("min_evaluating_silos", "evaluation.federated.min_silos", "integer", 1,
+                 "Federated evaluation: silos that must score the candidate by the deadline, else it is rolled back",
+                 minimum=1, maximum=CLIENTS),
+    RoundSetting("evaluation_timeout_minutes", "evaluation.federated.timeout_minutes", "number", 10.0,
+                 "Federated evaluation: minutes from the evaluation request to its deadline",
+                 exclusive_minimum=0, maximum=10080),
+    RoundSetting("evaluation_statistic", "evaluation.federated.statistic", "string", "mean",
+                 "Federated evaluation: the figure the gates read, the mean weighted by each silo's evaluation rows "
+                 "or the median (one lying silo cannot move it far)", enum=("mean", "median")),
+    RoundSetting("max_silo_regression", "evaluation.federated.max_silo_regression", "number", None,
+                 "Federated evaluation gate: largest drop of the primary metric against the champion on any one "
+                 "silo's own data; empty: no per-silo bound", nullable=True, minimum=0),
 )
+# The settings that exist only when the federation evaluates on its silos.
+FEDERATED_EVALUATION_PREFIX = "evaluation.federated."
 SETTINGS_BY_NAME: dict[str, RoundSetting] = {s.name: s for s in ROUND_SETTINGS}
 SETTINGS_BY_PATH: dict[str, RoundSetting] = {s.path: s for s in ROUND_SETTINGS}
 

@@ -78,6 +78,8 @@ def federation_doc(num_clients: int = 3, **overrides) -> dict:
         "data": {"contract": FRAUD_CONTRACT},
         "simulation": {"source": "synthetic", "rows": 6000, "seed": 5},
         "mlflow": {"model_name": f"{name}-model"},
+        # The gates read the coordinator's rows unless a test turns federated evaluation on.
+        "evaluation": {"federated": False, "coordinator_data": f"s3://coord-{n}/{name}/holdout/validation.parquet"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):

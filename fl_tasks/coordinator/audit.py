@@ -21,7 +21,8 @@ from typing import Any
 
 from fl_tasks.protocol.storage import ObjectStore
 
-STEPS = ("prepare", "dispatch", "quorum", "aggregate", "validate", "register", "decision", "summary")
+STEPS = ("prepare", "dispatch", "quorum", "aggregate", "request_evaluation", "evaluation_quorum",
+         "evaluation_screening", "validate", "register", "decision", "summary")
 
 
 def _line(event: dict[str, Any]) -> bytes:

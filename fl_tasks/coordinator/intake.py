@@ -28,7 +28,7 @@ from fl_tasks import protocol
 from fl_tasks.config import FederationSpec
 from fl_tasks.coordinator.bucket import CoordinatorBucket
 from fl_tasks.coordinator.plan import RoundPlan
-from fl_tasks.protocol import DeclineManifest, ManifestError, UpdateManifest, sha256_hex
+from fl_tasks.protocol import UPDATES, AnswerKind, DeclineManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.storage import ObjectTooLarge, StorageUnavailable
 
@@ -48,10 +48,10 @@ def storage_reason(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Answer:
-    """A silo's verified answer at the close: an update manifest or a decline."""
+    """A silo's verified answer at the close: an update or evaluation manifest, or a decline."""
 
     client_id: str
-    kind: str  # update | decline
+    kind: str  # update | evaluation | decline
     manifest: bytes
     committed_at: datetime
     reason: str = ""  # a decline's reason
@@ -70,16 +70,19 @@ class Intake:
         self.spec, self.client_store, self.keys = spec, client_store, keys
 
     # --- the close: manifests --------------------------------------------------------------
-    def read_answer(self, plan: RoundPlan, client_id: str) -> Answer | str | None:
-        """The silo's verified answer; a rejection reason (str) when what it wrote is not one;
-        None when it wrote nothing yet. An update wins over a decline."""
+    def read_answer(self, plan, client_id: str, asked: AnswerKind = UPDATES,
+                    binding: dict[str, str] | None = None) -> Answer | str | None:
+        """The silo's verified answer to what the round asked (`asked`: its update, or its
+        evaluation bound by `binding`); a rejection reason (str) when what it wrote is not one;
+        None when it wrote nothing yet. An answer wins over a decline. `plan` is a RoundPlan or
+        an EvaluationPlan (federation, round_id, require_signatures)."""
         client = self.spec.client(client_id)
         try:
             store = self.client_store(client_id)
         except ValueError as exc:  # its S3 connection cannot be resolved: this silo's problem
             return f"bucket unreachable: {exc}"
-        for kind, key in (("update", protocol.update_manifest_key(client.prefix, plan.federation, plan.round_id)),
-                          ("decline", protocol.decline_key(client.prefix, plan.federation, plan.round_id))):
+        for kind, key in ((asked.name, asked.answer_key(client.prefix, plan.federation, plan.round_id)),
+                          ("decline", asked.decline_key(client.prefix, plan.federation, plan.round_id))):
             try:
                 written = store.last_modified(client.bucket_name, key)
                 if written is None:
@@ -90,19 +93,20 @@ class Intake:
             if raw is None:
                 continue  # deleted between the two calls: nothing committed
             try:
-                manifest = self.verify(plan, client_id, raw, UpdateManifest if kind == "update" else DeclineManifest)
+                manifest = self.verify(plan, client_id, raw, DeclineManifest if kind == "decline" else asked.manifest,
+                                       binding if kind != "decline" else None)
             except (ManifestError, signing.SignatureError, ValueError) as exc:
                 return f"{kind} manifest rejected: {exc}"
             return Answer(client_id, kind, raw, written, getattr(manifest, "reason", ""))
         return None
 
-    def verify(self, plan: RoundPlan, client_id: str, raw: bytes, kind: type):
+    def verify(self, plan, client_id: str, raw: bytes, kind: type, binding: dict[str, str] | None = None):
         key = self.keys(client_id)
         where = getattr(self.keys, "source", None)
         source = where(client_id) if where else \
             f"Airflow connection '{self.spec.security.conn_id(self.spec.federation, client_id)}'"
         return verify_answer(raw, kind, client_id, plan.federation, plan.round_id, plan.require_signatures, key,
-                             source)
+                             source, binding)
 
     # --- intake: payloads -------------------------------------------------------------------
     def take_snapshot(self, plan: RoundPlan, bucket: CoordinatorBucket, manifest: UpdateManifest,
@@ -141,13 +145,14 @@ class Intake:
 
 
 def verify_answer(raw: bytes, kind: type, client_id: str, federation: str, round_id: str, require_signatures: bool,
-                  key: bytes | str | None, key_source: str):
-    """Parse a silo's manifest strictly and check that it belongs to this round and client and
-    carries the client's signature (when the round requires one; a signed manifest is always
-    verified). Shared by the coordinator and the quorum trigger, so that both count the same
-    commits. Raises ManifestError, SignatureError or ValueError naming the problem."""
+                  key: bytes | str | None, key_source: str, binding: dict[str, str] | None = None):
+    """Parse a silo's manifest strictly and check that it belongs to this round and client (and
+    to what `binding` names, e.g. the evaluation request's sha256) and carries the client's
+    signature (when the round requires one; a signed manifest is always verified). Shared by
+    the coordinator and the quorum trigger, so that both count the same commits. Raises
+    ManifestError, SignatureError or ValueError naming the problem."""
     manifest = kind.from_json(raw)
-    expected = {"client_id": client_id, "federation": federation, "round_id": round_id}
+    expected = {"client_id": client_id, "federation": federation, "round_id": round_id, **(binding or {})}
     for name, value in expected.items():
         if getattr(manifest, name) != value:
             raise ValueError(f"manifest {name}={getattr(manifest, name)!r} does not match the round ({value!r})")

@@ -11,6 +11,20 @@ MET, WAITING, FAILED = "met", "waiting", "failed"
 
 
 @dataclass(frozen=True)
+class Awaited:
+    """What a wait for the silos' answers watches: who, until when, how many, and what the
+    answers must name (`binding`); everything the deferrable trigger needs, serialisable."""
+
+    answers: str  # update | evaluation
+    clients: tuple[str, ...]
+    deadline: str
+    required: int
+    grace_seconds: float | None
+    require_signatures: bool
+    binding: dict
+
+
+@dataclass(frozen=True)
 class QuorumDecision:
     state: str  # met | waiting | failed
     committed: tuple[str, ...]

@@ -114,6 +114,48 @@ def get_champion(spec: FederationSpec) -> ChampionRef | None:
     return ChampionRef(str(version.version), tags[f"{TAG}weights_uri"], tags[f"{TAG}weights_sha256"], tags[f"{TAG}round_id"])
 
 
+def version_weights(spec: FederationSpec, version: str) -> tuple[str, str] | None:
+    """(weights URI, sha256) of a registered version, or None when there is no such version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = _client(spec).get_model_version(spec.model_name, version)
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise
+    return found.tags[f"{TAG}weights_uri"], found.tags[f"{TAG}weights_sha256"]
+
+
+def log_evaluation(spec: FederationSpec, evaluation_id: str, report: dict[str, Any]) -> str:
+    """An evaluation-only run in MLflow: one run (found again on a retry) with each silo's
+    metrics and the overall figures, the report as an artifact, and on each evaluated version
+    a tag naming the evaluation and its result. Returns the run id."""
+    client = _client(spec)
+    experiment_id = _experiment_id(client, spec)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG}evaluation_id` = '{evaluation_id}'",
+                              max_results=1)
+    run_id = runs[0].info.run_id if runs else client.create_run(
+        experiment_id, run_name=f"evaluation-{evaluation_id}",
+        tags={f"{TAG}federation": spec.federation, f"{TAG}evaluation_id": evaluation_id,
+              f"{TAG}airflow_run_id": report["run_id"]}).info.run_id
+    from fl_tasks.coordinator.report import evaluation_metrics
+
+    for key, value in evaluation_metrics({"federated": report}).items():
+        client.log_metric(run_id, key, value)
+    for label, version in report["models"].items():
+        client.log_param(run_id, f"model_{label}", version)
+    client.log_text(run_id, json.dumps(report, indent=2, sort_keys=True), "evaluation_report.json")
+    client.set_terminated(run_id, "FINISHED")
+    statistic = report["statistic"]
+    for label, version in report["models"].items():
+        figure = report["figures"][statistic].get(label, {})
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(figure.items())) or "no silo evaluated"
+        client.set_model_version_tag(spec.model_name, version, f"{TAG}last_evaluation",
+                                     f"{evaluation_id}: {statistic} over {len(report['per_silo'])} silos: {summary}"[:4000])
+    return run_id
+
+
 def version_weights_sha256(spec: FederationSpec, version: str) -> str | None:
     """The sha256 tag of a registered version's weights, or None when there is no such version."""
     from mlflow.exceptions import MlflowException
@@ -177,8 +219,10 @@ def _ready_model(experiment_id: str, run_id: str):
 
 def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_run_id: str, base_version: str,
                        weights_uri: str, weights_sha256: str, params: dict[str, Any], metrics: dict[str, float],
-                       report: dict[str, Any], base_origin: str = "") -> RegisteredVersion:
-    """Log the round's MLflow run and register the candidate (once per round)."""
+                       report: dict[str, Any], base_origin: str = "",
+                       tags: dict[str, str] | None = None) -> RegisteredVersion:
+    """Log the round's MLflow run and register the candidate (once per round); `tags` go on
+    the version (e.g. which silos evaluated it, and with what result)."""
     import mlflow
     import mlflow.pytorch
 
@@ -188,6 +232,7 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
         return RegisteredVersion(str(existing.version), existing.run_id,
                                  client.get_run(existing.run_id).info.experiment_id)
     _ensure_registered_model(client, spec.model_name)
+    version_tags = dict(tags or {})
     tags = {f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id, f"{TAG}airflow_run_id": airflow_run_id,
             f"{TAG}base_version": base_version, f"{TAG}task": spec.task.entrypoint,
             **({f"{TAG}base_origin": base_origin} if base_origin else {})}
@@ -216,7 +261,7 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
             model_id, model_uri = info.model_id, info.model_uri
     client.create_model_version(
         spec.model_name, source=model_uri, run_id=run.info.run_id, model_id=model_id,
-        tags={**tags, f"{TAG}weights_uri": weights_uri, f"{TAG}weights_sha256": weights_sha256,
+        tags={**tags, **version_tags, f"{TAG}weights_uri": weights_uri, f"{TAG}weights_sha256": weights_sha256,
               f"{TAG}decision": "pending"},
         description=f"Federated round {round_id} of {spec.federation}",
     )

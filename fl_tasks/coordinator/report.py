@@ -1,5 +1,6 @@
 """The round's report (report.json) and what a person reads about a round: the aggregate
-step's account, the summary table and the note an Airflow run carries."""
+step's account, the validation account (per source, per silo), the summary table and the
+note an Airflow run carries; and what MLflow records of an evaluation."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | 
         "champion": result["champion"] if result else None,
         "primary_metric": result["primary_metric"] if result else None,
         "gates": result["gates"] if result else [],
+        "evaluation_sources": result["sources"] if result else [],
+        "decided_by": result["decided_by"] if result else [],
+        "federated_evaluation": result["federated"] if result else None,
+        "coordinator_evaluation": result["coordinator"] if result else None,
         "decision": decision["decision"] if decision else "no_model",
         "version": decision["version"] if decision else None,
         "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
@@ -100,17 +105,106 @@ def aggregate_account(summary: dict[str, Any], screening: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
-def validation_account(candidate: dict[str, float] | None, champion: dict[str, float] | None,
-                       gates: list[dict[str, Any]]) -> str:
-    """Candidate and champion metrics side by side, then each gate's verdict."""
-    candidate, champion = candidate or {}, champion or {}
+SOURCE_WORDS = {"federated": "federated evaluation", "coordinator": "the coordinator's own rows"}
+
+
+def sources_text(result: dict[str, Any]) -> str:
+    """Which sources the gates read, and which decided, in words."""
+    used = " and ".join(SOURCE_WORDS[s] for s in result.get("sources") or [])
+    if result.get("passed", True):
+        return f"gates on {used}" if used else "no gates"
+    return f"gates on {used}; failed on " + " and ".join(SOURCE_WORDS[s] for s in result.get("decided_by") or [])
+
+
+def validation_account(result: dict[str, Any]) -> str:
+    """The deciding candidate and champion figures, each silo's own numbers (federated
+    evaluation), the coordinator's rows, and each gate's verdict."""
+    candidate, champion = result.get("candidate") or {}, result.get("champion") or {}
     parts = []
+    fed = result.get("federated") or result.get("federated_evaluation")
+    coord = result.get("coordinator") or result.get("coordinator_evaluation")
     if candidate or champion:
-        parts.append(table(["metric", "candidate", "champion"],
-                           [[name, candidate.get(name), champion.get(name)]
-                            for name in sorted(set(candidate) | set(champion))]))
+        title = f"federated {fed['statistic']}" if fed else "coordinator rows"
+        parts.append(f"{title}:\n" + table(["metric", "candidate", "champion"],
+                                          [[name, candidate.get(name), champion.get(name)]
+                                           for name in sorted(set(candidate) | set(champion))]))
+    if fed and fed["per_silo"]:
+        primary = result.get("primary_metric")
+        rows = [[client, r["num_examples"], r["scores"]["candidate"].get(primary),
+                 r["scores"].get("champion", {}).get(primary)] for client, r in sorted(fed["per_silo"].items())]
+        parts.append(f"per silo ({primary}, on each silo's own evaluation share):\n"
+                     + table(["silo", "rows", "candidate", "champion"], rows))
+    if fed and fed["not_counted"]:
+        parts.append("\n".join(f"not counted {c}: {why}" for c, why in sorted(fed["not_counted"].items())))
+    if coord and fed:
+        parts.append(f"coordinator rows ({coord['rows']}):\n" + table(
+            ["metric", "candidate", "champion"], [[name, coord["candidate"].get(name), (coord["champion"] or {}).get(
+                name)] for name in sorted(coord["candidate"])]))
+    gates = result.get("gates") or []
     if gates:
-        parts.append(table(["gate", "passed", "detail"], [[g["name"], g["passed"], g["detail"]] for g in gates]))
+        parts.append(table(["gate", "source", "passed", "detail"],
+                           [[g["name"], g.get("source", "coordinator"), g["passed"], g["detail"]] for g in gates]))
+    return "\n\n".join(parts)
+
+
+def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of federated evaluation: silo_<client>_<model>_<metric> for each silo that
+    counted, <statistic>_<model>_<metric> for both figures; and coordinator_<model>_<metric>."""
+    metrics: dict[str, float] = {}
+    fed = result.get("federated")
+    if fed:
+        for client, r in fed["per_silo"].items():
+            for label, scores in r["scores"].items():
+                metrics.update({f"silo_{client}_{label}_{k}": float(v) for k, v in scores.items()})
+            metrics[f"silo_{client}_examples"] = float(r["num_examples"])
+        for statistic in ("mean", "median"):
+            for label, scores in fed["figures"].get(statistic, {}).items():
+                metrics.update({f"{statistic}_{label}_{k}": float(v) for k, v in scores.items()})
+        metrics["silos_evaluated"] = float(len(fed["per_silo"]))
+    coord = result.get("coordinator")
+    if coord:
+        for label in ("candidate", "champion"):
+            metrics.update({f"coordinator_{label}_{k}": float(v) for k, v in (coord[label] or {}).items()})
+    return metrics
+
+
+def evaluation_tags(result: dict[str, Any]) -> dict[str, str]:
+    """The candidate version's tags: which silos evaluated it, with what result, and which
+    sources the gates read."""
+    tags = {"fl.evaluation_sources": ",".join(result.get("sources") or []),
+            "fl.gates": "passed" if result.get("passed") else "failed on " + ",".join(result.get("decided_by") or [])}
+    fed = result.get("federated")
+    if fed:
+        primary = result["primary_metric"]
+        tags["fl.evaluated_by"] = ",".join(sorted(fed["per_silo"])) or "none"
+        tags["fl.evaluation"] = "; ".join(
+            f"{c} {primary} {r['scores']['candidate'][primary]:.4f}"
+            + (f" (champion {r['scores']['champion'][primary]:.4f})" if "champion" in r["scores"] else "")
+            for c, r in sorted(fed["per_silo"].items()))[:4000] or "no silo evaluated"
+        if fed["not_counted"]:
+            tags["fl.evaluation_not_counted"] = "; ".join(f"{c}: {w}" for c, w in sorted(fed["not_counted"].items()))[:4000]
+    return tags
+
+
+def evaluation_account(report: dict[str, Any]) -> str:
+    """An evaluation-only run's log: each silo's numbers and the figures over the silos."""
+    labels = list(report["models"])
+    rows = [[client, r["num_examples"], *(r["scores"][label].get(metric) for label in labels
+                                          for metric in sorted(r["scores"][label]))]
+            for client, r in sorted(report["per_silo"].items())]
+    metrics = sorted(next(iter(report["per_silo"].values()))["scores"][labels[0]]) if report["per_silo"] else []
+    headers = ["silo", "rows", *(f"{label} {metric}" for label in labels for metric in metrics)]
+    parts = [", ".join(f"{label} = version {version}" for label, version in report["models"].items())]
+    if rows:
+        parts.append(table(headers, rows))
+        for statistic in ("mean", "median"):
+            parts.append(f"{statistic}: " + "; ".join(
+                f"{label} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(report["figures"][statistic][label].items()))
+                for label in labels))
+    for client, why in sorted(report["not_counted"].items()):
+        parts.append(f"not counted {client}: {why}")
+    if not report["enough_silos"]:
+        parts.append(f"only {len(report['per_silo'])} silos evaluated; {report['required']} were asked for")
     return "\n\n".join(parts)
 
 
@@ -121,7 +215,7 @@ def summary_table(report: dict[str, Any]) -> str:
         f"{report['clients_committed']}/{report['clients_expected']}", len(report.get("clients_declined", {})),
         len(report["clients_accepted"]), len(report["clients_rejected"]), len(report["late"])]])
     parts = [head]
-    validation = validation_account(report.get("candidate"), report.get("champion"), report["gates"])
+    validation = validation_account(report)
     if validation:
         parts.append(validation)
     for client_id, reason in sorted(report.get("clients_declined", {}).items()):
@@ -145,9 +239,25 @@ def run_note(report: dict[str, Any]) -> str:
              f"{len(report['clients_accepted'])} of {report['clients_expected']} updates accepted"]
     if report["reason"]:
         lines.append(f"Reason: {report['reason']}")
+    if report.get("evaluation_sources"):
+        lines.append(sources_text({"sources": report["evaluation_sources"], "decided_by": report["decided_by"],
+                                   "passed": report["decision"] == "promoted"}).capitalize())
     declined = report.get("clients_declined") or {}
     if declined:
         lines.append("Declined: " + "; ".join(f"{c} declined: {r}" for c, r in sorted(declined.items())))
+    return "\n\n".join(lines)
+
+
+def evaluation_note(report: dict[str, Any]) -> str:
+    """An evaluation-only run's note: what was scored, by how many silos, the figures."""
+    lines = [f"**Evaluation {report['evaluation_id']}**: " + ", ".join(
+        f"{label} (version {v})" for label, v in report["models"].items())
+        + f" · {len(report['per_silo'])} silos evaluated"]
+    statistic = report["statistic"]
+    for label, figures in report["figures"][statistic].items():
+        lines.append(f"{label}: {statistic} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items())))
+    if report["not_counted"]:
+        lines.append("Not counted: " + "; ".join(f"{c}: {w}" for c, w in sorted(report["not_counted"].items())))
     return "\n\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from fl_tasks.coordinator import quorum, report
 from fl_tasks.coordinator.access import AccessResolver, BucketAccess
 from fl_tasks.coordinator.bucket import CoordinatorBucket, dump, now
 from fl_tasks.coordinator.candidate import CandidateBuilder, HISTORY_ROUNDS, aggregate_events
+from fl_tasks.coordinator.evaluation import FederatedEvaluation
 from fl_tasks.coordinator.intake import Answer, Intake, STORAGE_ERRORS, answer_record, storage_reason
 from fl_tasks.coordinator.plan import RoundFailed, RoundPlan, RunContext, grace_period, required_clients, round_settings
 from fl_tasks.protocol import GlobalManifest, sha256_hex
@@ -51,6 +52,7 @@ class Coordinator:
         self.audit = self.records.audit
         self.keys = keys if keys is not None else signing.EnvKeys()
         self.intake = Intake(spec, self.buckets.client, self.keys)
+        self.evaluation = FederatedEvaluation(self)
         self._task = None
 
     @property
@@ -108,7 +110,10 @@ class Coordinator:
                          "clip_norm": self.spec.clip_norm, "max_weight_share": self.spec.max_weight_share},
             screening=asdict(self.spec.screening), base_round_id=base_round_id,
             training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
-                      "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec},
+                      "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec,
+                      # The rows each silo keeps out of training for federated evaluation.
+                      "holdout_fraction": float(self.spec.evaluation.federated.holdout_fraction)
+                      if self.spec.evaluation.federated else 0.0},
             data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
             if ctx.run_type in ("scheduled", "backfill") and t.window == "interval" else {"start": None, "end": None},
             created_at=now().isoformat(), staleness=asdict(self.spec.staleness),
@@ -188,7 +193,7 @@ class Coordinator:
                      "payload_sha256": plan.base_sha256, "model_version": plan.base_version}
             try:
                 store = self.buckets.client(client.id)
-                if self._held(store, client.bucket_name, manifest_key) != manifest:
+                if self.held(store, client.bucket_name, manifest_key) != manifest:
                     store.put_bytes(client.bucket_name, protocol.global_model_key(client.prefix, plan.federation,
                                                                                   round_id), payload)
                     store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
@@ -208,7 +213,7 @@ class Coordinator:
         return reached
 
     @staticmethod
-    def _held(store: ObjectStore, bucket: str, key: str) -> bytes | None:
+    def held(store: ObjectStore, bucket: str, key: str) -> bytes | None:
         """What a silo's bucket holds at a key we write: a bounded read, since anything may
         have been planted there (an oversized object is simply not ours, and is overwritten)."""
         try:
@@ -234,6 +239,24 @@ class Coordinator:
         declined = {c: a.reason for c, a in answers.items() if isinstance(a, Answer) and a.kind == "decline"}
         return quorum.decide(committed, plan.clients, required_clients(plan), datetime.fromisoformat(plan.deadline),
                              now_ or now(), grace_period(plan), declined)
+
+    def awaited(self, round_id: str, answers: str) -> quorum.Awaited:
+        """What the wait for `answers` (update | evaluation) watches in this round."""
+        if answers == "evaluation":
+            plan = self.evaluation.load_plan(round_id)
+            return quorum.Awaited(answers, tuple(plan.clients), plan.deadline, plan.required, None,
+                                  plan.require_signatures, {"request_sha256": plan.request_sha256})
+        plan = self.load_plan(round_id)
+        grace = grace_period(plan)
+        return quorum.Awaited(answers, tuple(plan.clients), plan.deadline, required_clients(plan),
+                              None if grace is None else grace.total_seconds(), plan.require_signatures, {})
+
+    def check(self, round_id: str, answers: str) -> quorum.QuorumDecision:
+        return self.check_evaluations(round_id) if answers == "evaluation" else self.check_quorum(round_id)
+
+    def close(self, round_id: str, answers: str, decision: quorum.QuorumDecision) -> dict[str, Any]:
+        return self.close_evaluation(round_id, decision) if answers == "evaluation" else \
+            self.close_round(round_id, decision)
 
     def close_round(self, round_id: str, decision: quorum.QuorumDecision) -> dict[str, Any]:
         """Record who is in the round and keep each committed manifest as the round read it.
@@ -350,7 +373,25 @@ class Coordinator:
 
         return registry.version_weights_sha256(self.spec, version)
 
-    # --- step 5: validate ----------------------------------------------------------------
+    # --- step 5: evaluate on the silos (federated evaluation) -------------------------------
+    def request_evaluation(self, round_id: str) -> list[str]:
+        """Publish the candidate (and the champion) to the silos whose update was accepted."""
+        return self.evaluation.request(round_id)
+
+    def check_evaluations(self, round_id: str, now_: datetime | None = None) -> quorum.QuorumDecision:
+        return self.evaluation.check(round_id, now_)
+
+    def close_evaluation(self, round_id: str, decision: quorum.QuorumDecision) -> dict[str, Any]:
+        return self.evaluation.close(round_id, decision)
+
+    def prepare_evaluation(self, ctx: RunContext) -> str:
+        """An evaluation-only run: the champion (and `ctx.params['version']`) scored by every silo."""
+        return self.evaluation.prepare_check(ctx.run_id, (ctx.params or {}).get("version"))
+
+    def report_evaluation(self, round_id: str) -> dict[str, Any]:
+        return self.evaluation.report_check(round_id)
+
+    # --- step 6: validate ----------------------------------------------------------------
     def load_model(self, round_id: str, name: str, sha256: str):
         """The task's model with the weights kept at `name` (checked against `sha256`)."""
         from fl_tasks.tasks.api import load_model_state
@@ -361,43 +402,72 @@ class Coordinator:
         return load_model_state(self.task.build_model(), decode_state(payload))
 
     def validate(self, round_id: str) -> dict[str, Any]:
-        """Evaluate candidate and champion on the coordinator's validation rows; apply the gates."""
-        from fl_tasks.coordinator.gates import evaluate_gates
-        from fl_tasks.coordinator.validation import ValidationDataError, read_validation_rows
-
+        """Apply the gates to the figures of every configured source: the silos' evaluations
+        (federated) and the coordinator's own rows. Every gate must pass."""
         existing = self.records.get_json(round_id, "validation.json")
         if existing is not None:
             self._audit_validation(round_id, existing)
             return existing
         plan = self.load_plan(round_id)
-        summary = self.records.get_json(round_id, "candidate/manifest.json")
+        settings = plan.settings
+        sources = self.spec.evaluation.sources
+        result: dict[str, Any] = {"primary_metric": self.task.primary_metric, "sources": list(sources), "gates": [],
+                                  "federated": None, "coordinator": None}
+        if "federated" in sources:
+            from fl_tasks.coordinator.evaluation import CANDIDATE, CHAMPION, federated_gates
+
+            evaluated = self.evaluation.results(round_id)
+            self.evaluation.audit_results(round_id, evaluated)
+            statistic, figures = evaluated["plan"].statistic, evaluated["figures"]
+            result["federated"] = {"statistic": statistic, "per_silo": evaluated["accepted"],
+                                   "not_counted": evaluated["closed"]["not_counted"], "figures": figures,
+                                   "required": evaluated["plan"].required}
+            result["gates"] += federated_gates(evaluated["accepted"], figures, statistic, evaluated["plan"].required,
+                                               evaluated["closed"], settings["gate_thresholds"],
+                                               settings["max_regression"], settings["max_silo_regression"], self.task)
+            deciding = figures[statistic]
+            result["candidate"], result["champion"] = deciding.get(CANDIDATE), deciding.get(CHAMPION)
+        if "coordinator" in sources:
+            measured = self._coordinator_figures(round_id, plan)
+            result["coordinator"] = {k: measured[k] for k in ("candidate", "champion", "rows", "data")}
+            result["gates"] += [{**g, "source": "coordinator"} for g in measured["gates"]]
+            if "federated" not in sources:
+                result["candidate"], result["champion"] = measured["candidate"], measured["champion"]
+        result["passed"] = all(g["passed"] for g in result["gates"])
+        failed = sorted({g["source"] for g in result["gates"] if not g["passed"]})
+        result["decided_by"] = failed or list(sources)
+        self.records.put_json(round_id, "validation.json", result)
+        self._audit_validation(round_id, result)
+        return result
+
+    def _coordinator_figures(self, round_id: str, plan: RoundPlan) -> dict[str, Any]:
+        """Candidate and champion on the coordinator's own rows (evaluation.coordinator_data)."""
+        from fl_tasks.coordinator.gates import evaluate_gates
+        from fl_tasks.coordinator.validation import ValidationDataError, read_validation_rows
+
+        uri = self.spec.evaluation.coordinator_data
         try:
-            rows = read_validation_rows(self.spec.validation_uri, self.spec.contract, self.store)
+            rows = read_validation_rows(uri, self.spec.contract, self.store)
         except ValidationDataError as exc:
             raise self.records.fail(round_id, "validate", str(exc)) from None
         task = self.task
+        summary = self.records.get_json(round_id, "candidate/manifest.json")
         candidate = task.evaluate(self.load_model(round_id, "candidate/model.safetensors", summary["candidate_sha256"]),
                                   rows)
         champion = None
         if plan.base_version != "seed":
             champion = task.evaluate(self.load_model(round_id, "base/model.safetensors", plan.base_sha256), rows)
-        gates = evaluate_gates(candidate, champion, plan.settings["gate_thresholds"],
-                               plan.settings["max_regression"], task)
-        result = {"candidate": candidate, "champion": champion, "gates": gates, "primary_metric": task.primary_metric,
-                  "passed": all(g["passed"] for g in gates), "validation_rows": len(rows),
-                  "source": self.spec.validation_uri}
-        self.records.put_json(round_id, "validation.json", result)
-        self._audit_validation(round_id, result)
-        return result
+        gates = evaluate_gates(candidate, champion, plan.settings["gate_thresholds"], plan.settings["max_regression"],
+                               task)
+        return {"candidate": candidate, "champion": champion, "rows": len(rows), "data": uri, "gates": gates}
 
     def _audit_validation(self, round_id: str, result: dict[str, Any]) -> None:
-        report.log_lines(f"round {round_id} validated on {result['validation_rows']} rows",
-                         report.validation_account(result["candidate"], result["champion"], result["gates"]))
+        report.log_lines(f"round {round_id} validated ({report.sources_text(result)})", report.validation_account(result))
         self.audit.append(round_id, "validate", [{"event": "gates_evaluated", "passed": result["passed"],
-                                                  "gates": result["gates"], "candidate": result["candidate"],
-                                                  "champion": result["champion"]}])
+                                                  "gates": result["gates"], "decided_by": result["decided_by"],
+                                                  "candidate": result["candidate"], "champion": result["champion"]}])
 
-    # --- step 6: register ----------------------------------------------------------------
+    # --- step 7: register ----------------------------------------------------------------
     def register(self, round_id: str) -> str:
         """Log the round to MLflow and register the candidate version (once per round)."""
         from fl_tasks.coordinator import registry
@@ -411,9 +481,9 @@ class Coordinator:
         result = self.records.get_json(round_id, "validation.json")
         closed = self.records.get_json(round_id, "quorum.json")
         model = self.load_model(round_id, "candidate/model.safetensors", summary["candidate_sha256"])
-        metrics = {f"candidate_{k}": v for k, v in result["candidate"].items()}
-        if result["champion"]:
-            metrics.update({f"champion_{k}": v for k, v in result["champion"].items()})
+        metrics = {f"candidate_{k}": v for k, v in (result["candidate"] or {}).items()}
+        metrics.update({f"champion_{k}": v for k, v in (result["champion"] or {}).items()})
+        metrics.update(report.evaluation_metrics(result))
         # weight_<client>: the client's share of the candidate under the round's rule; rules that
         # give no update a weight (median, trimmed mean, Bulyan) log none (see the `influence` param).
         metrics.update({f"weight_{a['client_id']}": a["influence"] for a in summary["accepted"]
@@ -433,7 +503,7 @@ class Coordinator:
             self.spec, model, round_id=round_id, airflow_run_id=plan.run_id, base_version=plan.base_version,
             base_origin=plan.base_origin, weights_uri=f"s3://{self.bucket}/{key}",
             weights_sha256=summary["candidate_sha256"], params=params, metrics=metrics,
-            report={"plan": asdict(plan), "aggregation": summary, "validation": result, "quorum": closed},
+            tags=report.evaluation_tags(result), report={"plan": asdict(plan), "aggregation": summary, "validation": result, "quorum": closed},
         )
         self.records.put_json(round_id, "registration.json", asdict(registered))
         self._audit_registration(round_id, registered.version)
@@ -449,7 +519,7 @@ class Coordinator:
                                                   "version": version,
                                                   "candidate_sha256": summary["candidate_sha256"]}])
 
-    # --- step 7: promote or roll back ----------------------------------------------------
+    # --- step 8: promote or roll back ----------------------------------------------------
     def decide(self, round_id: str) -> str:
         """'promote' when every gate passed, else 'rollback'."""
         result = self.records.get_json(round_id, "validation.json")
@@ -502,7 +572,7 @@ class Coordinator:
                 "mlflow_run_id": registration.get("run_id", ""), "experiment_id": registration.get("experiment_id", ""),
                 "tracking_uri": registry.tracking_uri(self.spec)}
 
-    # --- step 8: summary -----------------------------------------------------------------
+    # --- step 9: summary -----------------------------------------------------------------
     def summarize(self, round_id: str) -> dict[str, Any]:
         """Collect what the round did into report.json; small enough for XCom."""
         plan = self.load_plan(round_id)
@@ -541,7 +611,8 @@ class Coordinator:
 
 def run_round(spec: FederationSpec, ctx: RunContext, store: ObjectStore | None = None,
               poll_seconds: float | None = None, keys: signing.KeyProvider | None = None) -> dict[str, Any]:
-    """A whole round without Airflow: the same steps, with a blocking wait for quorum."""
+    """A whole round without Airflow: the same steps, with blocking waits for the quorum and
+    the silos' evaluations."""
     coordinator = Coordinator(spec, store, keys)
     round_id = coordinator.prepare(ctx)
     coordinator.dispatch(round_id)
@@ -550,6 +621,11 @@ def run_round(spec: FederationSpec, ctx: RunContext, store: ObjectStore | None =
     coordinator.close_round(round_id, decision)
     try:
         coordinator.aggregate(round_id)
+        if spec.evaluation.federated is not None:
+            coordinator.request_evaluation(round_id)
+            while (decision := coordinator.check_evaluations(round_id)).state == quorum.WAITING:
+                time.sleep(poll_seconds or spec.quorum.poll_interval_seconds)
+            coordinator.close_evaluation(round_id, decision)
         coordinator.validate(round_id)
         coordinator.register(round_id)
         getattr(coordinator, coordinator.decide(round_id))(round_id)

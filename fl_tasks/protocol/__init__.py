@@ -7,6 +7,10 @@ For round R of federation F, in each client's bucket (under its optional prefix)
     <F>/rounds/<R>/update/update.safetensors  written by the client
     <F>/rounds/<R>/update/manifest.json       written last: the commit marker
     <F>/rounds/<R>/update/decline.json        instead of an update: "not this round, because ..."
+    <F>/rounds/<R>/evaluation/<label>.safetensors  models to score (candidate, champion, ...)
+    <F>/rounds/<R>/evaluation/request.json    written last: the evaluation request's commit marker
+    <F>/rounds/<R>/evaluation/result.json     the silo's scores on its own evaluation share
+    <F>/rounds/<R>/evaluation/decline.json    instead of scores: "not this evaluation, because ..."
 
 A reader trusts a payload only when its manifest is committed and the payload's sha256
 matches the manifest. Manifests are RFC 8259 JSON in UTF-8 without a byte-order mark, at
@@ -20,6 +24,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
@@ -30,6 +35,8 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 # Client ids and federation names become object-key segments: no slashes, dots or case games.
 NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 MAX_MANIFEST_BYTES = 64 * 1024
+# Names of the models an evaluation request asks a silo to score: candidate, champion, version-7.
+MODEL_LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 
 
 class ManifestError(ValueError):
@@ -82,6 +89,24 @@ def update_manifest_key(prefix: str, federation: str, round_id: str) -> str:
 
 def decline_key(prefix: str, federation: str, round_id: str) -> str:
     return _join(round_prefix(prefix, federation, round_id), "update/decline.json")
+
+
+def evaluation_model_key(prefix: str, federation: str, round_id: str, label: str) -> str:
+    if not MODEL_LABEL_PATTERN.fullmatch(label):
+        raise ValueError(f"model label {label!r} must match {MODEL_LABEL_PATTERN.pattern}")
+    return _join(round_prefix(prefix, federation, round_id), f"evaluation/{label}.safetensors")
+
+
+def evaluation_request_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "evaluation/request.json")
+
+
+def evaluation_result_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "evaluation/result.json")
+
+
+def evaluation_decline_key(prefix: str, federation: str, round_id: str) -> str:
+    return _join(round_prefix(prefix, federation, round_id), "evaluation/decline.json")
 
 
 def rounds_listing_prefix(prefix: str, federation: str) -> str:
@@ -275,3 +300,102 @@ class DeclineManifest(_Manifest):
                f"decline manifest field 'reason' must be 1..{self.MAX_REASON_CHARS} characters")
         _check(self.signature == "" or bool(SHA256_PATTERN.fullmatch(self.signature)),
                "decline manifest field 'signature' must be empty or a hex HMAC-SHA256 (64 lowercase hex digits)")
+
+
+@dataclass(frozen=True)
+class EvaluationRequest(_Manifest):
+    """What the coordinator asks the silos that took part: score these models on your own
+    evaluation share (the rows you never train on) and send back the metrics, nothing else."""
+
+    kind: ClassVar[str] = "evaluation_request"
+    federation: str
+    round_id: str
+    model_name: str
+    models: dict  # label -> {"version": str, "sha256": str, "bytes": int}
+    task: dict  # as in the global manifest: the silo builds the same model
+    contract: dict
+    holdout_fraction: float  # the share of a silo's rows held out of training, for evaluation
+    data_window: dict  # {"start": iso or null, "end": iso or null}
+    deadline: str
+    created_at: str
+
+    MAX_MODELS: ClassVar[int] = 8
+
+    def validate(self) -> None:
+        _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), "evaluation_request manifest field 'round_id' is not "
+                                                                 "a valid round id")
+        _check(0 < len(self.models) <= self.MAX_MODELS,
+               f"evaluation_request manifest field 'models' must name 1..{self.MAX_MODELS} models")
+        for label, model in self.models.items():
+            where = f"evaluation_request manifest field 'models.{label}'"
+            _check(bool(MODEL_LABEL_PATTERN.fullmatch(label)), f"{where}: label must match {MODEL_LABEL_PATTERN.pattern}")
+            _check(isinstance(model, dict) and set(model) == {"version", "sha256", "bytes"},
+                   f"{where} must hold exactly version, sha256 and bytes")
+            _check(isinstance(model["version"], str) and bool(SHA256_PATTERN.fullmatch(str(model["sha256"]))),
+                   f"{where}: version must be a string and sha256 a sha256")
+            _check(type(model["bytes"]) is int and model["bytes"] > 0, f"{where}: bytes must be a positive integer")
+        _check(0 < self.holdout_fraction < 1, "evaluation_request manifest field 'holdout_fraction' must be in (0, 1)")
+        _check(set(self.data_window) <= {"start", "end"}, "evaluation_request manifest field 'data_window' allows "
+                                                          "start and end")
+        _check({"entrypoint", "version", "params", "params_sha256"} <= set(self.task),
+               "evaluation_request manifest field 'task' needs entrypoint, version, params and params_sha256")
+        try:
+            datetime.fromisoformat(self.deadline)
+        except ValueError:
+            raise ManifestError("evaluation_request manifest field 'deadline' is not an ISO-8601 time") from None
+
+
+@dataclass(frozen=True)
+class EvaluationManifest(_Manifest):
+    """A silo's answer to an evaluation request: per model, the task's metrics on its
+    evaluation share, and how many rows that share and its whole window held. Bound to the
+    request (and so to the candidate's sha256) by `request_sha256`; signed like an update."""
+
+    kind: ClassVar[str] = "evaluation"
+    client_id: str
+    federation: str
+    round_id: str
+    request_sha256: str
+    num_examples: int  # rows scored (the evaluation share)
+    rows_held: int  # rows the silo holds in the window: training share plus evaluation share
+    scores: dict  # model label -> {metric: value}
+    signature: str = ""
+    created_at: str = ""
+
+    MAX_EXAMPLES: ClassVar[int] = 10**12
+
+    def validate(self) -> None:
+        name = "evaluation manifest field"
+        _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), f"{name} 'round_id' is not a valid round id")
+        _check(bool(NAME_PATTERN.fullmatch(self.client_id)), f"{name} 'client_id' is not a valid client id")
+        _check(bool(SHA256_PATTERN.fullmatch(self.request_sha256)), f"{name} 'request_sha256' is not a sha256")
+        _check(0 < self.num_examples < self.MAX_EXAMPLES,
+               f"{name} 'num_examples' must be in 1..{self.MAX_EXAMPLES - 1}, got {self.num_examples}")
+        _check(self.num_examples <= self.rows_held < self.MAX_EXAMPLES,
+               f"{name} 'rows_held' ({self.rows_held}) must be at least num_examples ({self.num_examples})")
+        _check(0 < len(self.scores) <= EvaluationRequest.MAX_MODELS,
+               f"{name} 'scores' must hold 1..{EvaluationRequest.MAX_MODELS} models")
+        for label, metrics in self.scores.items():
+            _check(bool(MODEL_LABEL_PATTERN.fullmatch(label)) and isinstance(metrics, dict) and bool(metrics),
+                   f"{name} 'scores.{label}' must be a model label mapping metric names to numbers")
+            _check(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) for k, v in metrics.items()),
+                   f"{name} 'scores.{label}' has a value that is not a finite number")
+        _check(self.signature == "" or bool(SHA256_PATTERN.fullmatch(self.signature)),
+               f"{name} 'signature' must be empty or a hex HMAC-SHA256 (64 lowercase hex digits)")
+
+
+@dataclass(frozen=True)
+class AnswerKind:
+    """One kind of question the coordinator asks every silo, and where the answer goes: the
+    manifest that answers it, or a decline next to it."""
+
+    name: str  # update | evaluation
+    manifest: type
+    answer_key: Callable[[str, str, str], str]
+    decline_key: Callable[[str, str, str], str]
+
+
+UPDATES = AnswerKind("update", UpdateManifest, update_manifest_key, decline_key)
+EVALUATIONS = AnswerKind("evaluation", EvaluationManifest, evaluation_result_key, evaluation_decline_key)
+ANSWER_KINDS: dict[str, AnswerKind] = {kind.name: kind for kind in (UPDATES, EVALUATIONS)}

@@ -1,4 +1,4 @@
-"""Manifest signatures (updates and declines): HMAC-SHA256 with a key per client.
+"""Manifest signatures (updates, evaluations and declines): HMAC-SHA256 with a key per client.
 
 The signed bytes are the canonical manifest: the manifest's JSON with `signature` empty and
 keys sorted (`to_json`); its `kind` is part of it, so an update's signature never passes for
@@ -34,9 +34,9 @@ from pathlib import Path
 
 from typing import TypeVar
 
-from fl_tasks.protocol import DeclineManifest, UpdateManifest
+from fl_tasks.protocol import DeclineManifest, EvaluationManifest, UpdateManifest
 
-SignedManifest = TypeVar("SignedManifest", UpdateManifest, DeclineManifest)
+SignedManifest = TypeVar("SignedManifest", UpdateManifest, DeclineManifest, EvaluationManifest)
 
 MIN_KEY_BYTES = 16
 

@@ -1,5 +1,6 @@
 """The silo agent (`fl-client`): answer each committed round with a locally trained update,
-or with a signed decline that says why not.
+and each evaluation request with scores on its own evaluation share, or with a signed decline
+that says why not.
 
 It only ever reads the global model from its own bucket and writes back model weights and a
 manifest; the silo's rows never leave it. For each round it:
@@ -12,8 +13,15 @@ manifest; the silo's rows never leave it. For each round it:
 
 When 2 or 3 fail it writes no update: it commits a signed decline with the reason (e.g.
 `column 'amount' missing`), which the coordinator shows and which never counts towards the
-quorum. Subclasses may override `train_rows` and `reported_state` (the simulator's attacks
-do); the production agent has no other behaviour.
+quorum.
+
+When the federation evaluates on the silos, a share of the silo's rows (`holdout_fraction`,
+drawn by row content, `fl_tasks.silo.holdout`) is never trained on. For an evaluation
+request the agent scores each named model on that share and commits a signed evaluation
+manifest holding only the metrics and the row counts.
+
+Subclasses may override `train_rows`, `reported_state` and `reported_evaluation` (the
+simulator's attacks do); the production agent has no other behaviour.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 from fl_tasks import protocol
 from fl_tasks.config import BUCKET_URI_PATTERN
 from fl_tasks.contract import DataContract
-from fl_tasks.protocol import DeclineManifest, GlobalManifest, ManifestError, UpdateManifest, sha256_hex
+from fl_tasks.protocol import (DeclineManifest, EvaluationManifest, EvaluationRequest, GlobalManifest, ManifestError,
+                               UpdateManifest, sha256_hex)
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
+from fl_tasks.silo.holdout import split_rows
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
 if TYPE_CHECKING:
@@ -56,6 +66,7 @@ class SiloAgent:
     signing_key: bytes | str | None = None  # signs each manifest (HMAC-SHA256) when set
     seed: int = 0
     answered: set[str] = field(default_factory=set)
+    evaluated: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.signing_key is not None:
@@ -74,17 +85,33 @@ class SiloAgent:
     def key(self, which, round_id: str) -> str:
         return which(self.prefix, self.federation, round_id)
 
-    def pending_rounds(self) -> list[str]:
-        """Rounds with a committed global manifest and no answer from us yet, oldest first."""
+    @property
+    def salt(self) -> str:
+        """What draws this silo's evaluation share (with the rows' contents)."""
+        return f"{self.client_id}:{self.seed}"
+
+    def pending(self) -> tuple[list[str], list[str]]:
+        """(rounds to train, evaluation requests to score): committed by the coordinator and
+        not answered by us yet, oldest first."""
         listing = protocol.rounds_listing_prefix(self.prefix, self.federation)
-        rounds, answered = set(), set()
+        asked: dict[str, set[str]] = {"global/manifest.json": set(), "evaluation/request.json": set()}
+        answered: dict[str, set[str]] = {"global/manifest.json": set(), "evaluation/request.json": set()}
+        answers = {"update/manifest.json": "global/manifest.json", "update/decline.json": "global/manifest.json",
+                   "evaluation/result.json": "evaluation/request.json",
+                   "evaluation/decline.json": "evaluation/request.json"}
         for key in self.store.list_keys(self.bucket, listing):
             round_id, _, rest = key[len(listing):].partition("/")
-            if rest == "global/manifest.json":
-                rounds.add(round_id)
-            elif rest in ("update/manifest.json", "update/decline.json"):
-                answered.add(round_id)
-        return sorted(rounds - answered - self.answered)
+            if rest in asked:
+                asked[rest].add(round_id)
+            elif rest in answers:
+                answered[answers[rest]].add(round_id)
+        rounds = asked["global/manifest.json"] - answered["global/manifest.json"] - self.answered
+        evaluations = asked["evaluation/request.json"] - answered["evaluation/request.json"] - self.evaluated
+        return sorted(rounds), sorted(evaluations)
+
+    def pending_rounds(self) -> list[str]:
+        """Rounds with a committed global manifest and no answer from us yet, oldest first."""
+        return self.pending()[0]
 
     # --- one round --------------------------------------------------------------------------
     def answer(self, round_id: str) -> bool:
@@ -115,7 +142,7 @@ class SiloAgent:
         fetch_seconds = time.perf_counter() - started
         return self.train_and_commit(manifest, task, rows, decode_state(payload), fetch_seconds)
 
-    def task_for(self, manifest: GlobalManifest):
+    def task_for(self, manifest: GlobalManifest | EvaluationRequest):
         """The installed task, when it is the one the round names; Decline otherwise."""
         from fl_tasks.config import ConfigError
         from fl_tasks.tasks.api import TaskError, load_task, params_sha256
@@ -136,7 +163,7 @@ class SiloAgent:
                           f"version {wanted['version']}")
         return task
 
-    def read_rows(self, manifest: GlobalManifest, contract: DataContract) -> "pd.DataFrame":
+    def read_rows(self, manifest: GlobalManifest | EvaluationRequest, contract: DataContract) -> "pd.DataFrame":
         """The round's data window from the data source, checked against the contract."""
         window = Window.from_manifest(manifest.data_window)
         try:
@@ -171,8 +198,10 @@ class SiloAgent:
         settings = TrainingSettings(local_epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
                                     batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
                                     seed=self.seed + zlib.crc32(round_id.encode()) % 10_000)
+        rows, held_out = split_rows(rows, float(t.get("holdout_fraction", 0.0)), self.salt)
         self.log(f"round {round_id}: training {settings.local_epochs} epoch(s) on {len(rows)} rows "
-                 f"from base version {manifest.model_version}")
+                 f"from base version {manifest.model_version}"
+                 + (f" ({len(held_out)} rows held out for evaluation)" if len(held_out) else ""))
         result = task.train(model, self.train_rows(rows, task.contract), settings, global_state)
         update = encode_state(self.reported_state(model_state(model), base, round_id), t["codec"])
         self.store.put_bytes(self.bucket, self.key(protocol.update_payload_key, round_id), update)
@@ -190,13 +219,68 @@ class SiloAgent:
                  f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())})")
         return True
 
-    def decline(self, round_id: str, reason: str) -> None:
-        """Commit a signed decline: the coordinator stops waiting for this silo this round."""
+    def decline(self, round_id: str, reason: str, which=protocol.decline_key) -> None:
+        """Commit a signed decline: the coordinator stops waiting for this silo this round
+        (or, with `which=protocol.evaluation_decline_key`, for its evaluation)."""
         reason = reason[:DeclineManifest.MAX_REASON_CHARS]
-        self.commit(round_id, protocol.decline_key, DeclineManifest(
+        self.commit(round_id, which, DeclineManifest(
             client_id=self.client_id, federation=self.federation, round_id=round_id, reason=reason,
             created_at=datetime.now(timezone.utc).isoformat()))
-        self.log(f"round {round_id}: declined: {reason}")
+        what = "evaluation" if which is protocol.evaluation_decline_key else "round"
+        self.log(f"round {round_id}: {what} declined: {reason}")
+
+    # --- one evaluation request -------------------------------------------------------------
+    def evaluate(self, round_id: str) -> bool:
+        """Score the requested models on this silo's evaluation share and commit the scores;
+        False when the request is skipped or declined."""
+        self.evaluated.add(round_id)
+        raw = self.store.get_bytes(self.bucket, self.key(protocol.evaluation_request_key, round_id),
+                                   max_bytes=protocol.MAX_MANIFEST_BYTES)
+        request = EvaluationRequest.from_json(raw)
+        if request.round_id != round_id or request.federation != self.federation:
+            self.log(f"round {round_id}: evaluation request names another round or federation, skipped")
+            return False
+        if datetime.fromisoformat(request.deadline) <= datetime.now(timezone.utc):
+            self.log(f"round {round_id}: evaluation deadline {request.deadline} already passed, skipped")
+            return False
+        try:
+            task = self.task_for(request)
+            rows = self.read_rows(request, DataContract.from_dict(request.contract))
+            _, held = split_rows(rows, request.holdout_fraction, self.salt)
+            if held.empty:
+                raise Decline(f"no rows in this silo's evaluation share ({len(rows)} rows, holdout_fraction "
+                              f"{request.holdout_fraction:g})")
+            scores = {label: self.score(task, round_id, label, model, held) for label, model in request.models.items()}
+        except Decline as exc:
+            self.decline(round_id, str(exc), protocol.evaluation_decline_key)
+            return False
+        manifest = self.reported_evaluation(EvaluationManifest(
+            client_id=self.client_id, federation=self.federation, round_id=round_id, request_sha256=sha256_hex(raw),
+            num_examples=len(held), rows_held=len(rows), scores=scores,
+            created_at=datetime.now(timezone.utc).isoformat()), task)
+        self.commit(round_id, protocol.evaluation_result_key, manifest)
+        self.log(f"round {round_id}: evaluation committed ({manifest.num_examples} rows): " + "; ".join(
+            f"{label} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            for label, metrics in manifest.scores.items()))
+        return True
+
+    def score(self, task, round_id: str, label: str, model: dict[str, Any], rows: "pd.DataFrame") -> dict[str, float]:
+        """The task's metrics of one requested model on `rows`; Decline when it cannot be scored."""
+        from fl_tasks.tasks.api import load_model_state
+
+        payload = self.store.get_bytes(self.bucket, protocol.evaluation_model_key(
+            self.prefix, self.federation, round_id, label), max_bytes=int(model["bytes"]))
+        if payload is None or sha256_hex(payload) != model["sha256"]:
+            raise Decline(f"model '{label}' is missing or does not match its sha256")
+        try:
+            loaded = load_model_state(task.build_model(), decode_state(payload))
+            return {name: float(value) for name, value in task.evaluate(loaded, rows).items()}
+        except ValueError as exc:  # e.g. a share with a single class: no ROC-AUC
+            raise Decline(f"model '{label}' cannot be scored on this silo's evaluation share: {exc}") from None
+
+    def reported_evaluation(self, manifest: EvaluationManifest, task) -> EvaluationManifest:
+        """The evaluation the silo commits (the production agent: what it measured)."""
+        return manifest
 
     def commit(self, round_id: str, which, manifest) -> None:
         if self.signing_key is not None:
@@ -210,18 +294,22 @@ class SiloAgent:
         answered, idle_since = 0, time.monotonic()
         while max_rounds is None or answered < max_rounds:
             try:
-                pending = self.pending_rounds()
+                rounds, evaluations = self.pending()
             except StorageUnavailable as exc:  # S3 away: the agent waits for it, it does not die
                 self.log(f"S3 unavailable, polling again in {poll_seconds:g}s: {exc}")
-                pending = []
-            for round_id in pending:
-                try:
-                    answered += self.answer(round_id)
-                except (ValueError, KeyError, ManifestError) as exc:  # a bad manifest must not stop the agent
-                    self.log(f"round {round_id}: skipped: {exc}")
-                except StorageUnavailable as exc:  # the manifest goes last: a retry starts over cleanly
-                    self.answered.discard(round_id)
-                    self.log(f"round {round_id}: S3 unavailable, trying again next poll: {exc}")
+                rounds, evaluations = [], []
+            # Evaluations first: they take seconds, and a round's promotion waits on them.
+            for work, done, act in ((evaluations, self.evaluated, self.evaluate), (rounds, self.answered, self.answer)):
+                for round_id in work:
+                    try:
+                        result = act(round_id)
+                        answered += result if act == self.answer else 0
+                    except (ValueError, KeyError, ManifestError) as exc:  # a bad manifest must not stop the agent
+                        self.log(f"round {round_id}: skipped: {exc}")
+                    except StorageUnavailable as exc:  # the manifest goes last: a retry starts over cleanly
+                        done.discard(round_id)
+                        self.log(f"round {round_id}: S3 unavailable, trying again next poll: {exc}")
+            pending = rounds or evaluations
             if pending:
                 idle_since = time.monotonic()
             elif idle_exit_seconds is not None and time.monotonic() - idle_since > idle_exit_seconds:

@@ -1,7 +1,8 @@
 """Simulated silo behaviours, for demos, tests and the robustness benchmark.
 
 Honest silos train and report. The others model what a production federation must survive:
-silos that never answer or answer late, and Byzantine silos that send poisoned models.
+silos that never answer or answer late, Byzantine silos that send poisoned models, and silos
+that lie about (or never send) their evaluation of a candidate.
 `AttackingAgent` wraps the honest agent (fl_tasks.silo.agent), overriding only what it
 trains on and what it reports; the production `fl-client` has no such branches. Attacks act
 on the floating tensors of `update - base`; integer buffers are left alone.
@@ -11,6 +12,7 @@ on the floating tensors of `update - base`; integer buffers are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import zlib
@@ -28,8 +30,28 @@ if TYPE_CHECKING:
 
 HONEST, DROPOUT, STRAGGLER = "honest", "dropout", "straggler"
 SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP = "sign_flip", "scaled", "noise", "colluding", "label_flip"
-BEHAVIOURS = (HONEST, DROPOUT, STRAGGLER, SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP)
+INFLATED_EVAL, SANDBAGGED_EVAL, NO_EVAL = "inflated_eval", "sandbagged_eval", "no_eval"
+BEHAVIOURS = (HONEST, DROPOUT, STRAGGLER, SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP, INFLATED_EVAL,
+              SANDBAGGED_EVAL, NO_EVAL)
 MODEL_ATTACKS = (SIGN_FLIP, SCALED, NOISE, COLLUDING)
+EVALUATION_ATTACKS = (INFLATED_EVAL, SANDBAGGED_EVAL, NO_EVAL)
+
+
+def lie_about_scores(behaviour: str, scores: Mapping[str, Mapping[str, float]], metrics) -> dict[str, dict[str, float]]:
+    """The candidate's scores a lying silo reports: inflated_eval, the best value each metric's
+    range allows (or 1.0 above the measured value when unbounded); sandbagged_eval, the worst
+    (or 1.0 below). Every other model's scores stay as measured."""
+    out = {label: dict(values) for label, values in scores.items()}
+    if behaviour not in (INFLATED_EVAL, SANDBAGGED_EVAL) or "candidate" not in out:
+        return out
+    for metric in metrics:
+        if metric.name not in out["candidate"]:
+            continue
+        better = (behaviour == INFLATED_EVAL) == metric.higher_is_better
+        bound = metric.high if better else metric.low
+        value = out["candidate"][metric.name]
+        out["candidate"][metric.name] = float(bound) if np.isfinite(bound) else value + (1.0 if better else -1.0)
+    return out
 
 
 def poison_data(behaviour: str, rows: "pd.DataFrame", contract: "DataContract") -> "pd.DataFrame":
@@ -97,6 +119,21 @@ class AttackingAgent(SiloAgent):
             self.log(f"round {round_id}: straggling for {self.delay_seconds:.0f}s (simulated)")
             time.sleep(self.delay_seconds)
         return super().answer(round_id)
+
+    def evaluate(self, round_id: str) -> bool:
+        if self.behaviour == NO_EVAL:
+            self.evaluated.add(round_id)
+            self.log(f"round {round_id}: not evaluating (simulated)")
+            return False
+        return super().evaluate(round_id)
+
+    def reported_evaluation(self, manifest, task):
+        if self.behaviour != INFLATED_EVAL and self.behaviour != SANDBAGGED_EVAL:
+            return manifest
+        # A liar also claims a large evaluation share, to weigh heavily in an example-weighted mean.
+        grow = 1000 if self.behaviour == INFLATED_EVAL else 1
+        return dataclasses.replace(manifest, scores=lie_about_scores(self.behaviour, manifest.scores, task.metrics),
+                                   num_examples=manifest.num_examples * grow, rows_held=manifest.rows_held * grow)
 
     def train_rows(self, rows, contract):
         return poison_data(self.behaviour, rows, contract)

@@ -66,9 +66,10 @@ def write_rows(rows, path: Path) -> Path:
 
 
 def publish_validation(spec: FederationSpec, data: SimulatedData, store: ObjectStore) -> None:
-    """Put the simulated hold-out where the federation's `validation.data` points (when that
-    is in S3; a local path is written by prepare_silos' caller)."""
-    uri = spec.validation_uri
+    """Stand in for the coordinator's own rows: put the simulated hold-out where the
+    federation's `evaluation.coordinator_data` points (when that is in S3; a local path is
+    written by prepare_silos' caller). Nothing when the federation has no coordinator data."""
+    uri = spec.evaluation.coordinator_data
     if uri.startswith("s3://"):
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         store.put_bytes(bucket, key, data.validation.read_bytes())

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from fl_tasks.coordinator.intake import STORAGE_ERRORS, storage_reason, verify_answer
-from fl_tasks.protocol import MAX_MANIFEST_BYTES, DeclineManifest, ManifestError, UpdateManifest
+from fl_tasks.protocol import ANSWER_KINDS, MAX_MANIFEST_BYTES, DeclineManifest, ManifestError
 from fl_tasks.protocol.signing import SignatureError
 from fl_tasks.protocol.storage import AsyncObjectStore, is_transient_async
 
@@ -21,7 +21,7 @@ CONCURRENT_READS = 32  # silos read at the same time, whatever their number
 
 @dataclass
 class Poll:
-    committed: dict[str, datetime] = field(default_factory=dict)  # verified updates: commit times
+    committed: dict[str, datetime] = field(default_factory=dict)  # verified answers: commit times
     declined: dict[str, str] = field(default_factory=dict)  # verified declines: reasons
     problems: dict[str, str] = field(default_factory=dict)  # why a silo's answer does not count
     outage: str = ""  # every silo failed with a transient error: the endpoint(s) are down
@@ -36,7 +36,8 @@ class _Seen:
 
 
 class AnswerWatcher:
-    """Polls every silo's update and decline manifests; verifies each manifest once per ETag."""
+    """Polls every silo's answer (update or evaluation) and decline manifests; verifies each
+    manifest once per ETag."""
 
     def __init__(self, trigger):
         self.trigger = trigger
@@ -80,7 +81,7 @@ class AnswerWatcher:
         poll = Poll()
         transient = []
         for client_id, (kind, value, problem, was_transient) in zip(self.trigger.clients, results):
-            if kind == "update":
+            if kind == self.trigger.answers:
                 poll.committed[client_id] = value
             elif kind == "decline":
                 poll.declined[client_id] = value
@@ -93,14 +94,14 @@ class AnswerWatcher:
 
     async def _read_client(self, client_id: str) -> tuple[str | None, Any, str, bool]:
         """(kind, commit time or decline reason, problem, the problem is transient), decided as
-        the coordinator's `Intake.read_answer` decides: the update manifest first, and a
-        decline only when there is no update manifest at all."""
+        the coordinator's `Intake.read_answer` decides: the answer manifest first, and a
+        decline only when there is no answer manifest at all."""
         info = self.trigger.clients[client_id]
         group = (info.get("aws_conn_id"), info.get("endpoint_url"))
         if group in self.unreachable:
             return None, None, self.unreachable[group], False
         store = self.stores[group]
-        for kind, key in (("update", info["update_key"]), ("decline", info["decline_key"])):
+        for kind, key in ((self.trigger.answers, info["answer_key"]), ("decline", info["decline_key"])):
             async with self.limit:
                 try:
                     seen = await self._verified(store, client_id, kind, info["bucket"], key)
@@ -114,7 +115,7 @@ class AnswerWatcher:
                 continue
             if seen.verdict is not None:
                 return None, None, f"{kind} manifest rejected: {seen.verdict}", False
-            return kind, seen.written if kind == "update" else seen.reason, "", False
+            return kind, seen.reason if kind == "decline" else seen.written, "", False
         return None, None, "", False
 
     async def _verified(self, store: AsyncObjectStore, client_id: str, kind: str, bucket: str, key: str) -> _Seen | None:
@@ -131,10 +132,12 @@ class AnswerWatcher:
             return None
         trigger = self.trigger
         try:
-            manifest = verify_answer(raw, UpdateManifest if kind == "update" else DeclineManifest, client_id,
+            answer = kind != "decline"
+            manifest = verify_answer(raw, ANSWER_KINDS[kind].manifest if answer else DeclineManifest, client_id,
                                      trigger.federation, trigger.round_id, trigger.require_signatures,
                                      await self.key_of(client_id),
-                                     f"Airflow connection '{trigger.clients[client_id]['signing_conn_id']}'")
+                                     f"Airflow connection '{trigger.clients[client_id]['signing_conn_id']}'",
+                                     trigger.binding if answer else None)
             seen = _Seen(etag, written, None, getattr(manifest, "reason", ""))
         except (ManifestError, SignatureError, ValueError) as exc:
             seen = _Seen(etag, written, str(exc))

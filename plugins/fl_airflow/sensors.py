@@ -1,4 +1,4 @@
-"""QuorumSensor: waits for the round's quorum without holding a worker slot."""
+"""QuorumSensor: waits for the silos' updates or evaluations without holding a worker slot."""
 
 from __future__ import annotations
 
@@ -13,21 +13,28 @@ from fl_airflow.triggers import QuorumTrigger
 
 
 class QuorumSensor(BaseSensorOperator):
-    """Succeeds when the round may close (every client answered, the grace period after the
-    quorum ended, or the deadline passed with the quorum in). Fails at once when the
-    silos' declines leave too few to reach the quorum.
+    """Waits for the silos' answers without holding a worker slot: their updates
+    (`answers="update"`, wait_for_quorum) or their evaluations of the round's candidate
+    (`answers="evaluation"`, wait_for_evaluations).
 
-    Checks once on the worker; if the round is still open it defers to `QuorumTrigger` and
-    frees the slot. A round that misses quorum fails this task with the reason, and nothing
-    downstream builds a model.
+    Succeeds when the wait may close (every silo asked answered, the grace period after the
+    quorum ended, or the deadline passed with the quorum in). Checks once on the worker; if
+    the wait is still open it defers to `QuorumTrigger` and frees the slot. A round that
+    misses its update quorum (or whose declines leave too few) fails this task with the
+    reason, and nothing downstream builds a model. A missed evaluation quorum is recorded
+    and the task succeeds: validate fails the round's gates on it, and the candidate is
+    rolled back with the reason.
     """
 
     template_fields = ("round_id",)
 
-    def __init__(self, *, federation_file: str, round_id: str, **kwargs: Any):
+    def __init__(self, *, federation_file: str, round_id: str, answers: str = "update", **kwargs: Any):
         super().__init__(**kwargs)
+        if answers not in ("update", "evaluation"):
+            raise ValueError(f"QuorumSensor: answers {answers!r} must be 'update' or 'evaluation'")
         self.federation_file = federation_file
         self.round_id = round_id
+        self.answers = answers
 
     def _coordinator(self):
         from fl_airflow.steps import coordinator_for
@@ -35,39 +42,42 @@ class QuorumSensor(BaseSensorOperator):
         return coordinator_for(self.federation_file)
 
     def _finish(self, coordinator, decision) -> dict[str, Any]:
-        record = coordinator.close_round(self.round_id, decision)
-        if record["state"] != "met":
+        record = coordinator.close(self.round_id, self.answers, decision)
+        if record["state"] != "met" and self.answers == "update":
             raise AirflowFailException(record["reason"])
-        self.log.info("round %s closed: %s", self.round_id, record["reason"])
+        what = "evaluation" if self.answers == "evaluation" else "round"
+        self.log.info("round %s: %s closed: %s", self.round_id, what, record["reason"])
         for client, reason in sorted(record["declined"].items()):
             self.log.info("round %s: %s declined: %s", self.round_id, client, reason)
-        return {"round_id": self.round_id, "committed": record["committed"], "declined": record["declined"]}
+        return {"round_id": self.round_id, "state": record["state"], "committed": record["committed"],
+                "declined": record["declined"]}
 
     def execute(self, context) -> dict[str, Any]:
         from fl_tasks import protocol
-        from fl_tasks.coordinator import grace_period, quorum, required_clients
 
         coordinator = self._coordinator()
-        decision = coordinator.check_quorum(self.round_id)
-        if decision.state != quorum.WAITING:
+        decision = coordinator.check(self.round_id, self.answers)
+        if decision.state != "waiting":
             return self._finish(coordinator, decision)
-        plan = coordinator.load_plan(self.round_id)
+        awaited = coordinator.awaited(self.round_id, self.answers)
+        kind = protocol.ANSWER_KINDS[self.answers]
         spec = coordinator.spec
         clients = {c.id: {"bucket": c.bucket_name,
-                          "update_key": protocol.update_manifest_key(c.prefix, spec.federation, self.round_id),
-                          "decline_key": protocol.decline_key(c.prefix, spec.federation, self.round_id),
+                          "answer_key": kind.answer_key(c.prefix, spec.federation, self.round_id),
+                          "decline_key": kind.decline_key(c.prefix, spec.federation, self.round_id),
                           "aws_conn_id": c.aws_conn_id or spec.storage_aws_conn_id,
                           "endpoint_url": c.endpoint_url, "federation_endpoint_url": spec.endpoint_url,
                           "signing_conn_id": spec.security.conn_id(spec.federation, c.id)}
-                   for c in spec.clients if c.id in plan.clients}
-        left = datetime.fromisoformat(plan.deadline) - datetime.now(timezone.utc)
-        self.log.info("round %s: %s; deferring until quorum or %s", self.round_id, decision.reason, plan.deadline)
+                   for c in spec.clients if c.id in awaited.clients}
+        left = datetime.fromisoformat(awaited.deadline) - datetime.now(timezone.utc)
+        self.log.info("round %s: %s; deferring until quorum or %s", self.round_id, decision.reason, awaited.deadline)
         self.defer(
             trigger=QuorumTrigger(round_id=self.round_id, federation=spec.federation, clients=clients,
-                                  deadline=plan.deadline, required=required_clients(plan),
-                                  grace_seconds=None if (grace := grace_period(plan)) is None else grace.total_seconds(),
+                                  deadline=awaited.deadline, required=awaited.required,
+                                  grace_seconds=awaited.grace_seconds,
                                   poll_interval=spec.quorum.poll_interval_seconds,
-                                  require_signatures=plan.require_signatures),
+                                  require_signatures=awaited.require_signatures, answers=self.answers,
+                                  binding=awaited.binding),
             method_name="execute_complete",
             timeout=max(left, timedelta(0)) + timedelta(minutes=10),
         )
@@ -78,7 +88,7 @@ class QuorumSensor(BaseSensorOperator):
 
         if event["state"] == "error":
             # The trigger could not read S3: nothing is recorded, and the Airflow retry of this
-            # task checks the quorum again on the worker (and defers again if it is still open).
+            # task checks again on the worker (and defers again if the wait is still open).
             raise StorageUnavailable(event["reason"])
 
         decision = QuorumDecision(event["state"], tuple(event["committed"]), event["reason"])

@@ -19,7 +19,9 @@ HEARTBEAT_SECONDS = 300  # while nothing changes, one "still waiting" line this 
 class QuorumTrigger(BaseTrigger):
     """Fires once the round may close (`fl_tasks.coordinator.quorum.decide`): every client
     answered, the grace period after the quorum ended, the deadline passed, or the declines
-    left too few clients to reach the quorum.
+    left too few clients to reach the quorum. It waits for the silos' updates
+    (`answers="update"`) or for their evaluations of a candidate (`answers="evaluation"`,
+    each bound to the request by `binding`).
 
     A commit is a readable, verified manifest, exactly as the coordinator counts it
     (`fl_tasks.coordinator.intake.verify_answer`): strict schema, this round and client,
@@ -27,9 +29,10 @@ class QuorumTrigger(BaseTrigger):
     whose objects cannot be read, or whose manifest does not verify, counts as not
     committed, and the trigger logs why; it never fails the round for the others.
 
-    Holds only serialisable fields: per client the bucket, the keys of its update and decline
+    Holds only serialisable fields: per client the bucket, the keys of its answer and decline
     manifests, its S3 connection and endpoint and its signing-key connection; the round's
-    identity, deadline, quorum and grace period. Credentials and keys come from Airflow
+    identity, deadline, quorum and grace period; what is awaited and what the answers must
+    name (`binding`, e.g. the evaluation request's sha256). Credentials and keys come from Airflow
     connections (read in a worker thread), never from the serialised trigger. Commit times
     are the manifests' LastModified, so a restarted triggerer decides the same way.
 
@@ -44,11 +47,11 @@ class QuorumTrigger(BaseTrigger):
 
     def __init__(self, round_id: str, federation: str, clients: dict[str, dict[str, Any]], deadline: str,
                  required: int, grace_seconds: float | None = None, poll_interval: float = 10.0,
-                 require_signatures: bool = False):
+                 require_signatures: bool = False, answers: str = "update", binding: dict[str, str] | None = None):
         super().__init__()
         self.round_id = round_id
         self.federation = federation
-        # client id -> {bucket, update_key, decline_key, aws_conn_id, endpoint_url (the client's own),
+        # client id -> {bucket, answer_key, decline_key, aws_conn_id, endpoint_url (the client's own),
         # federation_endpoint_url, signing_conn_id}
         self.clients = clients
         self.deadline = deadline
@@ -56,12 +59,15 @@ class QuorumTrigger(BaseTrigger):
         self.grace_seconds = grace_seconds
         self.poll_interval = poll_interval
         self.require_signatures = require_signatures
+        self.answers = answers
+        self.binding = binding or {}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("fl_airflow.triggers.QuorumTrigger", {
             "round_id": self.round_id, "federation": self.federation, "clients": self.clients,
             "deadline": self.deadline, "required": self.required, "grace_seconds": self.grace_seconds,
             "poll_interval": self.poll_interval, "require_signatures": self.require_signatures,
+            "answers": self.answers, "binding": self.binding,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:

@@ -13,7 +13,9 @@ from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk.exceptions import ParamValidationError
 
 REPO = Path(__file__).resolve().parents[2]
-CHAIN = ["wait_for_previous_round", "prepare_round", "dispatch", "wait_for_quorum", "aggregate", "validate", "register", "promote_or_rollback"]
+CHAIN = ["wait_for_previous_round", "prepare_round", "dispatch", "wait_for_quorum", "aggregate", "request_evaluation",
+         "wait_for_evaluations", "validate", "register", "promote_or_rollback"]
+CHECK_CHAIN = ["prepare_evaluation", "request_evaluation", "wait_for_evaluations", "report_evaluation"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,9 @@ def monkeypatch_module():
 def test_no_import_errors_and_one_dag_per_federation(dagbag):
     assert dagbag.import_errors == {}
     federations = sorted(p.stem for p in (REPO / "federations").glob("*.yaml"))
-    assert sorted(dagbag.dag_ids) == sorted(f"fl_round__{f.replace('-', '_')}" for f in federations)
+    # Each federation that evaluates on its silos also gets its evaluation-only DAG.
+    assert sorted(dagbag.dag_ids) == sorted(f"fl_{kind}__{f.replace('-', '_')}" for f in federations
+                                            for kind in ("round", "evaluate"))
 
 
 def test_round_chain_and_branches(dagbag):
@@ -44,6 +48,37 @@ def test_round_chain_and_branches(dagbag):
     assert summary.upstream_task_ids == {"promote", "rollback"}
     assert summary.trigger_rule == "all_done"
     assert type(dag.get_task("wait_for_quorum")).__name__ == "QuorumSensor"
+    waits = dag.get_task("wait_for_evaluations")
+    assert type(waits).__name__ == "QuorumSensor" and waits.answers == "evaluation"
+    assert "the mean over at least 3 silos" in dag.doc_md
+
+
+def test_evaluation_only_dag(dagbag):
+    dag = dagbag.dags["fl_evaluate__banks"]
+    for upstream, downstream in zip(CHECK_CHAIN, CHECK_CHAIN[1:]):
+        assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
+    assert dag.schedule is None and dag.get_task("wait_for_evaluations").answers == "evaluation"
+    params = copy.deepcopy(dag.params)
+    params.update({"version": "3"})
+    assert params.validate()["version"] == "3"
+    with pytest.raises(ParamValidationError):
+        params.update({"version": "champion; drop"})
+
+
+def test_without_federated_evaluation_the_round_has_no_evaluation_steps(tmp_path, monkeypatch):
+    federations = tmp_path / "federations"
+    federations.mkdir()
+    text = (REPO / "federations" / "banks.yaml").read_text()
+    start = text.index("evaluation:\n")
+    end = text.index("\n", text.index("statistic:", start))
+    (federations / "banks.yaml").write_text(text[:start] + "evaluation: {federated: false, coordinator_data: "
+                                            "s3://fl-coordinator/banks/holdout.parquet}" + text[end:])
+    monkeypatch.setenv("FL_FEDERATIONS_DIR", str(federations))
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {} and sorted(bag.dag_ids) == ["fl_round__banks"]
+    dag = bag.dags["fl_round__banks"]
+    assert "validate" in dag.get_task("aggregate").downstream_task_ids
+    assert "wait_for_evaluations" not in dag.task_ids
 
 
 @pytest.mark.parametrize("conf", [
@@ -92,7 +127,8 @@ def test_a_broken_federation_file_leaves_the_other_dags_and_shows_its_error(tmp_
     monkeypatch.setenv("FL_FEDERATIONS_DIR", str(federations))
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
-    assert sorted(bag.dag_ids) == ["fl_config_error__broken", "fl_config_error__garbled", "fl_round__banks"]
+    assert sorted(bag.dag_ids) == ["fl_config_error__broken", "fl_config_error__garbled", "fl_evaluate__banks",
+                                   "fl_round__banks"]
     error = bag.dags["fl_config_error__broken"]
     assert "broken.yaml: field 'quorum.min_client': unknown field. Fix: did you mean 'min_clients'?" in \
         error.description

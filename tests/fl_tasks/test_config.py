@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from fl_tasks.config import (ClientSpec, ConfigError, FederationSpec, GatesSpec, QuorumSpec, ScreeningSpec,
-                             SimulationSpec, TaskSpec, TrainingSpec, ValidationSpec, load_federation, load_federations,
+                             SimulationSpec, TaskSpec, TrainingSpec, EvaluationSpec, FederatedEvaluationSpec, load_federation, load_federations,
                              parse_federation, scan_federations)
 from fl_tasks.contract import Column, DataContract
 from fl_tasks.settings import CLIENTS, ROUND_SETTINGS
@@ -142,7 +142,9 @@ def test_defaults_and_derived_names():
     assert spec.training.codec == "fp32" and spec.training.window == "interval"
     assert spec.task == TaskSpec()  # the built-in fraud task, no params, seed 0, no warm start
     assert spec.simulation == SimulationSpec(source="synthetic", rows=20000, seed=0)
-    assert spec.validation_uri == "s3://unit-coordinator/banks-eu/holdout/validation.parquet"
+    # The gates read the silos' own data; the coordinator holds none unless the file gives some.
+    assert spec.evaluation == EvaluationSpec(FederatedEvaluationSpec(min_silos=2), "")
+    assert spec.evaluation.sources == ("federated",)
     assert spec.storage_aws_conn_id is None and spec.max_weight_share == 0.5
     # A trailing slash is dropped; the prefix is the path below the bucket.
     b = spec.client("bank-b")
@@ -560,15 +562,44 @@ def test_simulation_section():
 
 @pytest.mark.parametrize("uri", ["s3://fl-coordinator/banks/holdout/validation.parquet", "/data/holdout.parquet",
                                  "holdout.csv"])
-def test_validation_data(uri):
-    spec = parse_federation(doc(validation={"data": uri}), SOURCE)
-    assert spec.validation == ValidationSpec(uri) and spec.validation_uri == uri
+def test_coordinator_data(uri):
+    spec = parse_federation(doc(evaluation={"coordinator_data": uri}), SOURCE)
+    assert spec.evaluation.coordinator_data == uri and spec.evaluation.sources == ("federated", "coordinator")
+    alone = parse_federation(doc(evaluation={"coordinator_data": uri, "federated": False}), SOURCE)
+    assert alone.evaluation.federated is None and alone.evaluation.sources == ("coordinator",)
 
 
 @pytest.mark.parametrize("uri", ["/data/holdout.npz", "https://example.com/v.parquet", "holdout"])
-def test_bad_validation_data(uri):
-    err = config_error(doc(validation={"data": uri}), "validation.data")
+def test_bad_coordinator_data(uri):
+    err = config_error(doc(evaluation={"coordinator_data": uri}), "evaluation.coordinator_data")
     assert "neither an s3:// URI nor a .parquet or .csv file" in err.problem
+
+
+def test_federated_evaluation_settings():
+    spec = parse_federation(doc(evaluation={"federated": {"min_silos": 2, "statistic": "median",
+                                                          "max_silo_regression": 0.05, "holdout_fraction": 0.3}}),
+                            SOURCE)
+    assert spec.evaluation.federated == FederatedEvaluationSpec(0.3, 2, 10.0, "median", 0.05)
+    assert parse_federation(doc(evaluation={"federated": True}), SOURCE).evaluation.federated.min_silos == 2
+
+
+@pytest.mark.parametrize("section, field, words", [
+    ({"federated": False}, "evaluation", "no source for the quality gates"),
+    ({"federated": {"holdout_fraction": 1.0}}, "evaluation.federated.holdout_fraction", "between 0 and 1"),
+    ({"federated": {"min_silos": 99}}, "evaluation.federated.min_silos", "must be <= 2"),
+    ({"federated": {"statistic": "mode"}}, "evaluation.federated.statistic", "must be one of mean, median"),
+    ({"federated": {"max_silo_regression": -0.1}}, "evaluation.federated.max_silo_regression", "must be >= 0"),
+    ({"federated": {"min_silo": 2}}, "evaluation.federated.min_silo", "unknown field"),
+    ({"data": "x.parquet"}, "evaluation", "allowed fields: federated, coordinator_data"),
+])
+def test_bad_evaluation(section, field, words):
+    err = config_error(doc(evaluation=section), field)
+    assert words in err.problem
+
+
+def test_the_old_validation_section_says_where_it_went():
+    err = config_error(doc(validation={"data": "s3://x/v.parquet"}), "validation")
+    assert "evaluation: {coordinator_data:" in err.fix
 
 
 def test_gates_thresholds():
@@ -639,21 +670,22 @@ def test_screening_defaults_are_on_and_cheap():
 # --- per-round settings: fl_tasks.settings is the one source of defaults and bounds -------------------------
 
 
-SPEC_FIELDS = {"quorum": QuorumSpec, "training": TrainingSpec, "gates": GatesSpec}
+SPEC_FIELDS = {"quorum": QuorumSpec, "training": TrainingSpec, "gates": GatesSpec,
+               "evaluation.federated": FederatedEvaluationSpec}
 
 
 def test_every_round_setting_is_a_field_of_the_file():
     for setting in ROUND_SETTINGS:
-        section, _, name = setting.path.partition(".")
+        section, _, name = setting.path.rpartition(".")
         if section == "aggregation":
             continue  # parsed by _parse_aggregation: `aggregation: name` or a mapping
         assert name in {f.name for f in dataclasses.fields(SPEC_FIELDS[section])}, setting.path
 
 
-@pytest.mark.parametrize("setting", [s for s in ROUND_SETTINGS if s.path.split(".")[0] in SPEC_FIELDS],
+@pytest.mark.parametrize("setting", [s for s in ROUND_SETTINGS if s.path.rpartition(".")[0] in SPEC_FIELDS],
                          ids=lambda s: s.path)
 def test_section_defaults_come_from_the_settings_table(setting):
-    section, _, name = setting.path.partition(".")
+    section, _, name = setting.path.rpartition(".")
     field = next(f for f in dataclasses.fields(SPEC_FIELDS[section]) if f.name == name)
     default = field.default if field.default is not dataclasses.MISSING else None
     if setting.type == "object":  # mutable: a factory, and empty means "none"
@@ -670,14 +702,16 @@ def test_round_defaults_are_the_files_values_by_setting_name():
     assert defaults["aggregator"] == "trimmed_mean" and defaults["aggregator_params"] == {"beta": 0.2}
     assert defaults["min_clients"] == 2 and defaults["gate_thresholds"] == {"pr_auc": 0.3}
     plain = parse_federation(doc(quorum={}), SOURCE).round_defaults()
-    assert all(plain[s.name] == s.default for s in ROUND_SETTINGS if s.type != "object")
+    assert all(plain[s.name] == s.default for s in ROUND_SETTINGS if s.type != "object" and s.name !=
+               "min_evaluating_silos")
+    assert plain["min_evaluating_silos"] == 2  # the file's default, where the federation has two clients or more
 
 
 @pytest.mark.parametrize("setting", [s for s in ROUND_SETTINGS if s.type in ("integer", "number")],
                          ids=lambda s: s.path)
 def test_file_bounds_are_the_settings_bounds(setting):
     """Each numeric setting's file field is refused exactly where the table's bound says."""
-    section, _, name = setting.path.partition(".")
+    section, _, name = setting.path.rpartition(".")
     bounds = setting.bounds(len(BASE["clients"]))
     assert bounds, setting.path
     # (value just outside the bound, whether the bound itself is allowed)
@@ -686,7 +720,11 @@ def test_file_bounds_are_the_settings_bounds(setting):
 
     def parsed(value):
         raw = doc()
-        raw[section] = {**raw.get(section, {}), name: value}
+        *outer, inner = section.split(".")
+        parent = raw
+        for part in outer:  # evaluation.federated: a section inside a section
+            parent = parent.setdefault(part, {})
+        parent[inner] = {**parent.get(inner, {}), name: value}
         return parse_federation(raw, SOURCE)
 
     for key, bound in bounds.items():
@@ -697,7 +735,10 @@ def test_file_bounds_are_the_settings_bounds(setting):
         assert info.value.field_path == setting.path and f"got {outside!r}" in info.value.problem
         assert setting.allowed(len(BASE["clients"])) in info.value.fix
         if bound_allowed:
-            assert getattr(getattr(parsed(bound), section), name) == bound
+            found = parsed(bound)
+            for part in setting.path.split("."):
+                found = getattr(found, part)
+            assert found == bound
 
 
 def test_min_clients_bound_follows_the_number_of_clients():

@@ -20,14 +20,16 @@ def test_names_and_paths_are_unique_and_indexed():
     assert len(set(names)) == len(names) and len(set(paths)) == len(paths)
     assert SETTINGS_BY_NAME == {s.name: s for s in ROUND_SETTINGS}
     assert SETTINGS_BY_PATH == {s.path: s for s in ROUND_SETTINGS}
-    assert all(s.path.count(".") == 1 for s in ROUND_SETTINGS)  # section.field of the federation file
+    assert all(s.path.count(".") == 1 or s.path.startswith("evaluation.federated.")
+               for s in ROUND_SETTINGS)  # section.field of the federation file
     assert all(s.description for s in ROUND_SETTINGS)  # the trigger form shows them
 
 
 def test_the_table_holds_the_documented_settings():
     assert [s.name for s in ROUND_SETTINGS] == [
         "aggregator", "aggregator_params", "min_clients", "min_fraction", "round_timeout_minutes",
-        "grace_period_minutes", "local_epochs", "learning_rate", "gate_thresholds", "max_regression"]
+        "grace_period_minutes", "local_epochs", "learning_rate", "gate_thresholds", "max_regression",
+        "min_evaluating_silos", "evaluation_timeout_minutes", "evaluation_statistic", "max_silo_regression"]
     assert SETTINGS_BY_NAME["aggregator"].enum == STRATEGY_NAMES
 
 

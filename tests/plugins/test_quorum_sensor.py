@@ -28,7 +28,7 @@ def test_defers_to_the_quorum_trigger_while_clients_train(prepared):
     assert deferred.value.method_name == "execute_complete"
     assert trigger.required == 2 and trigger.grace_seconds is None and sorted(trigger.clients) == ["silo-0", "silo-1", "silo-2"]
     federation = coordinator.spec.federation
-    assert trigger.clients["silo-1"]["update_key"] == f"{federation}/rounds/{round_id}/update/manifest.json"
+    assert trigger.clients["silo-1"]["answer_key"] == f"{federation}/rounds/{round_id}/update/manifest.json"
     assert trigger.clients["silo-1"]["decline_key"] == f"{federation}/rounds/{round_id}/update/decline.json"
     assert trigger.clients["silo-1"]["signing_conn_id"] == "fl_signing_silo_1"
     assert coordinator.records.get_json(round_id, "quorum.json") is None
@@ -49,7 +49,7 @@ def test_met_event_returns_the_committed_clients(prepared):
     for client_id in ("silo-0", "silo-2"):
         clients[client_id].answer(round_id)
     result = sensor.execute_complete({}, {"state": "met", "committed": ["silo-0", "silo-2"], "reason": "deadline"})
-    assert result == {"round_id": round_id, "committed": ["silo-0", "silo-2"], "declined": {}}
+    assert result == {"round_id": round_id, "state": "met", "committed": ["silo-0", "silo-2"], "declined": {}}
 
 
 def test_the_close_keeps_only_what_it_can_verify(prepared):

@@ -23,7 +23,7 @@ KEYS = {c: f"key-of-client-{c}-0123456789" for c in CLIENTS}
 
 
 def clients(endpoint_url=None, bucket_prefix="trig"):
-    return {c: {"bucket": f"{bucket_prefix}-{c}", "update_key": protocol.update_manifest_key("", FEDERATION, ROUND),
+    return {c: {"bucket": f"{bucket_prefix}-{c}", "answer_key": protocol.update_manifest_key("", FEDERATION, ROUND),
                 "decline_key": protocol.decline_key("", FEDERATION, ROUND), "aws_conn_id": None,
                 "endpoint_url": endpoint_url, "signing_conn_id": f"fl_signing_{c}"} for c in CLIENTS}
 
@@ -56,7 +56,7 @@ def test_serialize_round_trips_through_its_classpath():
     assert rebuilt.serialize() == (classpath, kwargs)
     assert kwargs == {"round_id": ROUND, "federation": FEDERATION, "clients": clients("http://127.0.0.1:9"),
                       "deadline": "2030-01-01T00:00:00+00:00", "required": 2, "grace_seconds": None,
-                      "poll_interval": 0.2, "require_signatures": True}
+                      "poll_interval": 0.2, "require_signatures": True, "answers": "update", "binding": {}}
     assert "key-of-client" not in repr(kwargs)  # no secret is ever serialised
 
 

@@ -83,7 +83,11 @@ def test_build_report_collects_what_the_steps_stored():
               "unreadable": {"d": "update manifest unreadable: storage error AccessDenied: denied"}}
     summary = {"accepted": [{"client_id": "a"}], "rejected": [{"client_id": "b", "reason": "free rider"}]}
     result = {"candidate": {"pr_auc": 0.4}, "champion": {"pr_auc": 0.5}, "primary_metric": "pr_auc",
-              "gates": [{"name": "max_regression", "passed": False, "detail": "pr_auc drop"}]}
+              "gates": [{"name": "max_regression", "passed": False, "detail": "pr_auc drop", "source": "federated"}],
+              "sources": ["federated", "coordinator"], "decided_by": ["federated"], "coordinator": None,
+              "federated": {"statistic": "median", "not_counted": {"c": "declined: no rows"}, "required": 2,
+                            "figures": {}, "per_silo": {"a": {"num_examples": 10, "rows_held": 50, "scores": {
+                                "candidate": {"pr_auc": 0.4}, "champion": {"pr_auc": 0.5}}}}}}
     decision = {"decision": "rejected", "version": "3", "reasons": ["pr_auc drop", "min_roc_auc"]}
     built = round_log.build_report(plan(), closed, summary, result, decision, None, late=[], audit_log="s3://x/")
     assert built["clients_expected"] == 3 and built["clients_committed"] == 2
@@ -95,6 +99,11 @@ def test_build_report_collects_what_the_steps_stored():
     assert built["primary_metric"] == "pr_auc" and built["gates"] == result["gates"]
     assert built["decision"] == "rejected" and built["version"] == "3"
     assert built["reason"] == "pr_auc drop; min_roc_auc"
+    assert built["evaluation_sources"] == ["federated", "coordinator"] and built["decided_by"] == ["federated"]
+    text = round_log.summary_table(built)
+    assert "federated median:" in text and "per silo (pr_auc" in text and "not counted c: declined: no rows" in text
+    note = round_log.run_note(built)
+    assert "Gates on federated evaluation and the coordinator's own rows; failed on federated evaluation" in note
 
 
 def test_build_report_of_a_round_that_built_nothing():

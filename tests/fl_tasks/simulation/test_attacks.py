@@ -14,8 +14,8 @@ from fl_tasks.protocol.codec import decode_state
 from fl_tasks.silo.agent import SiloAgent
 from fl_tasks.silo.sources import FileSource
 from fl_tasks.simulation import attacks
-from fl_tasks.simulation.attacks import (BEHAVIOURS, COLLUDING, DROPOUT, HONEST, LABEL_FLIP, NOISE, SCALED, SIGN_FLIP,
-                                         STRAGGLER, AttackingAgent, poison_data, poison_model)
+from fl_tasks.simulation.attacks import (BEHAVIOURS, COLLUDING, DROPOUT, HONEST, INFLATED_EVAL, LABEL_FLIP, NO_EVAL,
+                                        NOISE, SANDBAGGED_EVAL, SCALED, SIGN_FLIP, STRAGGLER, AttackingAgent, poison_data, poison_model)
 from fl_tasks.simulation.datasets import synthetic_fraud_frame
 
 from tests.fl_tasks.silo.test_agent import CONTRACT, base_state, publish, read_decline, read_update, silo_rows
@@ -100,7 +100,7 @@ def payload_of(agent) -> dict[str, np.ndarray]:
 def test_the_attacker_is_the_production_agent():
     assert issubclass(AttackingAgent, SiloAgent)
     overridden = {name for name in vars(AttackingAgent) if not name.startswith("__")}
-    assert overridden == {"answer", "train_rows", "reported_state"}
+    assert overridden == {"answer", "train_rows", "reported_state", "evaluate", "reported_evaluation"}
     with pytest.raises(ValueError, match="behaviour 'evil' must be one of"):
         AttackingAgent("bank-a", "fed", "s3://bucket-b", FileSource("x.parquet"), None, behaviour="evil")
 
@@ -185,4 +185,5 @@ def test_the_command_line_takes_a_behaviour(capsys, tmp_path):
     code = attacks.main(["--behaviour", SIGN_FLIP, "--client-id", "../x", "--federation", "fed", "--bucket", "s3://b",
                          "--data", str(path), "--endpoint-url", "http://127.0.0.1:1"])
     assert code == 2 and "fl-simulate-silo: client id '../x' must match" in capsys.readouterr().err
-    assert set(BEHAVIOURS) == {HONEST, DROPOUT, STRAGGLER, SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP}
+    assert set(BEHAVIOURS) == {HONEST, DROPOUT, STRAGGLER, SIGN_FLIP, SCALED, NOISE, COLLUDING, LABEL_FLIP,
+                               INFLATED_EVAL, SANDBAGGED_EVAL, NO_EVAL}

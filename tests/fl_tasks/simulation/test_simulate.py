@@ -64,13 +64,15 @@ def test_the_validation_rows_go_where_the_federation_file_says(s3_server, tmp_pa
     create_buckets(spec, store)
     data = prepare_silos(spec, tmp_path)
     publish_validation(spec, data, store)
-    assert spec.validation_uri == f"s3://{spec.coordinator_bucket}/{spec.federation}/holdout/validation.parquet"
     key = f"{spec.federation}/holdout/validation.parquet"
+    assert spec.evaluation.coordinator_data == f"s3://{spec.coordinator_bucket}/{key}"
     assert store.get_bytes(spec.coordinator_bucket, key) == data.validation.read_bytes()
-    # A local validation file is left to the caller: nothing goes to S3.
-    local = spec_of(validation={"data": str(tmp_path / "mine.parquet")})
-    publish_validation(local, data, store)
-    assert not store.exists(local.coordinator_bucket, f"{local.federation}/holdout/validation.parquet")
+    # A local validation file is left to the caller, and without coordinator data nothing goes to S3.
+    for evaluation in ({"coordinator_data": str(tmp_path / "mine.parquet")},
+                       {"coordinator_data": "", "federated": True}):
+        other = spec_of(evaluation=evaluation)
+        publish_validation(other, data, store)
+        assert not store.exists(other.coordinator_bucket, f"{other.federation}/holdout/validation.parquet")
 
 
 class FakePopen:
