@@ -88,7 +88,7 @@ class SiloProcesses:
         instead of its file in `silo_paths`."""
         self.spec, self.paths, self.log_dir = spec, silo_paths, log_dir
         self.signing_keys = signing_keys if signing_keys is not None else env_signing_keys(spec)
-        self.behaviours = behaviours or {}
+        self.behaviours = dict(behaviours or {})
         self.delay_seconds, self.poll_seconds = delay_seconds, poll_seconds
         self.extra_args = extra_args or []
         self.data_args = data_args or {}
@@ -97,24 +97,40 @@ class SiloProcesses:
     def start(self) -> "SiloProcesses":
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for client in self.spec.clients:
-            behaviour = self.behaviours.get(client.id, "honest")
-            # Honest silos run the production agent; simulated behaviours wrap it.
-            module = ["fl_tasks.silo.agent"] if behaviour == "honest" else \
-                ["fl_tasks.simulation.attacks", "--behaviour", behaviour, "--delay-seconds", str(self.delay_seconds)]
-            cmd = [sys.executable, "-m", *module, "--client-id", client.id,
-                   "--federation", self.spec.federation, "--bucket", client.bucket,
-                   *self.data_args.get(client.id, ["--data", str(self.paths.get(client.id))]),
-                   "--poll-seconds", str(self.poll_seconds), *self.extra_args]
-            if self.spec.endpoint_url:
-                cmd += ["--endpoint-url", self.spec.endpoint_url]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            env.pop("FL_SIGNING_KEY", None)  # never one key for every silo
-            if self.signing_keys.get(client.id):
-                env["FL_SIGNING_KEY"] = self.signing_keys[client.id]
-            log = open(self.log_dir / f"{client.id}.log", "ab")
-            self.procs[client.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            log.close()
+            self._start(client.id)
         return self
+
+    def restart(self, client_id: str, behaviour: str) -> None:
+        """Stop one silo's process and start it again with another behaviour."""
+        proc = self.procs.pop(client_id)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.behaviours[client_id] = behaviour
+        self._start(client_id)
+
+    def _start(self, client_id: str) -> None:
+        client = self.spec.client(client_id)
+        behaviour = self.behaviours.get(client.id, "honest")
+        # Honest silos run the production agent; simulated behaviours wrap it.
+        module = ["fl_tasks.silo.agent"] if behaviour == "honest" else \
+            ["fl_tasks.simulation.attacks", "--behaviour", behaviour, "--delay-seconds", str(self.delay_seconds)]
+        cmd = [sys.executable, "-m", *module, "--client-id", client.id,
+               "--federation", self.spec.federation, "--bucket", client.bucket,
+               *self.data_args.get(client.id, ["--data", str(self.paths.get(client.id))]),
+               "--poll-seconds", str(self.poll_seconds), *self.extra_args]
+        if self.spec.endpoint_url:
+            cmd += ["--endpoint-url", self.spec.endpoint_url]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("FL_SIGNING_KEY", None)  # never one key for every silo
+        if self.signing_keys.get(client.id):
+            env["FL_SIGNING_KEY"] = self.signing_keys[client.id]
+        log = open(self.log_dir / f"{client.id}.log", "ab")
+        self.procs[client.id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
 
     def stop(self) -> None:
         for proc in self.procs.values():
