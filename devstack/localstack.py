@@ -377,7 +377,7 @@ class LocalStack:
 
     def _prepare_silos(self, specs) -> dict:
         """Every federation's simulated silo data (agents start only for those not in
-        no_silos), and its coordinator's validation rows published."""
+        no_silos), and, where a federation has evaluation.coordinator_data, those rows published."""
         from fl_tasks.simulation.simulate import prepare_silos, publish_validation
 
         prepared = {spec.federation: prepare_silos(spec, self.state_dir / "data" / spec.federation) for spec in specs}

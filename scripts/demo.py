@@ -33,18 +33,22 @@ def fmt(metrics: dict | None, name: str) -> str:
     return f"{metrics[name]:.4f}" if metrics else "-"
 
 def local_only_baselines(spec, silo_paths: dict[str, Path], test, epochs: int) -> dict[str, dict[str, float]]:
-    """Each bank alone: the same task, model and optimiser, the same total epochs, its rows only."""
+    """Each bank alone: the same task, model and optimiser, the same total epochs, the rows it
+    trains on in the federation (its evaluation share stays out here too)."""
     import pandas as pd
 
+    from fl_tasks.silo.holdout import silo_salt, split_rows
     from fl_tasks.tasks.api import TrainingSettings
 
     task = spec.load_task()
     settings = TrainingSettings(local_epochs=epochs, learning_rate=spec.training.learning_rate,
                                 batch_size=spec.training.batch_size, seed=spec.simulation.seed)
     results = {}
+    fraction = spec.evaluation.federated.holdout_fraction if spec.evaluation.federated else 0.0
     for client_id, path in silo_paths.items():
         model = task.seeded_model(spec.task.seed)
-        task.train(model, pd.read_parquet(path), settings, model.state_dict())
+        rows, _ = split_rows(pd.read_parquet(path), fraction, silo_salt(client_id, 0))
+        task.train(model, rows, settings, model.state_dict())
         results[client_id] = task.evaluate(model, test)
     return results
 
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"airflow db migrate failed; see {state / 'logs' / 'airflow-db.log'}")
             return 1
         say(f"loading the task's {spec.simulation.source} data and partitioning it across {len(spec.clients)} banks "
-            "(non-IID); the coordinator keeps a share for its gates, and a referee share no gate sees")
+            "(non-IID), less a referee share that no bank, gate or round ever sees")
         data = prepare_silos(spec, state)
         publish_validation(spec, data, ObjectStore(s3.endpoint_url))
         say("starting the banks' fl-client agents (each reads its own Parquet file)")
@@ -147,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(r['candidate'], 'roc_auc'):>9}{fmt(r['champion'], 'roc_auc'):>10}  "
                   f"{fmt(r['candidate'], 'pr_auc'):>8}{fmt(r['champion'], 'pr_auc'):>9}  "
                   f"{r['decision']:<10}{r['version'] or '-':>8}")
-        print("(the coordinator's own validation rows; 'champ' is the champion the round started from)")
+        sources = spec.evaluation.sources
+        print("(" + ("the banks' own evaluation shares, "
+                     f"{spec.evaluation.federated.statistic} over the banks" if "federated" in sources
+                     else "the coordinator's own rows") + "; 'champ' is the champion the round started from)")
 
         silos.stop()
         epochs = args.rounds * spec.training.local_epochs

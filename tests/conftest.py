@@ -43,6 +43,21 @@ def mlflow_store(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """One SQLite MLflow store for a test module, as the tracking URI of its tests (creating
+    its tables costs seconds; each test's federation has its own model name in it)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('module-mlflow') / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    mlflow.set_tracking_uri(previous)
+
+
 @pytest.fixture
 def mlflow_uri(mlflow_store, monkeypatch):
     """The session's MLflow store as this test's tracking URI."""
@@ -78,14 +93,16 @@ def federation_doc(num_clients: int = 3, **overrides) -> dict:
         "data": {"contract": FRAUD_CONTRACT},
         "simulation": {"source": "synthetic", "rows": 6000, "seed": 5},
         "mlflow": {"model_name": f"{name}-model"},
-        # The gates read the coordinator's rows unless a test turns federated evaluation on.
-        "evaluation": {"federated": False, "coordinator_data": f"s3://coord-{n}/{name}/holdout/validation.parquet"},
     }
+    evaluation = overrides.pop("evaluation", {})
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
             doc[key] = {**doc[key], **value}
         else:
             doc[key] = value
+    # The gates read the coordinator's rows (in its bucket) unless a test turns federated evaluation on.
+    doc["evaluation"] = {"federated": False, "coordinator_data":
+                         f"s3://{doc['coordinator']['bucket']}/{name}/holdout/validation.parquet", **evaluation}
     return doc
 
 

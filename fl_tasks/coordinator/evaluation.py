@@ -250,7 +250,10 @@ class FederatedEvaluation:
         asked of every silo. Returns its id (eval-NNNNNN); a re-run returns the same."""
         from fl_tasks.coordinator import registry
 
-        claim = self.records.claim(run_id)
+        self._require_federated()
+        # Its own claim namespace: a round's DAG run may carry the same run id.
+        claim_id = f"evaluate:{run_id}"
+        claim = self.records.claim(claim_id)
         if claim is not None:
             return claim["round_id"]
         models: dict[str, dict[str, Any]] = {}
@@ -267,7 +270,7 @@ class FederatedEvaluation:
             raise RoundFailed(f"{self.spec.model_name} has no champion yet and no version was named; "
                               "give the param 'version', or run a round first")
         round_id = f"{CHECK_PREFIX}{self._next_check_number():06d}"
-        self.records.store.put_bytes(self.records.bucket, self.records.claim_key(run_id),
+        self.records.store.put_bytes(self.records.bucket, self.records.claim_key(claim_id),
                                      json.dumps({"round_id": round_id, "run_id": run_id}).encode(), "application/json")
         task = self.c.task
         from fl_tasks.tasks.api import params_sha256
@@ -280,6 +283,11 @@ class FederatedEvaluation:
         self.records.audit.append(round_id, "prepare", [{"event": "evaluation_planned", "run_id": run_id,
                                                          "models": {k: v["version"] for k, v in models.items()}}])
         return round_id
+
+    def _require_federated(self) -> None:
+        if self.spec.evaluation.federated is None:
+            raise RoundFailed(f"{self.spec.source}: field 'evaluation.federated': federated evaluation is off for "
+                              f"{self.spec.federation}. Fix: remove 'federated: false' to have the silos evaluate")
 
     def _registered(self, version: str, weights_uri: str, sha256: str) -> dict[str, Any]:
         bucket, _, key = weights_uri.removeprefix("s3://").partition("/")
@@ -299,6 +307,7 @@ class FederatedEvaluation:
     def request(self, round_id: str) -> list[str]:
         """Publish the models and the request to every silo of the plan, manifest last. A silo
         whose bucket cannot be written is skipped with the error named."""
+        self._require_federated()
         plan = self.load_plan(round_id) if self._has_plan(round_id) else self.plan_for_round(round_id)
         request = self.records.get(round_id, "evaluation/request.json", sha256=plan.request_sha256)
         if request is None:

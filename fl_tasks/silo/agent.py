@@ -44,7 +44,7 @@ from fl_tasks.protocol import (DeclineManifest, EvaluationManifest, EvaluationRe
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
-from fl_tasks.silo.holdout import split_rows
+from fl_tasks.silo.holdout import silo_salt, split_rows
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
 if TYPE_CHECKING:
@@ -87,8 +87,7 @@ class SiloAgent:
 
     @property
     def salt(self) -> str:
-        """What draws this silo's evaluation share (with the rows' contents)."""
-        return f"{self.client_id}:{self.seed}"
+        return silo_salt(self.client_id, self.seed)
 
     def pending(self) -> tuple[list[str], list[str]]:
         """(rounds to train, evaluation requests to score): committed by the coordinator and
@@ -117,14 +116,8 @@ class SiloAgent:
     def answer(self, round_id: str) -> bool:
         """Train on one round and commit the update; False when the round is skipped or declined."""
         self.answered.add(round_id)
-        raw = self.store.get_bytes(self.bucket, self.key(protocol.global_manifest_key, round_id),
-                                   max_bytes=protocol.MAX_MANIFEST_BYTES)
-        manifest = GlobalManifest.from_json(raw)
-        if manifest.round_id != round_id or manifest.federation != self.federation:
-            self.log(f"round {round_id}: manifest names another round or federation, skipped")
-            return False
-        if datetime.fromisoformat(manifest.deadline) <= datetime.now(timezone.utc):
-            self.log(f"round {round_id}: deadline {manifest.deadline} already passed, skipped")
+        manifest, _ = self.read_request(round_id, protocol.global_manifest_key, GlobalManifest)
+        if manifest is None:
             return False
         try:
             task = self.task_for(manifest)
@@ -141,6 +134,20 @@ class SiloAgent:
             return False
         fetch_seconds = time.perf_counter() - started
         return self.train_and_commit(manifest, task, rows, decode_state(payload), fetch_seconds)
+
+    def read_request(self, round_id: str, which, kind: type) -> tuple[Any, bytes]:
+        """What the coordinator asks of us this round (its global or evaluation-request
+        manifest, strictly parsed) and its bytes; (None, bytes) when it names another round or
+        federation or its deadline passed."""
+        raw = self.store.get_bytes(self.bucket, self.key(which, round_id), max_bytes=protocol.MAX_MANIFEST_BYTES)
+        manifest = kind.from_json(raw)
+        if manifest.round_id != round_id or manifest.federation != self.federation:
+            self.log(f"round {round_id}: {kind.kind} manifest names another round or federation, skipped")
+            return None, raw
+        if datetime.fromisoformat(manifest.deadline) <= datetime.now(timezone.utc):
+            self.log(f"round {round_id}: {kind.kind} deadline {manifest.deadline} already passed, skipped")
+            return None, raw
+        return manifest, raw
 
     def task_for(self, manifest: GlobalManifest | EvaluationRequest):
         """The installed task, when it is the one the round names; Decline otherwise."""
@@ -234,14 +241,8 @@ class SiloAgent:
         """Score the requested models on this silo's evaluation share and commit the scores;
         False when the request is skipped or declined."""
         self.evaluated.add(round_id)
-        raw = self.store.get_bytes(self.bucket, self.key(protocol.evaluation_request_key, round_id),
-                                   max_bytes=protocol.MAX_MANIFEST_BYTES)
-        request = EvaluationRequest.from_json(raw)
-        if request.round_id != round_id or request.federation != self.federation:
-            self.log(f"round {round_id}: evaluation request names another round or federation, skipped")
-            return False
-        if datetime.fromisoformat(request.deadline) <= datetime.now(timezone.utc):
-            self.log(f"round {round_id}: evaluation deadline {request.deadline} already passed, skipped")
+        request, raw = self.read_request(round_id, protocol.evaluation_request_key, EvaluationRequest)
+        if request is None:
             return False
         try:
             task = self.task_for(request)

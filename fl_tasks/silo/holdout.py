@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def silo_salt(client_id: str, seed: int) -> str:
+    """What draws a silo's evaluation share (with its rows' contents): its id and seed."""
+    return f"{client_id}:{seed}"
+
+
 def evaluation_mask(rows: "pd.DataFrame", fraction: float, salt: str) -> "np.ndarray":
     """True for the rows in the evaluation share (about `fraction` of them)."""
     import numpy as np

@@ -36,7 +36,9 @@ def claims(s3_server, postgres_server, tmp_path_factory):
                 "quorum": {"min_clients": 2, "round_timeout_minutes": 3, "poll_interval_seconds": 0.5},
                 "simulation": {"source": "synthetic", "rows": 6000, "seed": 11},
                 "training": {"local_epochs": 3, "learning_rate": 0.01, "batch_size": 64},
-                "mlflow": {"model_name": f"claims-{n}"}, "storage": {"aws_conn_id": "aws_claims"}})
+                "mlflow": {"model_name": f"claims-{n}"}, "storage": {"aws_conn_id": "aws_claims"},
+                "evaluation": {**doc["evaluation"],
+                               "coordinator_data": f"s3://claims-coord-{n}/itest-claims/holdout/validation.parquet"}})
     (federations / "itest-claims.yaml").write_text(yaml.safe_dump(doc))
     spec = load_federation(federations / "itest-claims.yaml")
     env = service_env(state, s3_server.endpoint_url, federations)
@@ -95,9 +97,15 @@ def test_claims_rounds_train_on_postgres_and_parquet_and_record_the_decline(clai
     assert first["clients_declined"] == {"insurer-3": "column 'claim_amount' missing"}
     assert first["primary_metric"] == "log_loss" and first["candidate"]["log_loss"] <= 0.95
     assert set(first["candidate"]) == {"log_loss", "accuracy", "macro_f1"}
-    # The gate on a metric where lower is better is a ceiling.
-    gate = next(g for g in first["gates"] if g["name"] == "max_log_loss")
-    assert gate["passed"] and "<=" in gate["detail"]
+    # Both sources: the insurers that trained scored the candidate on their own evaluation
+    # share, and the coordinator on its own rows; every gate passed on each.
+    assert first["evaluation_sources"] == ["federated", "coordinator"]
+    assert set(first["federated_evaluation"]["per_silo"]) <= {"insurer-0", "insurer-1", "insurer-2"}
+    assert len(first["federated_evaluation"]["per_silo"]) >= 2 and first["coordinator_evaluation"]["rows"] > 0
+    # The gate on a metric where lower is better is a ceiling, on either source.
+    gates = {g["source"]: g for g in first["gates"] if g["name"] == "max_log_loss"}
+    assert set(gates) == {"federated", "coordinator"}
+    assert all(g["passed"] and "<=" in g["detail"] for g in gates.values())
     assert "declined insurer-3: column 'claim_amount' missing" in result.stdout + result.stderr
     # The PostgreSQL silo trained on its table, and said how many rows it used.
     log = (claims["state"] / "silo-logs" / "insurer-0.log").read_text()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -72,21 +72,6 @@ VERDICTS = ("update_rejected", "update_declined", "dispatch_failed", "update_lat
 
 
 # --- the federation -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def mlflow_db(tmp_path_factory) -> Iterator[str]:
-    """One SQLite MLflow store for the module (creating its tables costs seconds; each test's
-    federation has its own model name in it)."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('hostile-silos-mlflow') / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        yield uri
-    mlflow.set_tracking_uri(previous)
-
 
 @dataclass
 class Federation:

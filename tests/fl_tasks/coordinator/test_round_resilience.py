@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from fl_tasks import protocol
+from fl_tasks.coordinator.audit import STEPS as AUDIT_STEPS
 from fl_tasks.coordinator import quorum
 from fl_tasks.aggregation.mean import cap_shares, weighted_mean
 from fl_tasks.coordinator.audit import parse
@@ -245,8 +246,8 @@ def test_every_step_killed_at_every_write_then_rerun_gives_one_clean_round(make_
             "candidate/manifest.json", "validation.json", "registration.json", "decision.json", "report.json")),
         *(f"rounds/{round_id}/updates/{client.id}/{name}" for client in spec.clients
           for name in ("manifest.json", "update.safetensors")),
-        *(f"audit/{round_id}/{n:02d}-{step}.jsonl" for n, step in enumerate(
-            ("prepare", "dispatch", "quorum", "aggregate", "validate", "register", "decision", "summary"), 1)),
+        *(f"audit/{round_id}/{AUDIT_STEPS.index(step) + 1:02d}-{step}.jsonl" for step in
+          ("prepare", "dispatch", "quorum", "aggregate", "validate", "register", "decision", "summary")),
         f"runs/{coordinator.records.claim_key('killed-run').rsplit('/', 1)[1]}",
         "history/examples.json", "holdout/validation.parquet",
     ])
