@@ -251,11 +251,6 @@ class FederatedEvaluation:
         from fl_tasks.coordinator import registry
 
         self._require_federated()
-        # Its own claim namespace: a round's DAG run may carry the same run id.
-        claim_id = f"evaluate:{run_id}"
-        claim = self.records.claim(claim_id)
-        if claim is not None:
-            return claim["round_id"]
         models: dict[str, dict[str, Any]] = {}
         champion = registry.get_champion(self.spec)
         if champion is not None:
@@ -269,15 +264,18 @@ class FederatedEvaluation:
         if not models:
             raise RoundFailed(f"{self.spec.model_name} has no champion yet and no version was named; "
                               "give the param 'version', or run a round first")
-        round_id = f"{CHECK_PREFIX}{self._next_check_number():06d}"
-        self.records.store.put_bytes(self.records.bucket, self.records.claim_key(claim_id),
-                                     json.dumps({"round_id": round_id, "run_id": run_id}).encode(), "application/json")
-        task = self.c.task
-        from fl_tasks.tasks.api import params_sha256
-
-        self._plan(round_id, run_id, "check", [c.id for c in self.spec.clients], models,
-                   {"entrypoint": self.spec.task.entrypoint, "version": task.version, "params": self.spec.task.params,
-                    "params_sha256": params_sha256(self.spec.task.params)},
+        # Its own claim namespace: a round's DAG run may carry the same run id.
+        claim_id = f"evaluate:{run_id}"
+        claim = self.records.claim(claim_id)
+        if claim is not None:
+            round_id = claim["round_id"]
+        else:
+            round_id = f"{CHECK_PREFIX}{self._next_check_number():06d}"
+            # Claimed first: a retry after a crash below finds the same id, never a new number.
+            self.records.store.put_bytes(self.records.bucket, self.records.claim_key(claim_id),
+                                         json.dumps({"round_id": round_id, "run_id": run_id}).encode(),
+                                         "application/json")
+        self._plan(round_id, run_id, "check", [c.id for c in self.spec.clients], models, self.c.task_identity(),
                    self.spec.contract.as_dict(), {"start": None, "end": None}, self.spec.security.require_signatures,
                    self.spec.round_defaults(), self.spec.evaluation.federated.holdout_fraction)
         self.records.audit.append(round_id, "prepare", [{"event": "evaluation_planned", "run_id": run_id,

@@ -4,8 +4,8 @@ Steps share state through the coordinator's bucket (`fl_tasks.coordinator.bucket
 through memory, so any step can be retried or run in another process; `run_round` chains
 them for use without Airflow. What each step needs lives in its own module: the plan
 (`plan`), reading what silos wrote (`intake`), building the candidate (`candidate`), the
-coordinator's rows (`validation`), the gates (`gates`), MLflow (`registry`) and the report
-(`report`).
+silos' evaluations (`evaluation`), the coordinator's own rows (`validation`), the gates
+(`gates`), MLflow (`registry`) and the report (`report`).
 """
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ class Coordinator:
             self._task = self.spec.load_task()
         return self._task
 
+    def task_identity(self) -> dict[str, Any]:
+        """What a silo checks its installed task against: entrypoint, version, params and their sha256."""
+        from fl_tasks.tasks.api import params_sha256
+
+        return {"entrypoint": self.spec.task.entrypoint, "version": self.task.version,
+                "params": self.spec.task.params, "params_sha256": params_sha256(self.spec.task.params)}
+
     def round_key(self, round_id: str, name: str) -> str:
         return self.records.key(round_id, name)
 
@@ -99,8 +106,6 @@ class Coordinator:
         self.records.put(round_id, "base/model.safetensors", payload)
         deadline = now() + timedelta(minutes=float(settings["round_timeout_minutes"]))
         t = self.spec.training
-        from fl_tasks.tasks.api import params_sha256
-
         plan = RoundPlan(
             federation=self.spec.federation, round_id=round_id, run_id=ctx.run_id, run_type=ctx.run_type,
             triggered_by=ctx.triggered_by, base_version=base_version, base_origin=base_origin,
@@ -117,8 +122,7 @@ class Coordinator:
             data_window={"start": ctx.data_interval_start, "end": ctx.data_interval_end}
             if ctx.run_type in ("scheduled", "backfill") and t.window == "interval" else {"start": None, "end": None},
             created_at=now().isoformat(), staleness=asdict(self.spec.staleness),
-            task={"entrypoint": self.spec.task.entrypoint, "version": task.version, "params": self.spec.task.params,
-                  "params_sha256": params_sha256(self.spec.task.params)},
+            task=self.task_identity(),
             contract=self.spec.contract.as_dict(), require_signatures=self.spec.security.require_signatures,
         )
         self.records.put_json(round_id, "plan.json", asdict(plan))

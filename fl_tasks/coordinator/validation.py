@@ -1,9 +1,11 @@
 """The coordinator's own labelled rows, for the quality gates.
 
-They are set as a URI in the federation file (`validation.data`: s3://... in a bucket the
-coordinator owns, or a local .parquet/.csv path) and read through the federation's data
-contract, like a silo's rows. They are never derived from the silos' data: the simulator
-writes a held-out share there for the demo, a real coordinator puts its own hold-out there.
+Optional: by default the gates read the silos' own evaluations (fl_tasks.coordinator.evaluation).
+They are set as a URI in the federation file (`evaluation.coordinator_data`: s3://... in a
+bucket the coordinator owns, or a local .parquet/.csv path) and read through the federation's
+data contract, like a silo's rows. They are never derived from the silos' data: the
+simulator writes a held-out share of the pooled example data there, a real coordinator puts
+its own hold-out there.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def read_validation_rows(uri: str, contract: DataContract, store: ObjectStore) -
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         data = store.get_bytes(bucket, key)
         if data is None:
-            raise ValidationDataError(f"validation data {uri} does not exist; put the coordinator's labelled "
-                                      "hold-out rows there (validation.data in the federation file)")
+            raise ValidationDataError(f"coordinator data {uri} does not exist; put the coordinator's labelled "
+                                      "hold-out rows there (evaluation.coordinator_data in the federation file)")
         frame = pd.read_csv(io.BytesIO(data)) if key.endswith(".csv") else pd.read_parquet(io.BytesIO(data))
         if contract.event_time and contract.event_time in frame.columns:
             frame[contract.event_time] = pd.to_datetime(frame[contract.event_time], utc=True)
@@ -41,8 +43,8 @@ def read_validation_rows(uri: str, contract: DataContract, store: ObjectStore) -
         try:
             frame = open_source(uri).read(Window(), contract.event_time)
         except DataSourceError as exc:
-            raise ValidationDataError(f"validation data: {exc}") from None
+            raise ValidationDataError(f"coordinator data: {exc}") from None
     problems = contract.check(frame)
     if problems:
-        raise ValidationDataError(f"validation data {uri} does not fit the data contract: {'; '.join(problems)}")
+        raise ValidationDataError(f"coordinator data {uri} does not fit the data contract: {'; '.join(problems)}")
     return frame

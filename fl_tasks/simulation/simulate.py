@@ -1,9 +1,9 @@
 """`fl-simulate`: N silos as separate agent processes over a partitioned data set.
 
 The data set is the federation task's example data (`Task.example_data`, chosen by the
-federation file's `simulation` section). A share is held out first: half becomes the
-coordinator's own validation rows (written where `validation.data` points), half a referee
-test set no gate sees. The rest is split non-IID across the federation's clients (Dirichlet
+federation file's `simulation` section). A share is held out first: half stands in for the
+coordinator's own rows (written where `evaluation.coordinator_data` points, when a federation
+has any), half a referee test set no gate sees. The rest is split non-IID across the federation's clients (Dirichlet
 over labels), one Parquet file per silo with exactly the data contract's columns, and each
 silo runs as its own process.
 """
