@@ -96,7 +96,9 @@ def test_good_trigger_params_pass_with_defaults_from_the_file(dagbag):
     params.update({"min_clients": 4, "round_id": "r-7"})
     values = params.validate()
     assert values["min_clients"] == 4 and values["aggregator"] == "fedavg"
-    assert values["gate_thresholds"] == {"roc_auc": 0.9, "pr_auc": 0.3} and values["max_regression"] == 0.02
+    assert values["gate_thresholds"] == {"roc_auc": 0.8, "pr_auc": 0.3} and values["max_regression"] == 0.02
+    assert values["min_evaluating_silos"] == 3 and values["evaluation_statistic"] == "mean"
+    assert values["max_silo_regression"] is None
 
 
 def test_the_trigger_form_is_the_settings_table():
