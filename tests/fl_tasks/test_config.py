@@ -94,7 +94,9 @@ def test_banks_yaml_loads_with_five_clients():
     assert spec.task == TaskSpec(entrypoint="fl_tasks.tasks.fraud:FraudTask",
                                  params={"hidden": [64, 32], "batch_norm": False}, seed=7)
     assert spec.training.local_epochs == 3
-    assert spec.gates.thresholds == {"roc_auc": 0.90, "pr_auc": 0.30} and spec.gates.max_regression == 0.02
+    assert spec.gates.thresholds == {"roc_auc": 0.80, "pr_auc": 0.30} and spec.gates.max_regression == 0.02
+    # The gates read the banks' own evaluation shares; the coordinator holds no rows.
+    assert spec.evaluation == EvaluationSpec(FederatedEvaluationSpec(0.1, 3, 10.0, "mean", None), "")
     assert spec.model_name == "banks-fraud-mlp"
     assert spec.experiment_name == "fl/banks"
     assert (spec.simulation.source, spec.simulation.seed) == ("creditcard", 42)
