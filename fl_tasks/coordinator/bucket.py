@@ -87,8 +87,10 @@ class CoordinatorBucket:
         data = self.store.get_bytes(self.bucket, self.claim_key(run_id))
         return None if data is None else json.loads(data)
 
-    def next_round_number(self) -> int:
-        prefix = protocol.rounds_listing_prefix("", self.federation)
+    def next_round_number(self, name_prefix: str = "") -> int:
+        """The next free number among the round ids `<name_prefix><digits>` (manual rounds:
+        no prefix; evaluation-only runs: `eval-`)."""
+        prefix = protocol.rounds_listing_prefix("", self.federation) + name_prefix
         numbers = [0]
         for key in self.store.list_keys(self.bucket, prefix):
             name = key[len(prefix):].split("/", 1)[0]

@@ -193,11 +193,15 @@ class FederatedEvaluation:
         self.spec = coordinator.spec
         self.records = coordinator.records
 
-    def load_plan(self, round_id: str) -> EvaluationPlan:
+    def stored_plan(self, round_id: str) -> EvaluationPlan | None:
         data = self.records.store.get_bytes(self.records.bucket, self.records.key(round_id, "evaluation/plan.json"))
-        if data is None:
+        return None if data is None else EvaluationPlan.from_json(data)
+
+    def load_plan(self, round_id: str) -> EvaluationPlan:
+        plan = self.stored_plan(round_id)
+        if plan is None:
             raise RoundFailed(f"round {round_id} has no evaluation plan; run the request_evaluation step first")
-        return EvaluationPlan.from_json(data)
+        return plan
 
     def plan_for_round(self, round_id: str) -> EvaluationPlan:
         """The round's evaluation: its candidate and base, asked of the silos whose update it accepted."""
@@ -220,10 +224,9 @@ class FederatedEvaluation:
               require_signatures: bool, settings: dict[str, Any], holdout_fraction: float) -> EvaluationPlan:
         """Write the request and the plan (once: a re-run finds them). `settings`: the round's
         (or, for an evaluation-only run, the federation file's) per-round settings."""
-        existing = self.records.store.get_bytes(self.records.bucket,
-                                                self.records.key(round_id, "evaluation/plan.json"))
+        existing = self.stored_plan(round_id)
         if existing is not None:
-            return EvaluationPlan.from_json(existing)
+            return existing
         for model in models.values():
             payload = self.records.store.get_bytes(self.records.bucket, model["key"])
             if payload is None or sha256_hex(payload) != model["sha256"]:
@@ -270,7 +273,7 @@ class FederatedEvaluation:
         if claim is not None:
             round_id = claim["round_id"]
         else:
-            round_id = f"{CHECK_PREFIX}{self._next_check_number():06d}"
+            round_id = f"{CHECK_PREFIX}{self.records.next_round_number(CHECK_PREFIX):06d}"
             # Claimed first: a retry after a crash below finds the same id, never a new number.
             self.records.store.put_bytes(self.records.bucket, self.records.claim_key(claim_id),
                                          json.dumps({"round_id": round_id, "run_id": run_id}).encode(),
@@ -293,20 +296,11 @@ class FederatedEvaluation:
             raise RoundFailed(f"version {version}'s weights live in {weights_uri}, outside the coordinator's bucket")
         return {"version": version, "sha256": sha256, "key": key}
 
-    def _next_check_number(self) -> int:
-        prefix = protocol.rounds_listing_prefix("", self.spec.federation)
-        numbers = [0]
-        for key in self.records.store.list_keys(self.records.bucket, prefix + CHECK_PREFIX):
-            name = key[len(prefix) + len(CHECK_PREFIX):].split("/", 1)[0]
-            if name.isdigit():
-                numbers.append(int(name))
-        return max(numbers) + 1
-
     def request(self, round_id: str) -> list[str]:
         """Publish the models and the request to every silo of the plan, manifest last. A silo
         whose bucket cannot be written is skipped with the error named."""
         self._require_federated()
-        plan = self.load_plan(round_id) if self._has_plan(round_id) else self.plan_for_round(round_id)
+        plan = self.stored_plan(round_id) or self.plan_for_round(round_id)
         request = self.records.get(round_id, "evaluation/request.json", sha256=plan.request_sha256)
         if request is None:
             raise self.records.fail(round_id, "request_evaluation", "the evaluation request is missing or corrupted")
@@ -335,9 +329,6 @@ class FederatedEvaluation:
                  ", ".join(f"{label} ({m['version']})" for label, m in plan.models.items()), ", ".join(reached) or "none",
                  plan.deadline, plan.required)
         return reached
-
-    def _has_plan(self, round_id: str) -> bool:
-        return self.records.store.exists(self.records.bucket, self.records.key(round_id, "evaluation/plan.json"))
 
     def answers(self, plan: EvaluationPlan) -> dict[str, Answer | str]:
         found = {}

@@ -139,9 +139,9 @@ def log_evaluation(spec: FederationSpec, evaluation_id: str, report: dict[str, A
         experiment_id, run_name=f"evaluation-{evaluation_id}",
         tags={f"{TAG}federation": spec.federation, f"{TAG}evaluation_id": evaluation_id,
               f"{TAG}airflow_run_id": report["run_id"]}).info.run_id
-    from fl_tasks.coordinator.report import evaluation_metrics
+    from fl_tasks.coordinator.report import federated_metrics
 
-    for key, value in evaluation_metrics({"federated": report}).items():
+    for key, value in federated_metrics(report).items():
         client.log_metric(run_id, key, value)
     for label, version in report["models"].items():
         client.log_param(run_id, f"model_{label}", version)

@@ -31,8 +31,8 @@ def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | 
         "gates": result["gates"] if result else [],
         "evaluation_sources": result["sources"] if result else [],
         "decided_by": result["decided_by"] if result else [],
-        "federated_evaluation": result["federated"] if result else None,
-        "coordinator_evaluation": result["coordinator"] if result else None,
+        "federated_evaluation": result["federated_evaluation"] if result else None,
+        "coordinator_evaluation": result["coordinator_evaluation"] if result else None,
         "decision": decision["decision"] if decision else "no_model",
         "version": decision["version"] if decision else None,
         "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
@@ -121,8 +121,7 @@ def validation_account(result: dict[str, Any]) -> str:
     evaluation), the coordinator's rows, and each gate's verdict."""
     candidate, champion = result.get("candidate") or {}, result.get("champion") or {}
     parts = []
-    fed = result.get("federated") or result.get("federated_evaluation")
-    coord = result.get("coordinator") or result.get("coordinator_evaluation")
+    fed, coord = result.get("federated_evaluation"), result.get("coordinator_evaluation")
     if candidate or champion:
         title = f"federated {fed['statistic']}" if fed else "coordinator rows"
         parts.append(f"{title}:\n" + table(["metric", "candidate", "champion"],
@@ -148,23 +147,29 @@ def validation_account(result: dict[str, Any]) -> str:
 
 
 def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """MLflow metrics of federated evaluation: silo_<client>_<model>_<metric> for each silo that
-    counted, <statistic>_<model>_<metric> for both figures; and coordinator_<model>_<metric>."""
-    metrics: dict[str, float] = {}
-    fed = result.get("federated")
-    if fed:
-        for client, r in fed["per_silo"].items():
-            for label, scores in r["scores"].items():
-                metrics.update({f"silo_{client}_{label}_{k}": float(v) for k, v in scores.items()})
-            metrics[f"silo_{client}_examples"] = float(r["num_examples"])
-        for statistic in ("mean", "median"):
-            for label, scores in fed["figures"].get(statistic, {}).items():
-                metrics.update({f"{statistic}_{label}_{k}": float(v) for k, v in scores.items()})
-        metrics["silos_evaluated"] = float(len(fed["per_silo"]))
-    coord = result.get("coordinator")
+    """A validation result's MLflow metrics: the federated ones (`federated_metrics`) and
+    coordinator_<model>_<metric> for the coordinator's own rows."""
+    metrics = federated_metrics(result["federated_evaluation"]) if result.get("federated_evaluation") else {}
+    coord = result.get("coordinator_evaluation")
     if coord:
         for label in ("candidate", "champion"):
             metrics.update({f"coordinator_{label}_{k}": float(v) for k, v in (coord[label] or {}).items()})
+    return metrics
+
+
+def federated_metrics(evaluated: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of the silos' evaluations (a round's or an evaluation-only run's):
+    silo_<client>_<model>_<metric> and silo_<client>_examples for each silo that counted,
+    <statistic>_<model>_<metric> for both figures, and silos_evaluated."""
+    metrics: dict[str, float] = {}
+    for client, r in evaluated["per_silo"].items():
+        for label, scores in r["scores"].items():
+            metrics.update({f"silo_{client}_{label}_{k}": float(v) for k, v in scores.items()})
+        metrics[f"silo_{client}_examples"] = float(r["num_examples"])
+    for statistic in ("mean", "median"):
+        for label, scores in evaluated["figures"].get(statistic, {}).items():
+            metrics.update({f"{statistic}_{label}_{k}": float(v) for k, v in scores.items()})
+    metrics["silos_evaluated"] = float(len(evaluated["per_silo"]))
     return metrics
 
 
@@ -173,7 +178,7 @@ def evaluation_tags(result: dict[str, Any]) -> dict[str, str]:
     sources the gates read."""
     tags = {"fl.evaluation_sources": ",".join(result.get("sources") or []),
             "fl.gates": "passed" if result.get("passed") else "failed on " + ",".join(result.get("decided_by") or [])}
-    fed = result.get("federated")
+    fed = result.get("federated_evaluation")
     if fed:
         primary = result["primary_metric"]
         tags["fl.evaluated_by"] = ",".join(sorted(fed["per_silo"])) or "none"

@@ -416,14 +416,14 @@ class Coordinator:
         settings = plan.settings
         sources = self.spec.evaluation.sources
         result: dict[str, Any] = {"primary_metric": self.task.primary_metric, "sources": list(sources), "gates": [],
-                                  "federated": None, "coordinator": None}
+                                  "federated_evaluation": None, "coordinator_evaluation": None}
         if "federated" in sources:
             from fl_tasks.coordinator.evaluation import CANDIDATE, CHAMPION, federated_gates
 
             evaluated = self.evaluation.results(round_id)
             self.evaluation.audit_results(round_id, evaluated)
             statistic, figures = evaluated["plan"].statistic, evaluated["figures"]
-            result["federated"] = {"statistic": statistic, "per_silo": evaluated["accepted"],
+            result["federated_evaluation"] = {"statistic": statistic, "per_silo": evaluated["accepted"],
                                    "not_counted": evaluated["closed"]["not_counted"], "figures": figures,
                                    "required": evaluated["plan"].required}
             result["gates"] += federated_gates(evaluated["accepted"], figures, statistic, evaluated["plan"].required,
@@ -433,7 +433,7 @@ class Coordinator:
             result["candidate"], result["champion"] = deciding.get(CANDIDATE), deciding.get(CHAMPION)
         if "coordinator" in sources:
             measured = self._coordinator_figures(round_id, plan)
-            result["coordinator"] = {k: measured[k] for k in ("candidate", "champion", "rows", "data")}
+            result["coordinator_evaluation"] = {k: measured[k] for k in ("candidate", "champion", "rows", "data")}
             result["gates"] += [{**g, "source": "coordinator"} for g in measured["gates"]]
             if "federated" not in sources:
                 result["candidate"], result["champion"] = measured["candidate"], measured["champion"]

@@ -93,20 +93,17 @@ class SiloAgent:
         """(rounds to train, evaluation requests to score): committed by the coordinator and
         not answered by us yet, oldest first."""
         listing = protocol.rounds_listing_prefix(self.prefix, self.federation)
-        asked: dict[str, set[str]] = {"global/manifest.json": set(), "evaluation/request.json": set()}
-        answered: dict[str, set[str]] = {"global/manifest.json": set(), "evaluation/request.json": set()}
-        answers = {"update/manifest.json": "global/manifest.json", "update/decline.json": "global/manifest.json",
-                   "evaluation/result.json": "evaluation/request.json",
-                   "evaluation/decline.json": "evaluation/request.json"}
+        found: dict[str, set[str]] = {}  # object name within a round -> the rounds that hold it
         for key in self.store.list_keys(self.bucket, listing):
             round_id, _, rest = key[len(listing):].partition("/")
-            if rest in asked:
-                asked[rest].add(round_id)
-            elif rest in answers:
-                answered[answers[rest]].add(round_id)
-        rounds = asked["global/manifest.json"] - answered["global/manifest.json"] - self.answered
-        evaluations = asked["evaluation/request.json"] - answered["evaluation/request.json"] - self.evaluated
-        return sorted(rounds), sorted(evaluations)
+            found.setdefault(rest, set()).add(round_id)
+
+        def unanswered(asked: str, answers: tuple[str, str], done: set[str]) -> list[str]:
+            return sorted(found.get(asked, set()) - set().union(*(found.get(a, set()) for a in answers)) - done)
+
+        return (unanswered("global/manifest.json", ("update/manifest.json", "update/decline.json"), self.answered),
+                unanswered("evaluation/request.json", ("evaluation/result.json", "evaluation/decline.json"),
+                           self.evaluated))
 
     def pending_rounds(self) -> list[str]:
         """Rounds with a committed global manifest and no answer from us yet, oldest first."""
@@ -303,8 +300,8 @@ class SiloAgent:
             for work, done, act in ((evaluations, self.evaluated, self.evaluate), (rounds, self.answered, self.answer)):
                 for round_id in work:
                     try:
-                        result = act(round_id)
-                        answered += result if act == self.answer else 0
+                        if act(round_id) and done is self.answered:
+                            answered += 1  # max_rounds counts rounds trained
                     except (ValueError, KeyError, ManifestError) as exc:  # a bad manifest must not stop the agent
                         self.log(f"round {round_id}: skipped: {exc}")
                     except StorageUnavailable as exc:  # the manifest goes last: a retry starts over cleanly

@@ -223,12 +223,12 @@ def two_rounds(federation) -> dict[str, Any]:
 def test_the_silos_scores_decide_and_the_coordinator_holds_no_rows(federation, two_rounds):
     fed = federation
     first, second = two_rounds["results"]
-    assert first["sources"] == ["federated"] and first["coordinator"] is None
-    assert sorted(first["federated"]["per_silo"]) == list(CLIENTS)
-    assert all(set(r["scores"]) == {"candidate"} for r in first["federated"]["per_silo"].values())  # seed base
+    assert first["sources"] == ["federated"] and first["coordinator_evaluation"] is None
+    assert sorted(first["federated_evaluation"]["per_silo"]) == list(CLIENTS)
+    assert all(set(r["scores"]) == {"candidate"} for r in first["federated_evaluation"]["per_silo"].values())  # seed base
     assert fed.coordinator.records.get_json(two_rounds["ids"][0], "decision.json")["decision"] == "promoted"
     # Round 2: candidate and champion on each silo's own share; the deciding figure is the mean.
-    per_silo = second["federated"]["per_silo"]
+    per_silo = second["federated_evaluation"]["per_silo"]
     assert all(set(r["scores"]) == {"candidate", "champion"} for r in per_silo.values())
     figures = federated_figures(per_silo, fed.spec.max_weight_share)
     assert second["candidate"] == pytest.approx(figures["mean"]["candidate"])
@@ -273,7 +273,7 @@ def test_each_silo_scores_on_the_share_it_never_trained_on(federation, two_round
         update = protocol.UpdateManifest.from_json(fed.coordinator.store.get_bytes(
             fed.bucket(client), protocol.update_manifest_key("", fed.spec.federation, round_id)))
         assert update.num_examples == len(training)  # the evaluation share stays out of training
-        scored = two_rounds["results"][1]["federated"]["per_silo"][client]
+        scored = two_rounds["results"][1]["federated_evaluation"]["per_silo"][client]
         assert scored["num_examples"] == len(held) and scored["rows_held"] == len(rows)
         assert scored["scores"]["champion"] == pytest.approx(task.evaluate(champion, held))
 
@@ -287,7 +287,7 @@ def test_mlflow_records_each_silos_numbers_and_the_evaluators(federation, two_ro
     assert found.tags["fl.evaluation_sources"] == "federated"
     assert "silo-0 pr_auc" in found.tags["fl.evaluation"] and "(champion " in found.tags["fl.evaluation"]
     metrics = client.get_run(found.run_id).data.metrics
-    per_silo = two_rounds["results"][1]["federated"]["per_silo"]
+    per_silo = two_rounds["results"][1]["federated_evaluation"]["per_silo"]
     for name in CLIENTS:
         assert metrics[f"silo_{name}_candidate_pr_auc"] == pytest.approx(per_silo[name]["scores"]["candidate"]["pr_auc"])
         assert metrics[f"silo_{name}_champion_roc_auc"] == pytest.approx(per_silo[name]["scores"]["champion"]["roc_auc"])

@@ -84,8 +84,8 @@ def test_build_report_collects_what_the_steps_stored():
     summary = {"accepted": [{"client_id": "a"}], "rejected": [{"client_id": "b", "reason": "free rider"}]}
     result = {"candidate": {"pr_auc": 0.4}, "champion": {"pr_auc": 0.5}, "primary_metric": "pr_auc",
               "gates": [{"name": "max_regression", "passed": False, "detail": "pr_auc drop", "source": "federated"}],
-              "sources": ["federated", "coordinator"], "decided_by": ["federated"], "coordinator": None,
-              "federated": {"statistic": "median", "not_counted": {"c": "declined: no rows"}, "required": 2,
+              "sources": ["federated", "coordinator"], "decided_by": ["federated"], "coordinator_evaluation": None,
+              "federated_evaluation": {"statistic": "median", "not_counted": {"c": "declined: no rows"}, "required": 2,
                             "figures": {}, "per_silo": {"a": {"num_examples": 10, "rows_held": 50, "scores": {
                                 "candidate": {"pr_auc": 0.4}, "champion": {"pr_auc": 0.5}}}}}}
     decision = {"decision": "rejected", "version": "3", "reasons": ["pr_auc drop", "min_roc_auc"]}
