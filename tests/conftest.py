@@ -106,6 +106,50 @@ def federation_doc(num_clients: int = 3, **overrides) -> dict:
     return doc
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides`; a section given as a mapping updates the base's section."""
+    return {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in overrides.items()}}
+
+
+def signed_federation(folder: Path, doc: dict, keys: dict[str, str], behaviours: dict[str, str] | None = None):
+    """(spec, coordinator, {client id: agent}, simulated data) of the federation `doc` on the
+    session's S3 server: every silo signs with its key in `keys` and the coordinator holds
+    them all; `behaviours` gives some silos a simulated behaviour (AttackingAgent)."""
+    from devstack.embedded import create_buckets
+    from fl_tasks.config import load_federation
+    from fl_tasks.coordinator import Coordinator
+    from fl_tasks.protocol.signing import StaticKeys
+    from fl_tasks.silo.agent import SiloAgent
+    from fl_tasks.silo.sources import FileSource
+    from fl_tasks.simulation.attacks import AttackingAgent
+    from fl_tasks.simulation.simulate import prepare_silos, publish_validation
+
+    path = folder / f"{doc['federation']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    spec = load_federation(path)
+    coordinator = Coordinator(spec, keys=StaticKeys(keys))
+    create_buckets(spec, coordinator.store)
+    data = prepare_silos(spec, folder / f"{spec.federation}-data", alpha=1.0)
+    publish_validation(spec, data, coordinator.store)
+    silos = {}
+    for c in spec.clients:
+        behaviour = (behaviours or {}).get(c.id)
+        agent, extra = (AttackingAgent, {"behaviour": behaviour}) if behaviour else (SiloAgent, {})
+        silos[c.id] = agent(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
+                            signing_key=keys[c.id], **extra)
+    return spec, coordinator, silos, data
+
+
+def decide_round(coordinator, round_id: str) -> dict:
+    """A round's steps after its candidate (and evaluation) are in: validate, register,
+    promote or roll back, summarize; returns the report."""
+    coordinator.validate(round_id)
+    coordinator.register(round_id)
+    getattr(coordinator, coordinator.decide(round_id))(round_id)
+    return coordinator.summarize(round_id)
+
+
 @pytest.fixture
 def write_federation(tmp_path):
     """Write a federation YAML and return its path."""

@@ -14,27 +14,22 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from devstack.embedded import create_buckets
 from fl_tasks import protocol
 from fl_tasks.aggregation.mean import cap_shares
-from fl_tasks.config import FederationSpec, load_federation
+from fl_tasks.config import FederationSpec
 from fl_tasks.coordinator import Coordinator, RunContext, quorum
 from fl_tasks.coordinator.evaluation import (federated_figures, federated_gates, median, screen_evaluation,
                                              silo_regressions, weighted_mean)
 from fl_tasks.protocol import EvaluationManifest, EvaluationRequest
-from fl_tasks.protocol.signing import StaticKeys, sign_manifest
 from fl_tasks.silo.agent import SiloAgent
+from fl_tasks.protocol.signing import sign_manifest
 from fl_tasks.silo.holdout import split_rows
-from fl_tasks.silo.sources import FileSource
-from fl_tasks.simulation.attacks import AttackingAgent
-from fl_tasks.simulation.simulate import prepare_silos
 from fl_tasks.tasks.api import Metric, load_model_state
 from fl_tasks.protocol.codec import decode_state
 
-from tests.conftest import federation_doc
+from tests.conftest import decide_round, federation_doc, merged, signed_federation
 
 CLIENTS = tuple(f"silo-{i}" for i in range(4))
 HOSTILE = "silo-3"
@@ -158,24 +153,9 @@ class Federation:
         return self.spec.client(client).bucket_name
 
 
-def build(tmp_path, behaviours: dict[str, str] | None = None, **overrides: Any) -> Federation:
-    settings = {**SETTINGS, **{k: {**SETTINGS.get(k, {}), **v} if isinstance(v, dict) else v
-                               for k, v in overrides.items()}}
-    doc = federation_doc(num_clients=len(CLIENTS), **settings)
-    path = tmp_path / f"{doc['federation']}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    spec = load_federation(path)
-    coordinator = Coordinator(spec, keys=StaticKeys(KEYS))
-    create_buckets(spec, coordinator.store)
-    data = prepare_silos(spec, tmp_path / f"{spec.federation}-data", alpha=1.0)
-    silos = {}
-    for c in spec.clients:
-        behaviour = (behaviours or {}).get(c.id)
-        kwargs = {"behaviour": behaviour} if behaviour else {}
-        cls = AttackingAgent if behaviour else SiloAgent
-        silos[c.id] = cls(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
-                          signing_key=KEYS[c.id], **kwargs)
-    return Federation(spec, coordinator, silos, data)
+def build(tmp_path, **overrides: Any) -> Federation:
+    return Federation(*signed_federation(tmp_path, federation_doc(num_clients=len(CLIENTS),
+                                                                  **merged(SETTINGS, overrides)), KEYS))
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +183,8 @@ def decide(fed: Federation, round_id: str, evaluators: tuple[str, ...] = CLIENTS
     decision = c.check_evaluations(round_id)
     assert decision.state == quorum.MET
     c.close_evaluation(round_id, decision)
-    result = c.validate(round_id)
-    c.register(round_id)
-    getattr(c, c.decide(round_id))(round_id)
-    c.summarize(round_id)
-    return result
+    decide_round(c, round_id)
+    return c.records.get_json(round_id, "validation.json")
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,10 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
-import yaml
 
-from devstack.embedded import create_buckets
 from fl_tasks import aggregation, protocol
 from fl_tasks.aggregation.mean import cap_shares
-from fl_tasks.config import FederationSpec, load_federation
+from fl_tasks.config import FederationSpec
 from fl_tasks.coordinator import Coordinator, RoundFailed, RunContext, quorum
 from fl_tasks.coordinator.bucket import CoordinatorBucket
 from fl_tasks.coordinator.plan import RoundPlan
@@ -49,11 +47,9 @@ from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.protocol.signing import StaticKeys, sign_manifest
 from fl_tasks.protocol.storage import ObjectStore
 from fl_tasks.silo.agent import SiloAgent
-from fl_tasks.silo.sources import FileSource
 from fl_tasks.simulation.attacks import SCALED, SIGN_FLIP, AttackingAgent, poison_model
-from fl_tasks.simulation.simulate import prepare_silos, publish_validation
 
-from tests.conftest import federation_doc
+from tests.conftest import federation_doc, merged, signed_federation
 from tests.faultproxy import FaultProxy
 
 StateDict = dict[str, np.ndarray]
@@ -88,11 +84,6 @@ class Federation:
         return Coordinator(self.spec, ObjectStore(proxy.url, **store_options), keys=StaticKeys(KEYS))
 
 
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    return {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in overrides.items()}}
-
-
 @pytest.fixture
 def new_federation(s3_server, mlflow_db, tmp_path) -> Callable[..., Federation]:
     """A fresh five-silo federation on the session's S3 server (as `make_federation` builds
@@ -100,18 +91,10 @@ def new_federation(s3_server, mlflow_db, tmp_path) -> Callable[..., Federation]:
     silo's size in the federation file."""
 
     def make(hostile_max_examples: int | None = None, **overrides: Any) -> Federation:
-        doc = federation_doc(num_clients=len(CLIENTS), **_merged(SETTINGS, overrides))
+        doc = federation_doc(num_clients=len(CLIENTS), **merged(SETTINGS, overrides))
         if hostile_max_examples is not None:
             next(c for c in doc["clients"] if c["id"] == HOSTILE)["max_examples"] = hostile_max_examples
-        path = tmp_path / f"{doc['federation']}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        spec = load_federation(path)
-        coordinator = Coordinator(spec, keys=StaticKeys(KEYS))
-        create_buckets(spec, coordinator.store)
-        data = prepare_silos(spec, tmp_path / f"{spec.federation}-data", alpha=1.0)
-        publish_validation(spec, data, coordinator.store)
-        silos = {c.id: SiloAgent(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
-                                 signing_key=KEYS[c.id]) for c in spec.clients}
+        spec, coordinator, silos, _ = signed_federation(tmp_path, doc, KEYS)
         return Federation(spec, coordinator, silos)
 
     return make

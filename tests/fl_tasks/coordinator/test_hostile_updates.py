@@ -40,7 +40,7 @@ from devstack.embedded import create_buckets
 from fl_tasks.protocol import UpdateManifest, sha256_hex
 from fl_tasks.protocol.signing import StaticKeys, sign_manifest
 
-from tests.conftest import federation_doc
+from tests.conftest import decide_round, federation_doc
 
 HONEST = ("silo-0", "silo-1")
 HOSTILE = "silo-2"
@@ -575,10 +575,7 @@ def test_a_round_with_a_hostile_silo_completes_to_a_decision(federation):
     fed = federation
     round_id, _ = play_round(fed, _payload(_pickle_payload))
     fed.coordinator.aggregate(round_id)
-    fed.coordinator.validate(round_id)
-    fed.coordinator.register(round_id)
-    getattr(fed.coordinator, fed.coordinator.decide(round_id))(round_id)
-    report = fed.coordinator.summarize(round_id)
+    report = decide_round(fed.coordinator, round_id)
     assert report["decision"] in ("promoted", "rejected") and report["version"]
     assert report["clients_committed"] == 3 and report["clients_accepted"] == list(HONEST)
     assert [r["client_id"] for r in report["clients_rejected"]] == [HOSTILE]
@@ -589,10 +586,7 @@ def test_a_manifest_refused_at_the_close_is_in_the_report(federation):
     fed = federation
     round_id, _ = play_round(fed, _signed(key=None, signature="ab" * 32))
     fed.coordinator.aggregate(round_id)
-    fed.coordinator.validate(round_id)
-    fed.coordinator.register(round_id)
-    getattr(fed.coordinator, fed.coordinator.decide(round_id))(round_id)
-    report = fed.coordinator.summarize(round_id)
+    report = decide_round(fed.coordinator, round_id)
     assert report["decision"] in ("promoted", "rejected") and report["version"]
     assert report["clients_committed"] == 2 and report["clients_accepted"] == list(HONEST)
     assert [r["client_id"] for r in report["clients_rejected"]] == [HOSTILE]
