@@ -22,6 +22,7 @@ import yaml
 from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
 from fl_tasks.contract import COLUMN_TYPES, LABEL_TYPES, Column, DataContract
 from fl_tasks.protocol import NAME_PATTERN as ID_PATTERN
+from fl_tasks.protocol.drift import REFERENCES as DRIFT_REFERENCES, DriftSettings
 from fl_tasks.settings import ROUND_SETTINGS, SETTINGS_BY_PATH, default
 
 BUCKET_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/([A-Za-z0-9._/-]*))?$")
@@ -162,6 +163,63 @@ class SimulationSpec:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class DriftSpec:
+    """Drift at the silos (evidently): each round every silo compares the window it trains on
+    with a reference window over `columns` (default: the contract's features) and sends the
+    scores with its update. `action`: what the coordinator does with a silo whose data
+    drifted: off (recorded only), warn (recorded and alerted) or block (no promotion)."""
+
+    reference: str = "first"  # first | previous | fixed
+    reference_window: dict = field(default_factory=dict)  # {start, end} for `fixed`
+    columns: tuple[str, ...] = ()
+    drift_share: float = 0.5  # evidently's share of drifted columns at which a silo's data drifted
+    method: str | None = None  # evidently's per-column test (e.g. psi, wasserstein); None: its choice
+    threshold: float | None = None
+    action: str = "warn"
+
+    def settings(self, contract: DataContract) -> DriftSettings:
+        """What the global manifest asks of each silo."""
+        window = {k: v.isoformat() if isinstance(v, (date, datetime)) else str(v) for k, v in self.reference_window.items()}
+        return DriftSettings(self.reference, window,
+                             self.columns or tuple(c.name for c in contract.features), self.drift_share,
+                             self.method, self.threshold)
+
+
+@dataclass(frozen=True)
+class MonitoringSpec:
+    """The monitoring DAG `fl_monitor__<F>`: on its schedule it reads the latest drift table
+    and the champion's federated figures, and starts a round (an asset event) when the share
+    of drifted silos reaches `max_drifted_share` or a champion figure crosses `min_metrics`."""
+
+    schedule: str | None = None  # e.g. '@hourly'; null: runs only when triggered
+    max_drifted_share: float | None = 0.5
+    min_metrics: dict = field(default_factory=dict)  # metric -> the champion's floor (ceiling when lower is better)
+    cooldown_minutes: float = 60.0  # no new request this soon after the last one
+
+
+@dataclass(frozen=True)
+class AlertsSpec:
+    """When to alert (null: never for that figure) and where: the task log always; e-mail
+    through an Airflow SMTP connection and a webhook (an Airflow HTTP connection) when set."""
+
+    min_participation: float | None = 0.6  # committed updates / silos
+    max_latency_p95_seconds: float | None = None
+    max_metric_drop: float | None = 0.02  # candidate's primary metric below the champion's by more
+    on_rollback: bool = True
+    email_to: tuple[str, ...] = ()
+    smtp_conn_id: str = "smtp_default"
+    webhook_conn_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CircuitBreakerSpec:
+    """After this many consecutive rounds that failed or rolled back, the next round refuses
+    to dispatch until an operator resets the breaker (null: never)."""
+
+    max_consecutive_failures: int | None = 3
+
+
 DEFAULT_MIN_SILOS = 2  # evaluations a round needs unless the file says otherwise (1 with a single client)
 
 
@@ -220,6 +278,10 @@ class FederationSpec:
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     security: SecuritySpec = field(default_factory=SecuritySpec)
+    drift: DriftSpec | None = field(default_factory=DriftSpec)  # None: the silos compute no drift
+    monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
+    alerts: AlertsSpec = field(default_factory=AlertsSpec)
+    circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
     storage_endpoint_url: str = ""
     storage_aws_conn_id: str | None = None  # Airflow connection for the coordinator's S3 access
     source: str = ""
@@ -231,6 +293,15 @@ class FederationSpec:
     @property
     def evaluation_dag_id(self) -> str:
         return f"fl_evaluate__{self.federation.replace('-', '_')}"
+
+    @property
+    def monitor_dag_id(self) -> str:
+        return f"fl_monitor__{self.federation.replace('-', '_')}"
+
+    @property
+    def retrain_asset_uri(self) -> str:
+        """The asset whose events start a round (the monitoring DAG emits them)."""
+        return f"fl://{self.federation}/retrain"
 
     @property
     def model_name(self) -> str:
@@ -310,6 +381,10 @@ def _check_type(value: Any, expected: Any) -> Any:
         if not isinstance(value, dict):
             raise TypeError("a mapping")
         return dict(value)
+    if expected == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise TypeError("a list of names")
+        return tuple(value)
     if expected == tuple[int, ...]:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise TypeError("a list of whole numbers")
@@ -346,7 +421,7 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
              "quorum", "staleness", "aggregation", "screening", "task", "training", "gates", "mlflow", "data",
-             "simulation", "evaluation", "security")
+             "simulation", "evaluation", "security", "drift", "monitoring", "alerts", "circuit_breaker")
 CLIENT_FIELDS = ("id", "bucket", "aws_conn_id", "endpoint_url", "max_examples")
 
 
@@ -458,6 +533,10 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         simulation=_section(SimulationSpec, raw.get("simulation"), source, "simulation"),
         evaluation=_parse_evaluation(raw.get("evaluation"), source, len(clients)),
         security=_section(SecuritySpec, raw.get("security"), source, "security"),
+        drift=None if raw.get("drift", {}) is False else _section(DriftSpec, raw.get("drift"), source, "drift"),
+        monitoring=_section(MonitoringSpec, raw.get("monitoring"), source, "monitoring"),
+        alerts=_section(AlertsSpec, raw.get("alerts"), source, "alerts"),
+        circuit_breaker=_section(CircuitBreakerSpec, raw.get("circuit_breaker"), source, "circuit_breaker"),
         source=source,
     )
     _validate_values(spec, source)
@@ -640,6 +719,7 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     if ev.federated is not None:
         _require(0 < ev.federated.holdout_fraction < 1, source, "evaluation.federated.holdout_fraction",
                  "must be between 0 and 1", "e.g. 0.2 (a fifth of each silo's rows is kept for evaluation)")
+    _validate_observability(spec, source)
     template = spec.security.signing_key_conn_id
     _require(template.count("{client}") == 1, source, "security.signing_key_conn_id",
              f"{template!r} does not contain '{{client}}' exactly once (each client needs its own key)",
@@ -649,6 +729,60 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
              f"{template!r} is not a usable Airflow connection id",
              "use letters, digits, underscores and the placeholders {client} and {federation} "
              "(ids must also work as AIRFLOW_CONN_<ID> variable names)")
+
+
+DRIFT_ACTIONS = ("off", "warn", "block")
+
+
+def _validate_observability(spec: FederationSpec, source: str) -> None:
+    """drift, monitoring, alerts and circuit_breaker."""
+    d = spec.drift
+    if d is not None:
+        _require(d.reference in DRIFT_REFERENCES, source, "drift.reference", f"unknown reference {d.reference!r}",
+                 f"choose one of {', '.join(DRIFT_REFERENCES)}")
+        _require(set(d.reference_window) <= {"start", "end"}, source, "drift.reference_window",
+                 "allowed fields: start, end", "e.g. '{start: 2013-09-01, end: 2013-09-02}'")
+        for key, value in d.reference_window.items():
+            try:
+                datetime.fromisoformat(str(value))
+            except ValueError:
+                raise ConfigError(source, f"drift.reference_window.{key}", f"{value!r} is not a date or time",
+                                  "write it as YYYY-MM-DD or an ISO-8601 time") from None
+        _require((d.reference == "fixed") == bool(d.reference_window), source, "drift.reference_window",
+                 "is needed with reference 'fixed', and only then",
+                 "set 'reference: fixed' with 'reference_window: {start: ..., end: ...}', or remove the window")
+        _require(d.reference != "fixed" or spec.contract.event_time is not None, source, "drift.reference",
+                 "'fixed' selects rows by event time, and the data contract names no event_time column",
+                 "set data.contract.event_time, or use reference 'first' or 'previous'")
+        known = {c.name for c in spec.contract.features}
+        unknown = [c for c in d.columns if c not in known]
+        _require(not unknown, source, "drift.columns", f"{unknown} are not feature columns of the data contract",
+                 f"name columns among: {', '.join(sorted(known))}")
+        _require(0 < d.drift_share <= 1, source, "drift.drift_share", "must be in (0, 1]",
+                 "e.g. 0.5: a silo's data drifted when half its columns did")
+        _require(d.action in DRIFT_ACTIONS, source, "drift.action", f"unknown action {d.action!r}",
+                 f"choose one of {', '.join(DRIFT_ACTIONS)}")
+    m = spec.monitoring
+    _require(m.max_drifted_share is None or 0 < m.max_drifted_share <= 1, source, "monitoring.max_drifted_share",
+             "must be in (0, 1]", "e.g. 0.5: start a round when half the silos' data drifted")
+    for metric, floor in m.min_metrics.items():
+        _require(isinstance(floor, (int, float)) and not isinstance(floor, bool), source,
+                 f"monitoring.min_metrics.{metric}", f"expected a number, got {floor!r}", "e.g. 'pr_auc: 0.3'")
+    _require(m.cooldown_minutes >= 0, source, "monitoring.cooldown_minutes", "must not be negative", "e.g. 60")
+    a = spec.alerts
+    _require(a.min_participation is None or 0 < a.min_participation <= 1, source, "alerts.min_participation",
+             "must be in (0, 1]", "e.g. 0.6, or null for no participation alert")
+    _require(a.max_latency_p95_seconds is None or a.max_latency_p95_seconds > 0, source,
+             "alerts.max_latency_p95_seconds", "must be positive", "e.g. 600, or null")
+    _require(a.max_metric_drop is None or a.max_metric_drop >= 0, source, "alerts.max_metric_drop",
+             "must not be negative", "e.g. 0.02, or null")
+    _check_conn_id(a.smtp_conn_id, source, "alerts.smtp_conn_id")
+    _check_conn_id(a.webhook_conn_id, source, "alerts.webhook_conn_id")
+    _require(all("@" in address for address in a.email_to), source, "alerts.email_to", "expects e-mail addresses",
+             "e.g. '[ml-platform@bank.example]'")
+    k = spec.circuit_breaker.max_consecutive_failures
+    _require(k is None or k >= 1, source, "circuit_breaker.max_consecutive_failures", "must be at least 1",
+             "e.g. 3, or null to never stop dispatching")
 
 
 def load_federation(path: str | os.PathLike) -> FederationSpec:
