@@ -6,7 +6,7 @@ FROM apache/airflow:3.3.2-python3.11
 # Folders that named volumes are mounted on: created here so that a fresh volume inherits
 # the airflow user's ownership (group 0 writable, as the Airflow image expects).
 USER root
-RUN mkdir -p /opt/fl/src /opt/fl/data-cache /opt/fl/silos \
+RUN mkdir -p /opt/fl/src /opt/fl/data-cache /opt/fl/silos /opt/fl/state \
     && chown -R airflow:0 /opt/fl \
     && chmod -R g+rwX /opt/fl
 USER airflow

@@ -12,12 +12,14 @@ stay in place.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, chain, dag, task
+from airflow.sdk import (Asset, AssetOrTimeSchedule, CronDataIntervalTimetable, Param, TriggerRule, chain, dag,
+                         task)
 from airflow.sdk.exceptions import AirflowFailException
 from fl_airflow.sensors import PreviousRoundSensor, QuorumSensor
 from fl_airflow.steps import RoundStepOperator
@@ -26,6 +28,7 @@ from fl_tasks.config import ConfigError, FederationSpec, scan_federations
 from fl_tasks.protocol import ROUND_ID_PATTERN
 from fl_tasks.settings import FEDERATED_EVALUATION_PREFIX, ROUND_SETTINGS
 
+log = logging.getLogger(__name__)
 FEDERATIONS_DIR = Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
 
 
@@ -91,7 +94,31 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
               if spec.evaluation.federated is not None or not s.path.startswith(FEDERATED_EVALUATION_PREFIX)}
     params["round_id"] = Param(None, type=["null", "string"], pattern=ROUND_ID_PATTERN.pattern,
                                description="Optional explicit round id (manual runs); default: next free number")
+    params["reset_circuit_breaker"] = Param(False, type="boolean", description=(
+        "Reset the circuit breaker before this round: after circuit_breaker.max_consecutive_failures failed or "
+        "rolled-back rounds, rounds refuse to dispatch until an operator resets it here"))
     return params
+
+
+def retrain_asset(spec: FederationSpec) -> Asset:
+    """The asset whose events start a round: the monitoring DAG emits them."""
+    return Asset(name=f"fl_retrain__{spec.federation.replace('-', '_')}", uri=spec.retrain_asset_uri)
+
+
+def round_schedule(spec: FederationSpec):
+    """Rounds start on the federation's schedule (over data intervals: Airflow 3's cron default
+    is a point in time) and whenever the monitoring DAG asks for one (an asset event)."""
+    if not spec.schedule:
+        return [retrain_asset(spec)]
+    return AssetOrTimeSchedule(timetable=CronDataIntervalTimetable(spec.schedule, timezone="UTC"),
+                               assets=retrain_asset(spec))
+
+
+def trigger_reason(context: dict[str, Any]) -> str:
+    """Why an asset-triggered run started: the reason the monitoring DAG attached to its event."""
+    reasons = [str((event.extra or {}).get("reason") or "")
+               for events in (context.get("triggering_asset_events") or {}).values() for event in events]
+    return "; ".join(r for r in reasons if r)
 
 
 def _step(federation_file: str, step: str, round_id: str) -> Any:
@@ -122,8 +149,7 @@ def build_round_dag(spec: FederationSpec):
     @dag(
         dag_id=spec.dag_id,
         description=f"Federated round of {spec.federation}",
-        # Airflow 3's cron default is a point in time; rounds train on data *intervals*.
-        schedule=CronDataIntervalTimetable(spec.schedule, timezone="UTC") if spec.schedule else None,
+        schedule=round_schedule(spec),
         start_date=_utc(spec.start_date),
         end_date=_utc(spec.end_date) if spec.end_date else None,
         catchup=False,
@@ -154,9 +180,11 @@ def build_round_dag(spec: FederationSpec):
                 data_interval_start=start.isoformat() if start else None,
                 data_interval_end=end.isoformat() if end else None,
                 params=dict(context["params"]),
-                # For the audit log: the user Airflow names, else the scheduler for scheduled runs.
+                # For the audit log: the user Airflow names, else the scheduler for scheduled runs,
+                # else the monitoring DAG's reason for asset-triggered ones.
                 triggered_by=getattr(run, "triggering_user_name", None) or (
-                    "scheduler" if run_type == "scheduled" else ""),
+                    "scheduler" if run_type == "scheduled" else f"monitoring: {trigger_reason(context)}"
+                    if run_type == "asset_triggered" else ""),
             )
             coordinator = coordinator_for(federation_file)
             try:
@@ -193,17 +221,26 @@ def build_round_dag(spec: FederationSpec):
 
         @task(trigger_rule=TriggerRule.ALL_DONE, show_return_value_in_logs=False)  # retried like the others
         def summary(**context) -> dict[str, Any]:
+            from fl_airflow.metrics import emit_round_metrics
+            from fl_airflow.notifiers import send_round_alerts
             from fl_airflow.run_notes import set_run_note
+            from fl_airflow.steps import coordinator_for, run_step
 
             from fl_tasks.coordinator import report as round_report
+            from fl_tasks.coordinator.alerts import Alert
+            from fl_tasks.coordinator.metrics import RoundMetrics
 
             round_id = context["ti"].xcom_pull(task_ids="prepare_round")
             if not round_id:
                 raise AirflowFailException("the round was never prepared; see the prepare_round log")
-            report = _step(federation_file, "summarize", round_id)
+            coordinator = coordinator_for(federation_file)
+            report = run_step(coordinator, "summarize", round_id)
             run = context["dag_run"]
             set_run_note(run.dag_id, run.run_id, round_report.run_note(report))
-            if report["decision"] == "no_model":
+            send_round_alerts([Alert.from_dict(a) for a in report["alerts"]],
+                              coordinator.spec.alerts, context)
+            emit_round_metrics(RoundMetrics.from_dict(report["metrics"]))
+            if report["decision"] in ("no_model", "refused"):
                 # The run must show red: no model came out of this round.
                 raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")
             return report
@@ -299,6 +336,77 @@ def build_evaluation_dag(spec: FederationSpec):
     return fl_evaluate()
 
 
+MONITOR_DOC = """
+### Monitoring: {federation}
+
+Reads the latest drift table (silo x column, from the drift scores the silos send with their
+updates) and the champion's latest federated figures. When {conditions}, it starts a round of
+`{round_dag}` through an event on the asset `{asset}`; the round records why it was started.
+No new request within {cooldown:g} minutes of the last one. Schedule: {schedule}.
+"""
+
+
+def _monitor_conditions(spec: FederationSpec) -> str:
+    m = spec.monitoring
+    parts = [f"at least {m.max_drifted_share:.0%} of the silos drifted"] if m.max_drifted_share is not None else []
+    parts += [f"the champion's {metric} crosses {bound:g}" for metric, bound in sorted(m.min_metrics.items())]
+    return " or ".join(parts) or "(no condition is configured: it never starts a round)"
+
+
+def build_monitor_dag(spec: FederationSpec):
+    """`fl_monitor__<F>`: starts a round (an asset event) when drift or quality crosses a threshold."""
+    federation_file = str(Path(spec.source).resolve())
+    asset = retrain_asset(spec)
+
+    @dag(
+        dag_id=spec.monitor_dag_id,
+        description=f"Monitoring of {spec.federation}: drift and the champion's quality; starts a round when due",
+        schedule=spec.monitoring.schedule,
+        start_date=_utc(spec.start_date),
+        catchup=False,
+        max_active_runs=1,
+        tags=["federated-learning", spec.federation, "monitoring"],
+        doc_md=MONITOR_DOC.format(federation=spec.federation, conditions=_monitor_conditions(spec),
+                                  round_dag=spec.dag_id, asset=asset.uri, cooldown=spec.monitoring.cooldown_minutes,
+                                  schedule=spec.monitoring.schedule or "none (trigger it, or set monitoring.schedule)"),
+        default_args=retry_policy(),
+    )
+    def fl_monitor():
+        @task.short_circuit
+        def check_federation() -> dict[str, Any] | bool:
+            from fl_airflow.steps import coordinator_for
+
+            from fl_tasks.coordinator.monitoring import Monitor
+
+            coordinator = coordinator_for(federation_file)
+            decision = Monitor(coordinator.spec, coordinator.store).check(
+                datetime.now(timezone.utc), {m.name: m.higher_is_better for m in coordinator.task.metrics})
+            if decision.start:
+                log.info("%s: a round is due: %s", spec.federation, decision.reason)
+                return decision.as_dict()
+            log.info("%s: no round needed%s", spec.federation,
+                     f" yet: {decision.reason}; held back: {decision.held_back}" if decision.held_back else
+                     f" (drift table of round {decision.drift_round or '-'}, champion {decision.champion or '-'})")
+            return False
+
+        @task(outlets=[asset])
+        def request_round(decision: dict[str, Any], **context) -> str:
+            from fl_airflow.steps import coordinator_for
+
+            from fl_tasks.coordinator.monitoring import Monitor, RetrainDecision
+
+            coordinator = coordinator_for(federation_file)
+            run_id = context["dag_run"].run_id
+            wanted = RetrainDecision(**{k: v for k, v in decision.items() if k != "reason"})
+            Monitor(coordinator.spec, coordinator.store).record_request(wanted, datetime.now(timezone.utc), run_id)
+            context["outlet_events"][asset].extra = {"reason": wanted.reason, "monitor_run_id": run_id}
+            return wanted.reason
+
+        request_round(check_federation())
+
+    return fl_monitor()
+
+
 def build_error_dag(error: ConfigError):
     """A federation file that does not load: a paused DAG that shows the error in the UI (its
     description, docs and its one task's failure), in place of the federation's DAG."""
@@ -325,6 +433,7 @@ def build_error_dag(error: ConfigError):
 _scan = scan_federations(FEDERATIONS_DIR)
 for _spec in _scan.specs:
     globals()[_spec.dag_id] = build_round_dag(_spec)
+    globals()[_spec.monitor_dag_id] = build_monitor_dag(_spec)
     if _spec.evaluation.federated is not None:
         globals()[_spec.evaluation_dag_id] = build_evaluation_dag(_spec)
 for _error in _scan.errors:

@@ -301,7 +301,7 @@ class FederationSpec:
     @property
     def retrain_asset_uri(self) -> str:
         """The asset whose events start a round (the monitoring DAG emits them)."""
-        return f"fl://{self.federation}/retrain"
+        return f"x-fl://{self.federation}/retrain"
 
     @property
     def model_name(self) -> str:

@@ -32,6 +32,14 @@ def say(message: str) -> None:
 def fmt(metrics: dict | None, name: str) -> str:
     return f"{metrics[name]:.4f}" if metrics else "-"
 
+def drifted(report: dict) -> str:
+    drift = report.get("drift")
+    return f"{len(drift['drifted_silos'])}/{len(drift['silos'])}" if drift and drift["silos"] else "-"
+
+def latency(report: dict) -> str:
+    p95 = (report.get("metrics") or {}).get("latency_p95")
+    return "-" if p95 is None else f"{p95:.1f}"
+
 def local_only_baselines(spec, silo_paths: dict[str, Path], test, epochs: int) -> dict[str, dict[str, float]]:
     """Each bank alone: the same task, model and optimiser, the same total epochs, the rows it
     trains on in the federation (its evaluation share stays out here too)."""
@@ -116,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_silos(spec, state)
         publish_validation(spec, data, ObjectStore(s3.endpoint_url))
         say("starting the banks' fl-client agents (each reads its own Parquet file)")
-        silos = SiloProcesses(spec, data.silos, state / "logs" / "silos", signing_keys=keys).start()
+        silos = SiloProcesses(spec, data.silos, state / "logs" / "silos", signing_keys=keys,
+                              state_dir=state / "silo-state").start()
         say(f"each bank signs its updates with its own key; signatures required: "
             f"{spec.security.require_signatures}")
 
         coordinator = Coordinator(spec, ObjectStore(s3.endpoint_url))
+        reports = state / "reports"
+        reports.mkdir()
         rows = []
         for number in range(1, args.rounds + 1):
             # Manual rounds on all local data. banks.yaml's schedule covers the data's two days, and
@@ -140,21 +151,33 @@ def main(argv: list[str] | None = None) -> int:
             report["seconds"] = time.monotonic() - started
             rows.append(report)
             say(f"round {number}: {report['decision']} in {report['seconds']:.0f}s {report['reason']}")
+            for alert in report["alerts"]:
+                say(f"  alert {alert['kind']}: {alert['message']}")
+            # The S3 server goes with the demo: keep each round's page with plots on disk.
+            page = coordinator.store.get_bytes(spec.coordinator_bucket, coordinator.round_key(report["round_id"],
+                                                                                          "report.html"))
+            if page is not None:
+                (reports / f"round-{report['round_id']}.html").write_bytes(page)
 
         print()
         header = (f"{'round':<8}{'answered':>9}  {'cand ROC':>9}{'champ ROC':>10}  {'cand PR':>8}{'champ PR':>9}"
-                  f"  {'decision':<10}{'version':>8}")
+                  f"  {'drifted':>8}{'p95 s':>7}  {'decision':<10}{'version':>8}")
         print(header)
         print("-" * len(header))
         for r in rows:
             print(f"{r['round_id']:<8}{r['clients_committed']:>5}/{r['clients_expected']:<3}  "
                   f"{fmt(r['candidate'], 'roc_auc'):>9}{fmt(r['champion'], 'roc_auc'):>10}  "
                   f"{fmt(r['candidate'], 'pr_auc'):>8}{fmt(r['champion'], 'pr_auc'):>9}  "
-                  f"{r['decision']:<10}{r['version'] or '-':>8}")
+                  f"{drifted(r):>8}{latency(r):>7}  {r['decision']:<10}{r['version'] or '-':>8}")
         sources = spec.evaluation.sources
         print("(" + ("the banks' own evaluation shares, "
                      f"{spec.evaluation.federated.statistic} over the banks" if "federated" in sources
-                     else "the coordinator's own rows") + "; 'champ' is the champion the round started from)")
+                     else "the coordinator's own rows") + "; 'champ' is the champion the round started from; "
+              "'drifted': banks whose data drifted from the reference window, of those that sent drift scores; "
+              "'p95 s': update latency from dispatch to commit)")
+        print(f"Round reports with plots (metrics by round, participation, weights, latency, drift heat map): "
+              f"{reports}/round-<id>.html, e.g. {reports / ('round-' + rows[-1]['round_id'] + '.html')}; "
+              "also in each round's MLflow run as report/report.html")
 
         silos.stop()
         epochs = args.rounds * spec.training.local_epochs

@@ -93,6 +93,8 @@ def federation_doc(num_clients: int = 3, **overrides) -> dict:
         "data": {"contract": FRAUD_CONTRACT},
         "simulation": {"source": "synthetic", "rows": 6000, "seed": 5},
         "mlflow": {"model_name": f"{name}-model"},
+        # Drift costs each silo an evidently report a round: the tests about drift turn it on.
+        "drift": False,
     }
     evaluation = overrides.pop("evaluation", {})
     for key, value in overrides.items():
@@ -137,7 +139,7 @@ def signed_federation(folder: Path, doc: dict, keys: dict[str, str], behaviours:
         behaviour = (behaviours or {}).get(c.id)
         agent, extra = (AttackingAgent, {"behaviour": behaviour}) if behaviour else (SiloAgent, {})
         silos[c.id] = agent(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
-                            signing_key=keys[c.id], **extra)
+                            signing_key=keys[c.id], state_dir=folder / f"{spec.federation}-silo-state" / c.id, **extra)
     return spec, coordinator, silos, data
 
 
@@ -184,7 +186,8 @@ def make_federation(s3_server, mlflow_uri, write_federation):
         create_buckets(spec, coordinator.store)
         data = prepare_silos(spec, path.parent / f"{spec.federation}-data", alpha=1.0)
         publish_validation(spec, data, coordinator.store)
-        clients = {c.id: agent_class(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store)
+        clients = {c.id: agent_class(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
+                                     state_dir=path.parent / f"{spec.federation}-silo-state" / c.id)
                    for c in spec.clients}
         return spec, coordinator, clients
 

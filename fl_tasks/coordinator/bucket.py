@@ -10,7 +10,12 @@ For round R of federation F:
     <F>/rounds/<R>/candidate/model.safetensors, candidate/manifest.json
     <F>/rounds/<R>/evaluation/...              federated evaluation (fl_tasks.coordinator.evaluation)
     <F>/rounds/<R>/validation.json, registration.json, decision.json, failure.json
-    <F>/rounds/<R>/report.json                 the round summary
+    <F>/rounds/<R>/dispatch.json               when each silo was sent the round (update latency)
+    <F>/rounds/<R>/drift.json                  the silo x column drift table (fl_tasks.coordinator.drift)
+    <F>/rounds/<R>/report.json, report.html    the round summary, and its page with plots
+    <F>/history/rounds.json                    one record per finished round (fl_tasks.coordinator.history)
+    <F>/history/breaker_reset.json             the circuit breaker's last reset (fl_tasks.coordinator.breaker)
+    <F>/monitoring/last_request.json           the monitoring DAG's last retrain request
     <F>/audit/<R>/NN-<step>.jsonl              the round's audit log, write-once (fl_tasks.coordinator.audit)
 
 Every step writes its commit marker last and finds its own earlier writes when run again.
@@ -73,10 +78,13 @@ class CoordinatorBucket:
             raise RoundFailed(f"round {round_id} has no plan; run the prepare step first")
         return RoundPlan.from_json(data)
 
-    def fail(self, round_id: str, step: str, reason: str) -> RoundFailed:
-        """Record why the round cannot go on (failure.json and the audit log); returns the exception to raise."""
-        self.put_json(round_id, "failure.json", {"step": step, "reason": reason, "at": now().isoformat()})
-        self.audit.append(round_id, step, [{"event": "round_failed", "reason": reason}], failed=True)
+    def fail(self, round_id: str, step: str, reason: str, refused: bool = False) -> RoundFailed:
+        """Record why the round cannot go on (failure.json and the audit log); returns the
+        exception to raise. `refused`: the round was stopped on purpose (the circuit breaker)."""
+        self.put_json(round_id, "failure.json", {"step": step, "reason": reason, "at": now().isoformat(),
+                                                 "refused": refused})
+        self.audit.append(round_id, step, [{"event": "round_refused" if refused else "round_failed", "reason": reason}],
+                          failed=True)
         return RoundFailed(reason)
 
     # --- runs and round numbers ------------------------------------------------------------

@@ -9,8 +9,6 @@ from typing import Any
 
 from fl_tasks.protocol.drift import DriftReport
 
-DRIFT_ACTIONS = ("off", "warn", "block")
-
 
 @dataclass(frozen=True)
 class DriftTable:
@@ -37,3 +35,39 @@ class DriftTable:
     def from_dict(cls, body: dict[str, Any]) -> "DriftTable":
         return cls(body["round_id"], tuple(body["columns"]),
                    {s: DriftReport.from_dict(r) for s, r in body["silos"].items()}, dict(body.get("missing") or {}))
+
+
+def build_drift_table(round_id: str, columns: tuple[str, ...], drift_blocks: dict[str, Any]) -> DriftTable:
+    """The table from each committed update's drift block (silo -> the block as sent, or None
+    when its manifest is gone). An empty block is a silo with no reference yet; a block that
+    breaks the schema is kept out, with why."""
+    silos, missing = {}, {}
+    for client_id, block in sorted(drift_blocks.items()):
+        if not block:
+            missing[client_id] = "no drift scores (first window: it became the reference)" if block == {} \
+                else "no update manifest kept"
+            continue
+        try:
+            silos[client_id] = DriftReport.from_dict(block)
+        except ValueError as exc:
+            missing[client_id] = f"drift scores unusable: {exc}"
+    return DriftTable(round_id, columns, silos, missing)
+
+
+def drift_gate(table: DriftTable, action: str) -> dict[str, Any] | None:
+    """The gate record for the validation result: `block` fails it when a silo's data drifted,
+    `warn` passes it with a warning, `off` gives none."""
+    if action == "off":
+        return None
+    drifted = table.drifted_silos
+    if not table.silos:
+        detail = "no silo sent drift scores this round"
+    elif drifted:
+        detail = f"{len(drifted)} of {len(table.silos)} silos drifted: " + ", ".join(
+            f"{s} ({table.silos[s].drifted_share:.0%} of columns)" for s in drifted)
+    else:
+        detail = f"no drift at {len(table.silos)} silos"
+    return {"name": "drift", "source": "drift", "passed": action != "block" or not drifted,
+            "warning": bool(drifted) and action == "warn", "value": table.drifted_share, "threshold": None,
+            "detail": detail + ("" if not drifted else " (action block: not promoted)" if action == "block"
+                                else " (action warn: recorded and alerted)")}

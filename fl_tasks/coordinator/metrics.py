@@ -88,3 +88,70 @@ class RoundMetrics:
         if self.drifted_share is not None:
             out["drifted_share"] = self.drifted_share
         return {k: float(v) for k, v in out.items()}
+
+
+# Reasons are sentences for people; metrics need a few stable names. First match wins.
+REJECTION_CODES = (
+    ("median norm", "norm_ratio"), ("norm", "norm_bound"), ("num_examples", "example_count"),
+    ("cosine", "direction"), ("stale", "stale_base"), ("sign", "signature"), ("storage error", "storage"),
+    ("bucket unreachable", "storage"), ("payload", "payload"), ("manifest", "manifest"),
+    ("value", "value_range"),
+)
+DECLINE_CODES = (
+    ("task", "task_mismatch"), ("data source", "data_source"), ("global model", "model_mismatch"),
+    ("column", "data_contract"), ("rows", "data_contract"), ("evaluation share", "evaluation_share"),
+)
+
+
+def reason_code(reason: str, codes: tuple[tuple[str, str], ...]) -> str:
+    """A short stable name for a free-text reason (`other` when none fits)."""
+    text = reason.lower()
+    return next((code for needle, code in codes if needle in text), "other")
+
+
+def count_codes(reasons: list[str], codes: tuple[tuple[str, str], ...]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for reason in reasons:
+        code = reason_code(reason, codes)
+        counted[code] = counted.get(code, 0) + 1
+    return dict(sorted(counted.items()))
+
+
+def round_metrics(plan, dispatched: dict[str, str], closed: dict[str, Any] | None, uploaded: dict[str, int],
+                  summary: dict[str, Any] | None, evaluation_plan, validation: dict[str, Any] | None,
+                  drifted_share: float | None) -> RoundMetrics:
+    """The figures of one round from what its steps recorded: the plan, the dispatch times
+    (silo -> ISO time), the quorum record, the payload bytes of each committed update, the
+    candidate's manifest, the evaluation plan, the validation result and the drift table's
+    drifted share. Any of them may be missing when
+    the round stopped early; the figures then say what happened up to there."""
+    from datetime import datetime
+
+    closed = closed or {}
+    committed = list(closed.get("committed") or [])
+    latency = {}
+    for client in committed:
+        sent, done = dispatched.get(client), (closed.get("commit_times") or {}).get(client)
+        if sent and done:
+            latency[client] = max(0.0, (datetime.fromisoformat(done) - datetime.fromisoformat(sent)).total_seconds())
+    bytes_down = plan.base_bytes * len(dispatched)
+    if evaluation_plan is not None:
+        bytes_down += sum(int(m["bytes"]) for m in evaluation_plan.models.values()) * len(evaluation_plan.clients)
+    bytes_up = sum(uploaded.values())
+    accepted = (summary or {}).get("accepted") or []
+    rejected = [r["reason"] for r in (summary or {}).get("rejected") or []] + list(
+        (closed.get("unreadable") or {}).values())
+    validation = validation or {}
+    return RoundMetrics(
+        federation=plan.federation, round_id=plan.round_id, clients_expected=len(plan.clients),
+        clients_committed=len(committed), clients_accepted=len(accepted),
+        participation_rate=len(committed) / len(plan.clients) if plan.clients else 0.0,
+        latency_seconds=latency, bytes_down=bytes_down, bytes_up=bytes_up,
+        weights={a["client_id"]: float(a["influence"]) for a in accepted if a.get("influence") is not None},
+        rejected_by_reason=count_codes(rejected, REJECTION_CODES),
+        declined_by_reason=count_codes(list((closed.get("declined") or {}).values()), DECLINE_CODES),
+        primary_metric=validation.get("primary_metric"),
+        candidate={k: float(v) for k, v in (validation.get("candidate") or {}).items()},
+        champion={k: float(v) for k, v in (validation.get("champion") or {}).items()},
+        drifted_share=drifted_share,
+    )

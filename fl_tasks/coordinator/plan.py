@@ -53,6 +53,7 @@ class RoundPlan:
     task: dict[str, Any]  # entrypoint, version, params, params_sha256
     contract: dict[str, Any]
     require_signatures: bool
+    drift: dict[str, Any] = field(default_factory=dict)  # DriftSettings the silos compare with; empty: off
 
     @classmethod
     def from_json(cls, data: bytes) -> "RoundPlan":

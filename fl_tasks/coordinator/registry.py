@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,19 +269,29 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
     return RegisteredVersion(str(_one_version(client, spec, round_id).version), run.info.run_id, experiment_id)
 
 
-def log_audit(spec: FederationSpec, round_id: str, jsonl: bytes) -> str:
-    """Attach the round's audit log to its MLflow run (created, marked FAILED, when the round
-    never reached register); rewriting it on a retry replaces the same artifact. Returns the run id."""
+def log_round_record(spec: FederationSpec, round_id: str, files: dict[str, str],
+                     metrics: dict[str, float]) -> str:
+    """Attach the round's records to its MLflow run (created, marked FAILED, when the round
+    never reached register): `files` (artifact path -> text: the audit log, the drift table,
+    the HTML report) and `metrics` the run does not hold yet, so that a retry neither
+    duplicates a metric nor changes what register logged. Returns the run id."""
+    from mlflow.entities import Metric
+
     client = _client(spec)
     experiment_id = _experiment_id(client, spec)
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG}round_id` = '{round_id}'", max_results=1)
     if runs:
-        run_id = runs[0].info.run_id
+        run_id, logged = runs[0].info.run_id, set(runs[0].data.metrics)
     else:
-        run_id = client.create_run(experiment_id, run_name=f"round-{round_id}",
-                                   tags={f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id}).info.run_id
+        run_id, logged = client.create_run(experiment_id, run_name=f"round-{round_id}", tags={
+            f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id}).info.run_id, set()
         client.set_terminated(run_id, "FAILED")
-    client.log_text(run_id, jsonl.decode(), "audit/audit.jsonl")
+    for path, text in files.items():
+        client.log_text(run_id, text, path)
+    stamp = int(time.time() * 1000)
+    fresh = [Metric(k, float(v), stamp, 0) for k, v in sorted(metrics.items()) if k not in logged]
+    for start in range(0, len(fresh), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=fresh[start:start + 1000])
     return run_id
 
 

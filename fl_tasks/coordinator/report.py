@@ -8,15 +8,21 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from fl_tasks.coordinator.drift import DriftTable
+from fl_tasks.coordinator.metrics import RoundMetrics
+
 log = logging.getLogger("fl_tasks.coordinator")
 
 
 def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | None, result: dict[str, Any] | None,
                  decision: dict[str, Any] | None, failure: dict[str, Any] | None, *, late: list[dict[str, str]],
-                 audit_log: str) -> dict[str, Any]:
+                 audit_log: str, metrics: RoundMetrics | None = None, drift: DriftTable | None = None,
+                 report_html: str = "") -> dict[str, Any]:
     """report.json: what the round did, from the records its steps stored."""
+    refused = bool((failure or {}).get("refused"))
     return {
         "federation": plan.federation, "round_id": plan.round_id, "run_id": plan.run_id, "run_type": plan.run_type,
+        "triggered_by": plan.triggered_by,
         "base_version": plan.base_version, "base_origin": plan.base_origin, "data_window": plan.data_window,
         "settings": plan.settings, "task": plan.task,
         "clients_expected": len(plan.clients),
@@ -33,11 +39,16 @@ def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | 
         "decided_by": result["decided_by"] if result else [],
         "federated_evaluation": result["federated_evaluation"] if result else None,
         "coordinator_evaluation": result["coordinator_evaluation"] if result else None,
-        "decision": decision["decision"] if decision else "no_model",
+        "decision": decision["decision"] if decision else "refused" if refused else "no_model",
         "version": decision["version"] if decision else None,
         "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
         "late": late,
         "audit_log": audit_log,
+        "metrics": metrics.as_dict() if metrics else None,
+        "drift": None if drift is None else {"drifted_silos": drift.drifted_silos, "drifted_share": drift.drifted_share,
+                                             "silos": {s: r.drifted_share for s, r in drift.silos.items()},
+                                             "missing": drift.missing},
+        "report_html": report_html,
     }
 
 
@@ -105,7 +116,8 @@ def aggregate_account(summary: dict[str, Any], screening: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
-SOURCE_WORDS = {"federated": "federated evaluation", "coordinator": "the coordinator's own rows"}
+SOURCE_WORDS = {"federated": "federated evaluation", "coordinator": "the coordinator's own rows",
+                "drift": "drift at the silos"}
 
 
 def sources_text(result: dict[str, Any]) -> str:
@@ -223,17 +235,47 @@ def summary_table(report: dict[str, Any]) -> str:
     validation = validation_account(report)
     if validation:
         parts.append(validation)
+    if report.get("metrics"):
+        parts.append(metrics_account(report["metrics"]))
     for client_id, reason in sorted(report.get("clients_declined", {}).items()):
         parts.append(f"declined {client_id}: {reason}")
     for entry in report["clients_rejected"]:
         parts.append(f"rejected {entry['client_id']}: {entry['reason']}")
     if report["reason"]:
         parts.append(f"reason: {report['reason']}")
+    for alert in report.get("alerts") or []:
+        parts.append(f"ALERT {alert['kind']}: {alert['message']}")
     parts.append(f"audit log: {report['audit_log']}")
+    if report.get("report_html"):
+        parts.append(f"report with plots: {report['report_html']}")
     return "\n\n".join(parts)
 
 
-DECISION_WORDS = {"promoted": "promoted", "rejected": "rolled back", "no_model": "no model"}
+def metrics_account(metrics: dict[str, Any]) -> str:
+    """The round's operating figures in two lines."""
+    latency = ", ".join(f"{name} {metrics[f'latency_{name}']:.1f}s" for name in ("p50", "p90", "p95", "max")
+                        if metrics.get(f"latency_{name}") is not None) or "none"
+    line = (f"participation {metrics['participation_rate']:.0%} ({metrics['clients_committed']} of "
+            f"{metrics['clients_expected']} silos), update latency {latency}, {metrics['bytes_down']:,} bytes down, "
+            f"{metrics['bytes_up']:,} up")
+    if metrics.get("drifted_share") is not None:
+        line += f", drifted share of silos {metrics['drifted_share']:.0%}"
+    return line
+
+
+def drift_account(drift: DriftTable) -> str:
+    """The drift step's log: each silo's drifted share, its reference and its drifted columns."""
+    rows = [[silo, r.current_rows, r.reference_rows, r.drifted_share, r.dataset_drifted,
+             ", ".join(c for c, cell in r.columns.items() if cell.drifted)[:80] or "-"]
+            for silo, r in sorted(drift.silos.items())]
+    parts = [table(["silo", "rows", "reference rows", "drifted share", "drifted", "drifted columns"], rows)] \
+        if rows else []
+    parts += [f"no scores from {silo}: {why}" for silo, why in sorted(drift.missing.items())]
+    return "\n".join(parts) or "no drift scores"
+
+
+DECISION_WORDS = {"promoted": "promoted", "rejected": "rolled back", "no_model": "no model",
+                  "refused": "refused (circuit breaker open)"}
 
 
 def run_note(report: dict[str, Any]) -> str:

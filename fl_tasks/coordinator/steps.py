@@ -10,6 +10,7 @@ silos' evaluations (`evaluation`), the coordinator's own rows (`validation`), th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -20,12 +21,15 @@ from fl_tasks import protocol
 from fl_tasks.config import ConfigError, FederationSpec
 from fl_tasks.coordinator import quorum, report
 from fl_tasks.coordinator.access import AccessResolver, BucketAccess
+from fl_tasks.coordinator.breaker import REFUSED, CircuitBreaker
 from fl_tasks.coordinator.bucket import CoordinatorBucket, dump, now
+from fl_tasks.coordinator.drift import DriftTable, build_drift_table, drift_gate
+from fl_tasks.coordinator.history import FederationHistory, RoundRecord
 from fl_tasks.coordinator.candidate import CandidateBuilder, HISTORY_ROUNDS, aggregate_events
 from fl_tasks.coordinator.evaluation import FederatedEvaluation
 from fl_tasks.coordinator.intake import Answer, Intake, STORAGE_ERRORS, answer_record, storage_reason
 from fl_tasks.coordinator.plan import RoundFailed, RoundPlan, RunContext, grace_period, required_clients, round_settings
-from fl_tasks.protocol import GlobalManifest, sha256_hex
+from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.protocol.storage import ObjectStore, ObjectTooLarge, StorageUnavailable
@@ -53,6 +57,9 @@ class Coordinator:
         self.keys = keys if keys is not None else signing.EnvKeys()
         self.intake = Intake(spec, self.buckets.client, self.keys)
         self.evaluation = FederatedEvaluation(self)
+        self.history = FederationHistory(self.store, self.bucket, spec.federation)
+        self.breaker = CircuitBreaker(self.store, self.bucket, spec.federation,
+                                      spec.circuit_breaker.max_consecutive_failures)
         self._task = None
 
     @property
@@ -95,6 +102,9 @@ class Coordinator:
             settings = round_settings(self.spec, ctx.params, task)
         except ConfigError as exc:
             raise RoundFailed(str(exc)) from None
+        if ctx.params.get("reset_circuit_breaker"):
+            reset = self.breaker.reset(now().isoformat(), ctx.triggered_by or "unknown", ctx.run_id)
+            log.info("circuit breaker reset by %s (run %s)", reset["by"], ctx.run_id)
         if claim is not None:  # an earlier try claimed the round and died before writing the plan
             round_id = claim["round_id"]
         else:
@@ -124,6 +134,7 @@ class Coordinator:
             created_at=now().isoformat(), staleness=asdict(self.spec.staleness),
             task=self.task_identity(),
             contract=self.spec.contract.as_dict(), require_signatures=self.spec.security.require_signatures,
+            drift=self.spec.drift.settings(self.spec.contract).as_dict() if self.spec.drift else {},
         )
         self.records.put_json(round_id, "plan.json", asdict(plan))
         self._audit_plan(plan)
@@ -157,9 +168,12 @@ class Coordinator:
 
     def _audit_plan(self, plan: RoundPlan) -> None:
         # The whole plan, who started the run included: a replay needs nothing else from us.
-        self.audit.append(plan.round_id, "prepare", [{"event": "round_planned", "run_id": plan.run_id,
-                                                      "run_type": plan.run_type, "triggered_by": plan.triggered_by,
-                                                      "plan": asdict(plan)}])
+        events = [{"event": "round_planned", "run_id": plan.run_id, "run_type": plan.run_type,
+                   "triggered_by": plan.triggered_by, "plan": asdict(plan)}]
+        reset = self.breaker.last_reset()
+        if reset and reset["run_id"] == plan.run_id:
+            events.append({"event": "circuit_breaker_reset", **reset})
+        self.audit.append(plan.round_id, "prepare", events)
 
     def seed_payload(self) -> bytes:
         from fl_tasks.tasks.api import model_state
@@ -180,6 +194,11 @@ class Coordinator:
         silo whose bucket cannot be written is skipped with the error named (the others
         still get the round); the round goes on if enough silos were reached."""
         plan = self.load_plan(round_id)
+        dispatched = self.records.get_json(round_id, "dispatch.json") or {}
+        if not dispatched:  # a re-run of a round that reached the silos is not stopped after the fact
+            breaker = self.breaker.state(self.history.rounds())
+            if breaker.open:
+                raise self.records.fail(round_id, "dispatch", breaker.reason(), refused=True)
         payload = self.records.get(round_id, "base/model.safetensors", sha256=plan.base_sha256)
         if payload is None:
             raise self.records.fail(round_id, "dispatch", "the round's base model is missing or corrupted")
@@ -187,7 +206,7 @@ class Coordinator:
             federation=plan.federation, round_id=round_id, model_name=self.spec.model_name,
             model_version=plan.base_version, task=plan.task, contract=plan.contract,
             payload_sha256=plan.base_sha256, payload_bytes=plan.base_bytes, training=plan.training,
-            data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at,
+            data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at, drift=plan.drift,
         ).to_json()
         events, reached = [], []
         for client in self.spec.clients:
@@ -202,12 +221,15 @@ class Coordinator:
                                                                                   round_id), payload)
                     store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
                 reached.append(client.id)
+                dispatched.setdefault(client.id, now().isoformat())
             except (*STORAGE_ERRORS, ValueError) as exc:  # ValueError: its S3 connection cannot be resolved
                 event = {**event, "event": "dispatch_failed", "reason": storage_reason(exc)}
                 log.warning("round %s: not dispatched to %s: %s", round_id, client.id, event["reason"])
             events.append(event)
         if not reached and all(e.get("reason", "").startswith("storage error StorageUnavailable") for e in events):
             raise StorageUnavailable(f"round {round_id}: no silo bucket could be written: {events[0]['reason']}")
+        # When each silo got the round: its update latency runs from here (the first send counts).
+        self.records.put_json(round_id, "dispatch.json", dispatched)
         self.audit.append(round_id, "dispatch", events)
         required = required_clients(plan)
         if len(reached) < required:
@@ -395,6 +417,35 @@ class Coordinator:
     def report_evaluation(self, round_id: str) -> dict[str, Any]:
         return self.evaluation.report_check(round_id)
 
+    # --- drift: the silos' scores, as a silo x column table ----------------------------------
+    def kept_updates(self, round_id: str, clients: list[str]) -> dict[str, UpdateManifest | None]:
+        """The update manifests the round closed with (None: gone or no longer readable)."""
+        kept = {}
+        for client_id in clients:
+            data = self.records.get(round_id, f"updates/{client_id}/manifest.json")
+            try:
+                kept[client_id] = None if data is None else UpdateManifest.from_json(data)
+            except ManifestError:
+                kept[client_id] = None
+        return kept
+
+    def drift_table(self, round_id: str) -> DriftTable | None:
+        """The round's drift table (drift.json), built once from the committed updates' drift
+        scores; None when the round asked for no drift or never closed."""
+        stored = self.records.get_json(round_id, "drift.json")
+        if stored is not None:
+            return DriftTable.from_dict(stored)
+        plan = self.load_plan(round_id)
+        closed = self.records.get_json(round_id, "quorum.json")
+        if not plan.drift or closed is None:
+            return None
+        kept = self.kept_updates(round_id, closed["committed"])
+        table = build_drift_table(round_id, tuple(plan.drift["columns"]),
+                                  {c: None if m is None else m.drift for c, m in kept.items()})
+        self.records.put_json(round_id, "drift.json", table.as_dict())
+        report.log_lines(f"round {round_id} drift", report.drift_account(table))
+        return table
+
     # --- step 6: validate ----------------------------------------------------------------
     def load_model(self, round_id: str, name: str, sha256: str):
         """The task's model with the weights kept at `name` (checked against `sha256`)."""
@@ -437,6 +488,10 @@ class Coordinator:
             result["gates"] += [{**g, "source": "coordinator"} for g in measured["gates"]]
             if "federated" not in sources:
                 result["candidate"], result["champion"] = measured["candidate"], measured["champion"]
+        table = self.drift_table(round_id)
+        gate = drift_gate(table, self.spec.drift.action) if table is not None and self.spec.drift else None
+        if gate is not None:
+            result["gates"].append(gate)
         result["passed"] = all(g["passed"] for g in result["gates"])
         failed = sorted({g["source"] for g in result["gates"] if not g["passed"]})
         result["decided_by"] = failed or list(sources)
@@ -578,20 +633,56 @@ class Coordinator:
 
     # --- step 9: summary -----------------------------------------------------------------
     def summarize(self, round_id: str) -> dict[str, Any]:
-        """Collect what the round did into report.json; small enough for XCom."""
+        """Collect what the round did: report.json (small enough for XCom), the round's
+        figures and alerts, report.html with plots, the federation's history record, and the
+        MLflow copies."""
+        from fl_tasks.coordinator import registry
+        from fl_tasks.coordinator.alerts import circuit_open_alert, round_alerts
+        from fl_tasks.coordinator.charts import render_round_report
+        from fl_tasks.coordinator.metrics import round_metrics
+
         plan = self.load_plan(round_id)
         closed = self.records.get_json(round_id, "quorum.json")
-        built = report.build_report(plan, closed, *(self.records.get_json(round_id, name) for name in (
-            "candidate/manifest.json", "validation.json", "decision.json", "failure.json")),
-            late=self.late_updates(round_id, closed), audit_log=f"s3://{self.bucket}/{self.audit.prefix(round_id)}")
+        summary, result, decision, failure = (self.records.get_json(round_id, name) for name in (
+            "candidate/manifest.json", "validation.json", "decision.json", "failure.json"))
+        drift = self.drift_table(round_id)
+        uploaded = {c: m.payload_bytes for c, m in self.kept_updates(round_id, (closed or {}).get("committed") or [])
+                    .items() if m is not None}
+        metrics = round_metrics(plan, self.records.get_json(round_id, "dispatch.json") or {}, closed, uploaded,
+                                summary, self.evaluation.stored_plan(round_id), result,
+                                drift.drifted_share if drift else None)
+        html_key = self.round_key(round_id, "report.html")
+        built = report.build_report(plan, closed, summary, result, decision, failure,
+                                    late=self.late_updates(round_id, closed),
+                                    audit_log=f"s3://{self.bucket}/{self.audit.prefix(round_id)}",
+                                    metrics=metrics, drift=drift, report_html=f"s3://{self.bucket}/{html_key}")
+        history = [r for r in self.history.rounds() if r.round_id != round_id]
+        record = RoundRecord(
+            round_id=round_id, run_id=plan.run_id, dag_id=self.spec.dag_id, run_type=plan.run_type,
+            triggered_by=plan.triggered_by, decision=built["decision"], version=built["version"],
+            base_version=plan.base_version, reason=built["reason"], finished_at=now().isoformat(), metrics=metrics,
+            mlflow=self.mlflow_refs(round_id), report_html=built["report_html"])
+        alerts = round_alerts(self.spec, metrics, built["decision"], built["reason"], drift,
+                              self.task.primary.higher_is_better)
+        breaker = self.breaker.state(history + [record])
+        if built["decision"] == REFUSED or breaker.open:
+            alerts.append(circuit_open_alert(self.spec.federation, round_id,
+                                             [(r.round_id, r.reason) for r in breaker.streak], breaker.limit,
+                                             refused=built["decision"] == REFUSED))
+        built["alerts"] = [a.as_dict() for a in alerts]
+        html = render_round_report(history, record, drift)
+        self.store.put_bytes(self.bucket, html_key, html.encode(), "text/html; charset=utf-8")
         self.records.put_json(round_id, "report.json", built)
+        self.history.record(record)
         self.audit.append(round_id, "summary", [*({"event": "update_late", **entry} for entry in built["late"]),
+                                                *({"event": "alert", **a} for a in built["alerts"]),
                                                 {"event": "round_summarized", "decision": built["decision"],
                                                  "version": built["version"], "reason": built["reason"]}])
-        from fl_tasks.coordinator import registry
-
-        # The bucket holds the log of record; the MLflow copy is for people browsing runs.
-        registry.log_audit(self.spec, round_id, self.audit.jsonl(round_id))
+        # The bucket holds the records of record; the MLflow copies are for people browsing runs.
+        files = {"audit/audit.jsonl": self.audit.jsonl(round_id).decode(), "report/report.html": html}
+        if drift is not None:
+            files["drift/drift.json"] = json.dumps(drift.as_dict(), indent=1)
+        registry.log_round_record(self.spec, round_id, files, metrics.flat())
         report.log_lines(f"round {round_id} summary", report.summary_table(built))
         return built
 

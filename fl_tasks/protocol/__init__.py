@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
 
+from fl_tasks.protocol.drift import DriftReport, DriftSchemaError, DriftSettings
+
 PROTOCOL_VERSION = 1
 ROUND_ID_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -204,6 +206,15 @@ def _check(cond: bool, message: str) -> None:
         raise ManifestError(message)
 
 
+def _check_drift(schema: type[DriftSettings] | type[DriftReport], block: dict) -> None:
+    """An empty drift block, or one that holds under `schema`; the schema's message names the field."""
+    if block:
+        try:
+            schema.from_dict(block)
+        except DriftSchemaError as exc:
+            raise ManifestError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class GlobalManifest(_Manifest):
     """What the coordinator publishes for a round; the client trains from it."""
@@ -221,10 +232,14 @@ class GlobalManifest(_Manifest):
     data_window: dict  # {"start": iso or null, "end": iso or null}
     deadline: str  # ISO-8601 UTC
     created_at: str
+    # What each silo compares its training window with (fl_tasks.protocol.drift.DriftSettings);
+    # empty: the silos compute no drift.
+    drift: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), f"{self.kind} manifest field 'round_id' is not a valid round id")
         _check(bool(SHA256_PATTERN.fullmatch(self.payload_sha256)), "global manifest field 'payload_sha256' is not a sha256")
+        _check_drift(DriftSettings, self.drift)
         _check(self.payload_bytes > 0, "global manifest field 'payload_bytes' must be positive")
         _check(set(self.data_window) <= {"start", "end"}, "global manifest field 'data_window' allows start and end")
         _check({"entrypoint", "version", "params", "params_sha256"} <= set(self.task),
@@ -250,6 +265,8 @@ class UpdateManifest(_Manifest):
     payload_sha256: str
     payload_bytes: int
     metrics: dict = field(default_factory=dict)  # local train/eval metrics, floats only
+    # The silo's drift scores (fl_tasks.protocol.drift.DriftReport); empty: none this round
+    # (no drift asked, no reference yet, or the silo could not measure it).
     drift: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     signature: str = ""
@@ -269,7 +286,8 @@ class UpdateManifest(_Manifest):
         _check(self.codec == "fp32", f"update manifest field 'codec' is unknown: {self.codec!r}")
         _check(self.signature == "" or bool(SHA256_PATTERN.fullmatch(self.signature)),
                "update manifest field 'signature' must be empty or a hex HMAC-SHA256 (64 lowercase hex digits)")
-        for name in ("metrics", "drift", "timings"):
+        _check_drift(DriftReport, self.drift)
+        for name in ("metrics", "timings"):
             values = getattr(self, name)
             _check(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                        for k, v in values.items()), f"update manifest field '{name}' must map names to numbers")

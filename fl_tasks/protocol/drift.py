@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 REFERENCES = ("first", "previous", "fixed")
@@ -27,6 +28,16 @@ def _check(cond: bool, message: str) -> None:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _iso_time(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,15 +68,19 @@ class DriftSettings:
                f"{where} must hold exactly {sorted(cls.__dataclass_fields__)}")
         _check(body["reference"] in REFERENCES, f"{where}.reference must be one of {list(REFERENCES)}")
         window = body["reference_window"]
+        # The silo reads the fixed window with these times: one it cannot parse would only
+        # surface there, round after round, as a silo without scores.
         _check(isinstance(window, dict) and set(window) <= {"start", "end"}
-               and all(isinstance(v, str) or v is None for v in window.values()),
-               f"{where}.reference_window allows start and end (ISO times)")
+               and all((isinstance(v, str) and _iso_time(v)) or v is None for v in window.values()),
+               f"{where}.reference_window allows start and end (ISO times, e.g. '2013-09-01T00:00:00+00:00')")
         _check(body["reference"] != "fixed" or bool(window.get("start") or window.get("end")),
                f"{where}.reference_window needs start or end when reference is 'fixed'")
         columns = body["columns"]
         _check(isinstance(columns, list) and 0 < len(columns) <= MAX_COLUMNS
                and all(isinstance(c, str) and 0 < len(c) <= MAX_TEXT for c in columns),
                f"{where}.columns must name 1..{MAX_COLUMNS} columns")
+        # A column named twice would be scored twice and counted twice in the drifted share.
+        _check(len(set(columns)) == len(columns), f"{where}.columns names a column more than once")
         _check(_number(body["drift_share"]) and 0 < body["drift_share"] <= 1, f"{where}.drift_share must be in (0, 1]")
         _check(body["method"] is None or isinstance(body["method"], str) and 0 < len(body["method"]) <= MAX_TEXT,
                f"{where}.method must be null or a method name")
@@ -99,8 +114,8 @@ class DriftReport:
         where = "update manifest field 'drift'"
         expected = set(cls.__dataclass_fields__)
         _check(isinstance(body, dict) and set(body) == expected, f"{where} must hold exactly {sorted(expected)}")
-        _check(isinstance(body["reference"], str) and len(body["reference"]) <= MAX_TEXT,
-               f"{where}.reference must be text of at most {MAX_TEXT} characters")
+        _check(isinstance(body["reference"], str) and 0 < len(body["reference"]) <= MAX_TEXT,
+               f"{where}.reference must be text of 1..{MAX_TEXT} characters")
         for name in ("reference_rows", "current_rows"):
             _check(type(body[name]) is int and 0 <= body[name] < 10**12, f"{where}.{name} must be a row count")
         _check(_number(body["drifted_share"]) and 0 <= body["drifted_share"] <= 1,
@@ -112,7 +127,10 @@ class DriftReport:
         parsed = {}
         for name, cell in columns.items():
             at = f"{where}.columns.{str(name)[:MAX_TEXT]}"
-            _check(0 < len(name) <= MAX_TEXT and isinstance(cell, dict) and set(cell) == {"score", "drifted", "method"},
+            # JSON keys are always text, but a dict built in Python may hold others (len() of an int fails).
+            _check(isinstance(name, str) and 0 < len(name) <= MAX_TEXT, f"{at}: column names must be text of "
+                                                                         f"1..{MAX_TEXT} characters")
+            _check(isinstance(cell, dict) and set(cell) == {"score", "drifted", "method"},
                    f"{at} must hold exactly score, drifted and method")
             _check(_number(cell["score"]), f"{at}.score must be a finite number")
             _check(isinstance(cell["drifted"], bool), f"{at}.drifted must be true or false")

@@ -9,7 +9,10 @@ manifest; the silo's rows never leave it. For each round it:
 2. checks that its installed task is the one the round names (entrypoint, version, params);
 3. reads the round's data window from its data source and checks the rows against the
    federation's data contract;
-4. trains the task's model from the global weights and commits the update, manifest last.
+4. when the round asks for drift, compares the rows it trains on with its reference window
+   (fl_tasks.silo.drift, evidently); only the scores go into the update, the reference
+   windows and evidently's HTML report stay in its state directory (`--state-dir`);
+5. trains the task's model from the global weights and commits the update, manifest last.
 
 When 2 or 3 fail it writes no update: it commits a signed decline with the reason (e.g.
 `column 'amount' missing`), which the coordinator shows and which never counts towards the
@@ -32,8 +35,9 @@ import signal
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_tasks import protocol
@@ -43,7 +47,9 @@ from fl_tasks.protocol import (DeclineManifest, EvaluationManifest, EvaluationRe
                                UpdateManifest, sha256_hex)
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.drift import DriftSettings
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
+from fl_tasks.silo.drift import DriftError, ReferenceStore, default_state_dir, drift_folder, measure_drift, report_path
 from fl_tasks.silo.holdout import silo_salt, split_rows
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
@@ -67,12 +73,16 @@ class SiloAgent:
     seed: int = 0
     answered: set[str] = field(default_factory=set)
     evaluated: set[str] = field(default_factory=set)
+    # Drift reference windows and reports, kept only here; None: FL_CLIENT_STATE_DIR, else
+    # ~/.fl-client/<client_id>.
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.signing_key is not None:
             self.signing_key = signing.as_key(self.signing_key, f"the signing key of {self.client_id}")
         if not protocol.NAME_PATTERN.fullmatch(self.client_id):
             raise ValueError(f"client id {self.client_id!r} must match {protocol.NAME_PATTERN.pattern}")
+        self.state_dir = Path(self.state_dir) if self.state_dir else default_state_dir(self.client_id)
         match = BUCKET_URI_PATTERN.fullmatch(self.bucket_uri)
         if not match:
             raise ValueError(f"bucket {self.bucket_uri!r} must look like s3://bucket[/prefix]")
@@ -203,6 +213,9 @@ class SiloAgent:
                                     batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
                                     seed=self.seed + zlib.crc32(round_id.encode()) % 10_000)
         rows, held_out = split_rows(rows, float(t.get("holdout_fraction", 0.0)), self.salt)
+        # Before training: the drift block goes into this round's manifest. On the silo's own
+        # rows, not on what a simulated attacker's train_rows makes of them.
+        drift, kept = self.measure_round_drift(manifest, task.contract, rows)
         self.log(f"round {round_id}: training {settings.local_epochs} epoch(s) on {len(rows)} rows "
                  f"from base version {manifest.model_version}"
                  + (f" ({len(held_out)} rows held out for evaluation)" if len(held_out) else ""))
@@ -216,12 +229,91 @@ class SiloAgent:
             num_examples=result.num_examples, codec=t["codec"], payload_sha256=sha256_hex(update),
             payload_bytes=len(update), metrics=metrics,
             timings={"fetch_seconds": fetch_seconds, "train_seconds": float(result.metrics.get("train_seconds", 0.0))},
-            created_at=datetime.now(timezone.utc).isoformat(),
+            created_at=datetime.now(timezone.utc).isoformat(), drift=drift,
         )
+        if drift and len(commit.to_json()) > protocol.MAX_MANIFEST_BYTES - 1024:  # room for the signature
+            # The coordinator refuses a manifest over the limit: the update matters more than its scores.
+            self.log(f"round {round_id}: drift scores of {len(drift['columns'])} columns would take the update "
+                     f"manifest over {protocol.MAX_MANIFEST_BYTES} bytes; sent without them")
+            commit = replace(commit, drift={})
         self.commit(round_id, protocol.update_manifest_key, commit)
         self.log(f"round {round_id}: update committed ({result.num_examples} examples, "
                  f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())})")
+        self.keep_references(round_id, kept)
         return True
+
+    # --- drift ------------------------------------------------------------------------------
+    def measure_round_drift(self, manifest: GlobalManifest, contract: DataContract,
+                            rows: "pd.DataFrame") -> tuple[dict[str, Any], "pd.DataFrame | None"]:
+        """(the update's drift block, the drift columns of `rows` to keep as reference windows
+        once the update is committed). The block is empty when the round asks for no drift,
+        when this silo has no reference yet (its first window becomes one), and when drift
+        cannot be measured here: that is logged, and the round goes on without scores."""
+        if not manifest.drift:
+            return {}, None
+        round_id, kept = manifest.round_id, None
+        try:
+            settings = DriftSettings.from_dict(manifest.drift)
+            kept = rows[[c for c in settings.columns if c in rows.columns]].copy()
+            reference = self.drift_reference(settings, manifest, contract)
+            if reference is None:
+                self.log(f"round {round_id}: drift: no {settings.reference} reference window other than this "
+                         "round's own yet; no scores this round")
+                return {}, kept
+            frame, label = reference
+            where = report_path(self.state_dir, self.federation, round_id)
+            report = measure_drift(frame, rows, settings, label, where, contract)
+        except Exception as exc:  # whatever evidently or the state directory raise: drift never stops a round
+            self.log(f"round {round_id}: drift not measured, no scores sent: {type(exc).__name__}: {exc}")
+            return {}, kept
+        drifted = sorted(name for name, column in report.columns.items() if column.drifted)
+        self.log(f"round {round_id}: drift against the {report.reference}: {report.drifted_share:.0%} of "
+                 f"{len(report.columns)} columns drifted"
+                 + (f" ({', '.join(drifted[:10])}{', ...' if len(drifted) > 10 else ''})" if drifted else "")
+                 + (", the data drifted" if report.dataset_drifted else "") + f"; report in {where}")
+        return report.as_dict(), kept
+
+    def references(self) -> ReferenceStore:
+        return ReferenceStore(drift_folder(self.state_dir, self.federation) / "references")
+
+    def drift_reference(self, settings: DriftSettings, manifest: GlobalManifest,
+                        contract: DataContract) -> tuple["pd.DataFrame", str] | None:
+        """(the reference rows, what they are in words), or None when there is no reference
+        yet other than this round's own window."""
+        if settings.reference == "fixed":
+            window = Window.from_manifest(settings.reference_window)
+            if window == Window.from_manifest(manifest.data_window):
+                return None  # the fixed window is this round's: nothing to compare with
+            try:
+                frame = self.source.read(window, contract.event_time)
+            except DataSourceError as exc:
+                raise DriftError(f"the fixed reference window {window} is unreadable: {exc}") from None
+            if frame.empty:
+                raise DriftError(f"the fixed reference window {window} holds no rows here")
+            start, end = (settings.reference_window.get(side) for side in ("start", "end"))
+            return frame, f"fixed window {start or '-inf'}..{end or '+inf'}"
+        store = self.references()
+        reference = store.first() if settings.reference == "first" else store.previous(manifest.round_id)
+        if reference is None or reference.round_id == manifest.round_id:
+            return None
+        missing = [c for c in settings.columns if c not in reference.columns]
+        if missing:
+            raise DriftError(f"the {reference.label} was kept without column(s) {missing}; delete "
+                             f"{reference.path} and its .json record to take the next window as the reference")
+        return reference.frame(), reference.label
+
+    def keep_references(self, round_id: str, rows: "pd.DataFrame | None") -> None:
+        """Keep the committed round's window: as the `first` reference once, and as the
+        `previous` one always (whichever the federation uses now, it may switch later)."""
+        if rows is None:
+            return
+        try:
+            store = self.references()
+            store.keep_previous(round_id, rows)
+            if store.keep_first(round_id, rows):
+                self.log(f"round {round_id}: drift: kept this window ({len(rows)} rows) as the first reference")
+        except Exception as exc:  # a full disk costs the next round its scores; it must not stop the agent's loop
+            self.log(f"round {round_id}: drift: could not keep this window as a reference: {type(exc).__name__}: {exc}")
 
     def decline(self, round_id: str, reason: str, which=protocol.decline_key) -> None:
         """Commit a signed decline: the coordinator stops waiting for this silo this round
@@ -336,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signing-key-file", default=None,
                         help="file holding this silo's signing key (default: the FL_SIGNING_KEY variable; "
                              "neither: manifests go unsigned)")
+    parser.add_argument("--state-dir", default=None,
+                        help="where this silo keeps its drift reference windows and reports, never sent anywhere "
+                             "(default: the FL_CLIENT_STATE_DIR variable, else ~/.fl-client/<client-id>)")
     return parser
 
 
@@ -351,13 +446,13 @@ def agent_from_args(args: argparse.Namespace, agent_class: type[SiloAgent] = Sil
     """The agent a command line describes; ValueError/OSError with a readable message."""
     source = open_source(args.data, args.sql_table, args.sql_query)
     return agent_class(args.client_id, args.federation, args.bucket, source, ObjectStore(args.endpoint_url),
-                       read_signing_key(args.signing_key_file), args.seed, **extra)
+                       read_signing_key(args.signing_key_file), args.seed, state_dir=args.state_dir, **extra)
 
 
 def serve(agent: SiloAgent, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     agent.log(f"serving federation {args.federation} from {args.bucket} with rows from {agent.source.describe()}; "
-              f"manifests {'signed' if agent.signing_key else 'unsigned'}")
+              f"manifests {'signed' if agent.signing_key else 'unsigned'}; drift state in {agent.state_dir}")
     try:
         agent.run(args.poll_seconds, args.max_rounds, args.idle_exit_seconds)
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pandas as pd
 
     from fl_tasks.contract import DataContract
@@ -96,6 +98,24 @@ def synthetic_fraud_frame(rows: int = 20000, seed: int = 0, fraud_rate: float = 
     frame["Amount"] = rng.lognormal(3.0, 1.5, rows)
     frame["Class"] = y
     return _with_event_time(frame, np.sort(rng.uniform(0, 2 * 86400, rows)))
+
+
+def shift_rows(frame: "pd.DataFrame", columns: "Sequence[str]", scale: float, offset: float) -> "pd.DataFrame":
+    """A copy of `frame` with each of `columns` replaced by `value * scale + offset`: a
+    silo's data drifted on purpose (the other columns, and `frame` itself, are untouched)."""
+    import pandas as pd
+
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise KeyError(f"shift_rows: columns {missing} are not in the frame; it has {list(frame.columns)}")
+    not_numeric = [c for c in columns if pd.api.types.is_bool_dtype(frame[c]) or
+                   not pd.api.types.is_numeric_dtype(frame[c])]
+    if not_numeric:
+        raise ValueError(f"shift_rows: columns {not_numeric} are not numeric; only numbers can be scaled and shifted")
+    shifted = frame.copy()
+    for column in columns:
+        shifted[column] = frame[column].astype(np.float64) * scale + offset
+    return shifted
 
 
 def label_codes(frame: "pd.DataFrame", contract: "DataContract") -> np.ndarray:

@@ -5,7 +5,8 @@ federation file's `simulation` section). A share is held out first: half stands 
 coordinator's own rows (written where `evaluation.coordinator_data` points, when a federation
 has any), half a referee test set no gate sees. The rest is split non-IID across the federation's clients (Dirichlet
 over labels), one Parquet file per silo with exactly the data contract's columns, and each
-silo runs as its own process.
+silo runs as its own process, with its own state directory (drift reference windows and
+reports) under <state_dir>/silo-state/<client>.
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ class SiloProcesses:
     def __init__(self, spec: FederationSpec, silo_paths: dict[str, Path], log_dir: Path,
                  behaviours: dict[str, str] | None = None, delay_seconds: float = 0.0, poll_seconds: float = 1.0,
                  extra_args: list[str] | None = None, signing_keys: dict[str, str] | None = None,
-                 data_args: dict[str, list[str]] | None = None):
+                 data_args: dict[str, list[str]] | None = None, state_dir: Path | None = None):
         """`signing_keys`: client id -> its key (FL_SIGNING_KEY of that silo's process);
         default: the FL_SIGNING_KEY_<CLIENT_ID> variables that are set. `data_args`: client id
         -> the data source arguments of that silo (e.g. a database URL and --sql-table)
-        instead of its file in `silo_paths`."""
+        instead of its file in `silo_paths`. `state_dir`: each silo keeps its drift state in
+        <state_dir>/<client> (default: silo-state next to `log_dir`), never in the home
+        directory every simulated silo would share."""
         self.spec, self.paths, self.log_dir = spec, silo_paths, log_dir
+        self.state_dir = Path(state_dir) if state_dir is not None else Path(log_dir).parent / "silo-state"
         self.signing_keys = signing_keys if signing_keys is not None else env_signing_keys(spec)
         self.behaviours = dict(behaviours or {})
         self.delay_seconds, self.poll_seconds = delay_seconds, poll_seconds
@@ -121,7 +125,8 @@ class SiloProcesses:
         cmd = [sys.executable, "-m", *module, "--client-id", client.id,
                "--federation", self.spec.federation, "--bucket", client.bucket,
                *self.data_args.get(client.id, ["--data", str(self.paths.get(client.id))]),
-               "--poll-seconds", str(self.poll_seconds), *self.extra_args]
+               "--poll-seconds", str(self.poll_seconds), "--state-dir", str(self.state_dir / client.id),
+               *self.extra_args]
         if self.spec.endpoint_url:
             cmd += ["--endpoint-url", self.spec.endpoint_url]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     publish_validation(spec, data, ObjectStore(spec.endpoint_url))
     keys = simulation_keys(spec, state_dir)
     silos = SiloProcesses(spec, data.silos, state_dir / "logs", behaviours, args.delay_seconds,
-                          signing_keys=keys).start()
+                          signing_keys=keys, state_dir=state_dir / "silo-state").start()
     print(f"{len(data.silos)} silos running; logs in {state_dir / 'logs'}; Ctrl-C stops them", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -33,9 +33,9 @@ def monkeypatch_module():
 def test_no_import_errors_and_one_dag_per_federation(dagbag):
     assert dagbag.import_errors == {}
     federations = sorted(p.stem for p in (REPO / "federations").glob("*.yaml"))
-    # Each federation that evaluates on its silos also gets its evaluation-only DAG.
+    # Each federation that evaluates on its silos also gets its evaluation-only DAG, and each its monitoring DAG.
     assert sorted(dagbag.dag_ids) == sorted(f"fl_{kind}__{f.replace('-', '_')}" for f in federations
-                                            for kind in ("round", "evaluate"))
+                                            for kind in ("round", "evaluate", "monitor"))
 
 
 def test_round_chain_and_branches(dagbag):
@@ -65,6 +65,32 @@ def test_evaluation_only_dag(dagbag):
         params.update({"version": "champion; drop"})
 
 
+def test_monitoring_starts_rounds_through_the_federations_asset(dagbag):
+    """fl_monitor__<F> emits events on the asset that fl_round__<F> is scheduled on (next to
+    its cron timetable, which keeps its data intervals for backfills)."""
+    monitor, rounds = dagbag.dags["fl_monitor__banks"], dagbag.dags["fl_round__banks"]
+    assert monitor.get_task("check_federation").downstream_task_ids == {"request_round"}
+    [outlet] = monitor.get_task("request_round").outlets
+    assert outlet.uri == "x-fl://banks/retrain"
+    assert type(rounds.timetable).__name__ == "AssetOrTimeSchedule"
+    assert rounds.timetable.asset_condition.uri == outlet.uri
+    assert type(rounds.timetable.timetable).__name__ == "CronDataIntervalTimetable"
+    # A federation without a schedule is started by hand and by the monitor only.
+    claims = dagbag.dags["fl_round__claims"]
+    assert [a.uri for a in claims.timetable.asset_condition.objects] == ["x-fl://claims/retrain"]
+    assert "half" not in monitor.doc_md and "at least 50% of the silos drifted" in monitor.doc_md
+
+
+def test_an_asset_triggered_run_records_the_monitors_reason():
+    from types import SimpleNamespace
+
+    from fl_round import trigger_reason
+
+    events = {"asset": [SimpleNamespace(extra={"reason": "drift: 3 of 5 silos drifted"}), SimpleNamespace(extra=None)]}
+    assert trigger_reason({"triggering_asset_events": events}) == "drift: 3 of 5 silos drifted"
+    assert trigger_reason({}) == ""
+
+
 def test_without_federated_evaluation_the_round_has_no_evaluation_steps(tmp_path, monkeypatch):
     federations = tmp_path / "federations"
     federations.mkdir()
@@ -75,7 +101,7 @@ def test_without_federated_evaluation_the_round_has_no_evaluation_steps(tmp_path
                                             "s3://fl-coordinator/banks/holdout.parquet}" + text[end:])
     monkeypatch.setenv("FL_FEDERATIONS_DIR", str(federations))
     bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert bag.import_errors == {} and sorted(bag.dag_ids) == ["fl_round__banks"]
+    assert bag.import_errors == {} and sorted(bag.dag_ids) == ["fl_monitor__banks", "fl_round__banks"]
     dag = bag.dags["fl_round__banks"]
     assert "validate" in dag.get_task("aggregate").downstream_task_ids
     assert "wait_for_evaluations" not in dag.task_ids
@@ -110,7 +136,8 @@ def test_the_trigger_form_is_the_settings_table():
 
     spec = load_federation(REPO / "federations" / "banks.yaml")
     params = round_params(spec)
-    assert sorted(params) == sorted([s.name for s in ROUND_SETTINGS] + ["round_id"])
+    assert sorted(params) == sorted([s.name for s in ROUND_SETTINGS] + ["round_id", "reset_circuit_breaker"])
+    assert params["reset_circuit_breaker"].value is False
     assert params["min_clients"].schema["maximum"] == len(spec.clients) == 5
     assert params["min_fraction"].schema["type"] == ["number", "null"]
 
@@ -130,7 +157,7 @@ def test_a_broken_federation_file_leaves_the_other_dags_and_shows_its_error(tmp_
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     assert sorted(bag.dag_ids) == ["fl_config_error__broken", "fl_config_error__garbled", "fl_evaluate__banks",
-                                   "fl_round__banks"]
+                                   "fl_monitor__banks", "fl_round__banks"]
     error = bag.dags["fl_config_error__broken"]
     assert "broken.yaml: field 'quorum.min_client': unknown field. Fix: did you mean 'min_clients'?" in \
         error.description

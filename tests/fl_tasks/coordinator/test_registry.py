@@ -118,15 +118,23 @@ def test_the_registered_model_loads_and_matches_the_candidates_weights(spec):
     assert model.training  # the caller's model is left as it was
 
 
-def test_log_audit_attaches_the_log_to_the_rounds_run_or_a_failed_one(spec):
+def test_round_records_go_to_the_rounds_run_or_a_failed_one_and_a_retry_logs_no_metric_twice(spec):
     version = register(spec, "000007")
     client = MlflowClient()
-    run_id = registry.log_audit(spec, "000007", b'{"event": "round_planned"}\n')
+    logged = client.get_run(client.get_model_version(spec.model_name, version).run_id).data.metrics
+    run_id = registry.log_round_record(spec, "000007", {"audit/audit.jsonl": '{"event": "round_planned"}\n'},
+                                       {"participation_rate": 0.8, **{k: v + 1 for k, v in logged.items()}})
     assert run_id == client.get_model_version(spec.model_name, version).run_id
-    assert registry.log_audit(spec, "000007", b'{"event": "again"}\n') == run_id  # a retry rewrites the same file
+    again = registry.log_round_record(spec, "000007", {"audit/audit.jsonl": '{"event": "again"}\n'},
+                                      {"participation_rate": 0.5})
+    assert again == run_id  # a retry rewrites the same file
     text = client.download_artifacts(run_id, "audit/audit.jsonl")
     assert open(text).read() == '{"event": "again"}\n'
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["participation_rate"] == 0.8  # logged once: the retry's value is not added
+    assert {k: metrics[k] for k in logged} == logged  # what register logged stays
+    assert len(client.get_metric_history(run_id, "participation_rate")) == 1
     # A round that never reached register gets a run of its own, marked FAILED.
-    orphan = registry.log_audit(spec, "000008", b"{}\n")
+    orphan = registry.log_round_record(spec, "000008", {"audit/audit.jsonl": "{}\n"}, {})
     assert orphan != run_id and client.get_run(orphan).info.status == "FAILED"
     assert client.get_run(orphan).data.tags["fl.round_id"] == "000008"

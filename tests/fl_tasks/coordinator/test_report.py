@@ -74,7 +74,7 @@ def test_summary_table_reads_reports_written_before_declines_existed():
 def plan(**overrides):
     fields = {"federation": "f", "round_id": "000003", "run_id": "run-3", "run_type": "manual", "base_version": "2",
               "base_origin": "champion", "data_window": {"start": None, "end": None}, "settings": {"min_clients": 2},
-              "task": {"entrypoint": "fl_tasks.tasks.fraud:FraudTask"}, "clients": ["a", "b", "c"]}
+              "task": {"entrypoint": "fl_tasks.tasks.fraud:FraudTask"}, "clients": ["a", "b", "c"], "triggered_by": "admin"}
     return SimpleNamespace(**{**fields, **overrides})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from datetime import datetime
 
 import pytest
@@ -14,6 +15,7 @@ from fl_tasks.protocol import (MAX_MANIFEST_BYTES, PROTOCOL_VERSION, DeclineMani
                                UpdateManifest, decline_key, global_manifest_key, global_model_key,
                                round_id_for_interval, round_id_for_number, round_prefix, rounds_listing_prefix,
                                sha256_hex, update_manifest_key, update_payload_key, validate_round_id)
+from fl_tasks.protocol.drift import MAX_COLUMNS, DriftReport, DriftSettings
 
 SHA_A = hashlib.sha256(b"a").hexdigest()
 SHA_B = hashlib.sha256(b"b").hexdigest()
@@ -101,10 +103,20 @@ def global_manifest(**changes) -> GlobalManifest:
     return GlobalManifest(**values)
 
 
+# What a silo sends (fl_tasks.protocol.drift.DriftReport): scores and evidently's verdicts, no rows.
+DRIFT_REPORT = {"reference": "first window (round 000001, 4120 rows)", "reference_rows": 4120, "current_rows": 3980,
+                "drifted_share": 0.5, "dataset_drifted": True,
+                "columns": {"Amount": {"score": 0.31, "drifted": True, "method": "Wasserstein distance (normed)"},
+                            "V1": {"score": 0.62, "drifted": False, "method": "K-S p_value"}}}
+# What the coordinator asks (fl_tasks.protocol.drift.DriftSettings).
+DRIFT_SETTINGS = {"reference": "first", "reference_window": {}, "columns": ["Amount", "V1"], "drift_share": 0.5,
+                  "method": None, "threshold": None}
+
+
 def update_manifest(**changes) -> UpdateManifest:
     values = dict(client_id="bank-a", federation="banks", round_id="000001", base_model_version="3",
                   base_sha256=SHA_A, num_examples=5000, codec="fp32", payload_sha256=SHA_B, payload_bytes=99,
-                  metrics={"train_loss": 0.25, "train_rows": 5000}, drift={"l2": 0.5}, timings={"train": 1.5},
+                  metrics={"train_loss": 0.25, "train_rows": 5000}, drift=DRIFT_REPORT, timings={"train": 1.5},
                   signature="", created_at="2024-01-01T00:05:00+00:00")
     values.update(changes)
     return UpdateManifest(**values)
@@ -234,10 +246,129 @@ def test_payload_bytes_must_be_positive():
     expect_error(GlobalManifest, body_of(global_manifest(payload_bytes=-1)), "'payload_bytes' must be positive")
 
 
-@pytest.mark.parametrize("name", ["metrics", "drift", "timings"])
+@pytest.mark.parametrize("name", ["metrics", "timings"])
 @pytest.mark.parametrize("value", [{"loss": "low"}, {"loss": True}, {"loss": None}, {"loss": [1.0]}])
 def test_metric_maps_must_hold_numbers(name, value):
     expect_error(UpdateManifest, body_of(update_manifest(**{name: value})), f"field '{name}' must map names to numbers")
+
+
+# --- drift blocks: the coordinator's settings in the global manifest, the silo's scores in its update ---
+
+
+def test_drift_blocks_round_trip():
+    update = UpdateManifest.from_json(update_manifest().to_json())
+    assert update.drift == DRIFT_REPORT
+    assert DriftReport.from_dict(update.drift).columns["Amount"].drifted is True
+    fixed = {**DRIFT_SETTINGS, "reference": "fixed", "reference_window": {"start": "2013-09-01", "end": None}}
+    for settings in (DRIFT_SETTINGS, fixed):
+        manifest = GlobalManifest.from_json(global_manifest(drift=settings).to_json())
+        assert manifest.drift == settings and DriftSettings.from_dict(manifest.drift).as_dict() == settings
+
+
+def test_drift_blocks_may_be_empty_or_absent():
+    assert UpdateManifest.from_json(update_manifest(drift={}).to_json()).drift == {}  # no scores this round
+    body = body_of(global_manifest(drift=DRIFT_SETTINGS))
+    del body["drift"]  # a coordinator from before drift: the silos compute none
+    assert GlobalManifest.from_json(encode(body)).drift == {}
+    assert body_of(global_manifest())["drift"] == {}
+
+
+REMOVE = object()
+
+
+def bad_report(path: str, value) -> dict:
+    """DRIFT_REPORT with the field at `path` (dotted; `columns.V1.score`) set to `value`, or
+    removed when `value` is REMOVE."""
+    report = json.loads(json.dumps(DRIFT_REPORT))
+    *parents, last = path.split(".")
+    target = report
+    for name in parents:
+        target = target[name]
+    if value is REMOVE:
+        del target[last]
+    else:
+        target[last] = value
+    return report
+
+
+@pytest.mark.parametrize("path, value, fragment", [
+    ("reference", 7, "'drift'.reference must be text"),
+    ("reference", "", "'drift'.reference must be text"),
+    ("reference", "x" * 201, "'drift'.reference must be text"),
+    ("reference_rows", 1.5, "'drift'.reference_rows must be a row count"),
+    ("reference_rows", True, "'drift'.reference_rows must be a row count"),
+    ("current_rows", -1, "'drift'.current_rows must be a row count"),
+    ("drifted_share", "half", "'drift'.drifted_share must be in [0, 1]"),
+    ("drifted_share", 1.5, "'drift'.drifted_share must be in [0, 1]"),
+    ("dataset_drifted", 1, "'drift'.dataset_drifted must be true or false"),
+    ("columns", [], "'drift'.columns must map"),
+    ("columns.V1.score", "0.6", "'drift'.columns.V1.score must be a finite number"),
+    ("columns.V1.score", None, "'drift'.columns.V1.score must be a finite number"),
+    ("columns.V1.drifted", "no", "'drift'.columns.V1.drifted must be true or false"),
+    ("columns.V1.method", "", "'drift'.columns.V1.method must name the method"),
+    ("columns.V1.rows", [1.0, 2.0], "'drift'.columns.V1 must hold exactly score, drifted and method"),
+    ("columns.V1.method", REMOVE, "'drift'.columns.V1 must hold exactly score, drifted and method"),
+    ("columns.V1", 0.62, "'drift'.columns.V1 must hold exactly score, drifted and method"),
+    ("raw_rows", [[1.0, 2.0]], "field 'drift' must hold exactly"),
+    ("columns", REMOVE, "field 'drift' must hold exactly"),
+])
+def test_malformed_drift_scores_are_rejected_naming_the_field(path, value, fragment):
+    error = expect_error(UpdateManifest, body_of(update_manifest(drift=bad_report(path, value))), fragment)
+    assert "update manifest field 'drift'" in str(error)
+
+
+def test_drift_scores_of_too_many_columns_are_rejected():
+    cell = {"score": 0.1, "drifted": False, "method": "PSI"}
+    report = {**DRIFT_REPORT, "columns": {f"c{i}": cell for i in range(MAX_COLUMNS + 1)}}
+    manifest = update_manifest(drift=report)
+    with pytest.raises(ManifestError, match=f"'drift'.columns must map at most {MAX_COLUMNS} column names"):
+        manifest.validate()
+
+
+def test_non_finite_drift_scores_are_rejected():
+    for value in (math.nan, math.inf):
+        # Written by a JSON encoder that allows them: the strict reader refuses the bytes...
+        body = body_of(update_manifest()) | {"drift": bad_report("columns.V1.score", value)}
+        expect_error(UpdateManifest, encode(body), "not valid JSON")
+        # ...and the schema refuses the value in a manifest built in Python.
+        with pytest.raises(ManifestError, match="'drift'.columns.V1.score must be a finite number"):
+            update_manifest(drift=bad_report("columns.V1.score", value)).validate()
+    with pytest.raises(ManifestError, match="'drift'.drifted_share must be in"):
+        update_manifest(drift=bad_report("drifted_share", math.nan)).validate()
+
+
+def test_drift_column_names_must_be_text():
+    report = {**DRIFT_REPORT, "columns": {1: {"score": 0.1, "drifted": False, "method": "PSI"}}}
+    with pytest.raises(ManifestError, match="column names must be text"):
+        update_manifest(drift=report).validate()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"reference": "last"}, "'drift'.reference must be one of ['first', 'previous', 'fixed']"),
+    ({"reference": "fixed"}, "'drift'.reference_window needs start or end when reference is 'fixed'"),
+    ({"reference": "fixed", "reference_window": {"start": "yesterday"}}, "'drift'.reference_window allows start"),
+    ({"reference_window": {"from": "2013-09-01"}}, "'drift'.reference_window allows start and end"),
+    ({"columns": []}, "'drift'.columns must name 1..512 columns"),
+    ({"columns": "Amount"}, "'drift'.columns must name"),
+    ({"columns": ["Amount", 3]}, "'drift'.columns must name"),
+    ({"columns": [f"c{i}" for i in range(MAX_COLUMNS + 1)]}, "'drift'.columns must name 1..512 columns"),
+    ({"columns": ["Amount", "Amount"]}, "'drift'.columns names a column more than once"),
+    ({"drift_share": 0}, "'drift'.drift_share must be in (0, 1]"),
+    ({"drift_share": True}, "'drift'.drift_share must be in (0, 1]"),
+    ({"drift_share": 1.5}, "'drift'.drift_share must be in (0, 1]"),
+    ({"method": 3}, "'drift'.method must be null or a method name"),
+    ({"threshold": "0.1"}, "'drift'.threshold must be null or a number"),
+    ({"action": "block"}, "field 'drift' must hold exactly"),
+])
+def test_malformed_drift_settings_are_rejected_naming_the_field(change, fragment):
+    error = expect_error(GlobalManifest, body_of(global_manifest(drift={**DRIFT_SETTINGS, **change})), fragment)
+    assert "global manifest field 'drift'" in str(error)
+
+
+def test_a_drift_block_must_be_an_object():
+    body = body_of(global_manifest())
+    body["drift"] = ["Amount"]
+    expect_error(GlobalManifest, body, "field 'drift' has type list, expected dict")
 
 
 def test_global_deadline_and_window_checked():

@@ -21,7 +21,7 @@ OTHER_KEY = b"o" * 32
 def manifest(**changes) -> UpdateManifest:
     values = dict(client_id="bank-a", federation="banks", round_id="000001", base_model_version="3",
                   base_sha256="a" * 64, num_examples=5000, codec="fp32", payload_sha256="b" * 64, payload_bytes=99,
-                  metrics={"train_loss": 0.25}, drift={"l2": 0.5}, timings={"train": 1.5},
+                  metrics={"train_loss": 0.25}, drift={}, timings={"train": 1.5},
                   created_at="2024-01-01T00:05:00+00:00")
     values.update(changes)
     return UpdateManifest(**values)
@@ -49,7 +49,10 @@ def test_signature_is_hmac_sha256_of_the_canonical_manifest():
 CHANGES = {
     "client_id": "bank-b", "federation": "other", "round_id": "000002", "base_model_version": "4",
     "base_sha256": "c" * 64, "num_examples": 5001, "codec": "fp16", "payload_sha256": "d" * 64,
-    "payload_bytes": 100, "metrics": {"train_loss": 0.26}, "drift": {"l2": 0.6}, "timings": {"train": 1.6},
+    "payload_bytes": 100, "metrics": {"train_loss": 0.26}, "drift": {
+        "reference": "first window", "reference_rows": 10, "current_rows": 10, "drifted_share": 0.0,
+        "dataset_drifted": False, "columns": {"amount": {"score": 0.9, "drifted": False, "method": "K-S p_value"}}},
+    "timings": {"train": 1.6},
     "created_at": "2024-01-01T00:05:01+00:00",
 }
 

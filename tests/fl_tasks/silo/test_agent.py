@@ -10,6 +10,7 @@ tests/fl_tasks/simulation/test_attacks.py.)
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,11 +23,12 @@ from fl_tasks import protocol
 from fl_tasks.contract import Column, DataContract
 from fl_tasks.protocol import DeclineManifest, GlobalManifest, UpdateManifest, sha256_hex
 from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.drift import DriftReport, DriftSettings
 from fl_tasks.protocol.signing import SignatureError, verify_manifest
 from fl_tasks.protocol.storage import ObjectStore
 from fl_tasks.silo.agent import SiloAgent, main
 from fl_tasks.silo.sources import FileSource
-from fl_tasks.simulation.datasets import synthetic_fraud_frame
+from fl_tasks.simulation.datasets import shift_rows, synthetic_fraud_frame
 from fl_tasks.tasks.api import model_state, params_sha256
 from fl_tasks.tasks.fraud import COMPONENTS, FraudTask
 
@@ -55,7 +57,7 @@ def task_of(**changes) -> dict:
 
 
 def publish(store, bucket, round_id, deadline=None, window=None, corrupt=False, task=None,
-            contract: DataContract | None = None, state=None) -> GlobalManifest:
+            contract: DataContract | None = None, state=None, drift: dict | None = None) -> GlobalManifest:
     """Commit round `round_id` in `bucket` as the coordinator would: payload first, manifest last."""
     payload = encode_state(state if state is not None else base_state())
     manifest = GlobalManifest(
@@ -65,7 +67,7 @@ def publish(store, bucket, round_id, deadline=None, window=None, corrupt=False, 
         training={"local_epochs": 1, "learning_rate": 0.01, "batch_size": 64, "proximal_mu": 0.0, "codec": "fp32"},
         data_window=window or {"start": None, "end": None},
         deadline=(deadline or datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat(),
-        created_at=datetime.now(timezone.utc).isoformat(),
+        created_at=datetime.now(timezone.utc).isoformat(), drift=drift or {},
     )
     store.put_bytes(bucket, protocol.global_model_key("", "fed", round_id), payload[:-1] if corrupt else payload)
     store.put_bytes(bucket, protocol.global_manifest_key("", "fed", round_id), manifest.to_json())
@@ -433,6 +435,22 @@ def test_cli_takes_the_key_from_a_file_or_the_environment(tmp_path, monkeypatch)
     assert build_parser_flags() >= {"--signing-key-file", "--data", "--sql-table", "--sql-query"}
 
 
+def test_cli_takes_the_state_dir_from_the_flag_or_the_environment(tmp_path, monkeypatch, s3_server):
+    from fl_tasks.silo.agent import agent_from_args, build_parser
+
+    data = write_parquet(silo_rows(100), tmp_path / "silo.parquet")
+    argv = ["--client-id", "bank-a", "--federation", "fed", "--bucket", "s3://bank-a", "--data", str(data),
+            "--endpoint-url", s3_server.endpoint_url]
+    assert "--state-dir" in build_parser_flags()
+    agent = agent_from_args(build_parser().parse_args([*argv, "--state-dir", str(tmp_path / "state")]))
+    assert agent.state_dir == tmp_path / "state"
+    monkeypatch.setenv("FL_CLIENT_STATE_DIR", str(tmp_path / "from-env"))
+    assert agent_from_args(build_parser().parse_args(argv)).state_dir == tmp_path / "from-env"
+    monkeypatch.delenv("FL_CLIENT_STATE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert agent_from_args(build_parser().parse_args(argv)).state_dir == tmp_path / "home" / ".fl-client" / "bank-a"
+
+
 def build_parser_flags() -> set[str]:
     from fl_tasks.silo.agent import build_parser
 
@@ -446,3 +464,176 @@ def test_cli_refuses_a_short_key_without_a_traceback(tmp_path, capsys, s3_server
                  "--endpoint-url", s3_server.endpoint_url])
     assert code == 2
     assert "at least 16" in capsys.readouterr().err
+
+
+# --- drift at the silo: scores in the update, rows and reports at the silo -----------------------------
+
+DRIFT_COLUMNS = [*COMPONENTS, "Amount"]
+SHIFTED = ["Amount", "V1", "V2", "V3", "V4", "V5"]
+DAY_1 = {"start": "2013-09-01T00:00:00+00:00", "end": "2013-09-02T00:00:00+00:00"}  # synthetic rows span two days
+DAY_2 = {"start": "2013-09-02T00:00:00+00:00", "end": None}
+
+
+def drift_settings(reference: str = "first", window: dict | None = None, **changes) -> dict:
+    """The drift block of a global manifest, over the contract's features."""
+    return replace(DriftSettings(reference, window or {}, tuple(DRIFT_COLUMNS)), **changes).as_dict()
+
+
+@pytest.fixture
+def drift_agent(store, tmp_path):
+    """make(rows) -> an agent over `rows` with its state directory in tmp_path; `use(agent,
+    rows)` points it at other rows (the silo's data changed between rounds)."""
+
+    def make(rows: pd.DataFrame) -> SiloAgent:
+        return SiloAgent("bank-a", "fed", f"s3://{new_bucket(store, 'drift-test')}", FileSource(parquet(rows)), store,
+                         state_dir=tmp_path / "state")
+
+    def parquet(rows: pd.DataFrame) -> Path:
+        return write_parquet(rows, tmp_path / f"rows-{datetime.now():%H%M%S%f}.parquet")
+
+    make.use = lambda agent, rows: setattr(agent, "source", FileSource(parquet(rows)))
+    return make
+
+
+def answer_drift(agent, round_id: str, settings: dict, window: dict | None = None) -> dict:
+    """Publish a round asking for drift, answer it; the drift block of the committed update."""
+    publish(agent.store, agent.bucket, round_id, drift=settings, window=window)
+    assert agent.answer(round_id) is True
+    return read_update(agent, round_id).drift
+
+
+def drifted(block: dict) -> list[str]:
+    return sorted(name for name, column in DriftReport.from_dict(block).columns.items() if column.drifted)
+
+
+def report_path(agent, round_id: str) -> Path:
+    return agent.state_dir / "fed" / "drift" / f"{round_id}.html"
+
+
+def assert_scores_only(agent, round_id: str, rows: pd.DataFrame) -> None:
+    """The update manifest carries scores, and no value of the silo's rows; the bucket holds
+    nothing of the silo but its update (no report, no reference window)."""
+    body = json.loads(agent.store.get_bytes(agent.bucket, protocol.update_manifest_key("", "fed", round_id)))
+    drift = body["drift"]
+    assert set(drift) == {"reference", "reference_rows", "current_rows", "drifted_share", "dataset_drifted", "columns"}
+    for name, column in drift["columns"].items():
+        assert set(column) == {"score", "drifted", "method"}, name
+
+    def numbers(value):
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in numbers(v)]
+        if isinstance(value, list):
+            return [n for v in value for n in numbers(v)]
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+    # One score per column, two row counts, one share: and none of them is a value of the rows.
+    assert len(numbers(drift)) == len(drift["columns"]) + 3
+    leaked = set(numbers(body)) & set(rows[DRIFT_COLUMNS].to_numpy(dtype=float).ravel().tolist())
+    assert not leaked
+    for key in agent.store.list_keys(agent.bucket, ""):
+        assert key.rsplit("/", 1)[-1] in {"model.safetensors", "manifest.json", "update.safetensors"}, key
+
+
+def test_drift_against_the_first_window(drift_agent, capsys):
+    rows = silo_rows()
+    agent = drift_agent(rows)
+    settings = drift_settings("first", drift_share=0.2)
+    # Round 1: no reference yet. Its window becomes the first reference; no scores are sent.
+    assert answer_drift(agent, "000001", settings) == {}
+    references = agent.state_dir / "fed" / "drift" / "references"
+    record = json.loads((references / "first.json").read_text())
+    assert (record["round_id"], record["rows"], record["columns"]) == ("000001", ROWS, DRIFT_COLUMNS)
+    assert not report_path(agent, "000001").exists()
+    # Round 2, the same rows: scored against round 1, nothing drifted.
+    block = answer_drift(agent, "000002", settings)
+    report = DriftReport.from_dict(block)
+    assert report.reference == f"first window (round 000001, {ROWS} rows)"
+    assert (report.reference_rows, report.current_rows) == (ROWS, ROWS)
+    assert drifted(block) == [] and report.dataset_drifted is False and set(report.columns) == set(DRIFT_COLUMNS)
+    # Round 3, the silo's data shifted: exactly those columns drifted, still against round 1.
+    shifted = shift_rows(rows, SHIFTED, scale=3.0, offset=2.0)
+    drift_agent.use(agent, shifted)
+    block = answer_drift(agent, "000003", settings)
+    report = DriftReport.from_dict(block)
+    assert drifted(block) == sorted(SHIFTED) and report.drifted_share == pytest.approx(6 / 29)
+    assert report.dataset_drifted is True  # 6 of 29 columns reach drift_share 0.2
+    assert report.reference == f"first window (round 000001, {ROWS} rows)"
+    for round_id in ("000002", "000003"):
+        assert report_path(agent, round_id).stat().st_size > 10_000  # evidently's HTML, at the silo only
+    assert_scores_only(agent, "000003", shifted)
+    assert_scores_only(agent, "000002", rows)
+    out = capsys.readouterr().out
+    assert (f"round 000003: drift against the first window (round 000001, {ROWS} rows): 21% of 29 columns drifted "
+            f"(Amount, V1, V2, V3, V4, V5), the data drifted; report in {report_path(agent, '000003')}") in out
+    # Round 1 run again: its own window is no reference, and the first reference is not taken again.
+    assert answer_drift(agent, "000001", settings) == {}
+    assert json.loads((references / "first.json").read_text()) == record
+
+
+def test_drift_against_the_previous_window(drift_agent):
+    rows = silo_rows()
+    agent = drift_agent(rows)
+    settings = drift_settings("previous", drift_share=0.2)
+    assert answer_drift(agent, "000001", settings) == {}
+    drift_agent.use(agent, shift_rows(rows, SHIFTED, scale=3.0, offset=2.0))
+    block = answer_drift(agent, "000002", settings)
+    assert DriftReport.from_dict(block).reference == f"previous window (round 000001, {ROWS} rows)"
+    assert drifted(block) == sorted(SHIFTED) and block["dataset_drifted"] is True
+    # Round 3 on the same shifted rows: the previous window is round 2's, so nothing drifted.
+    block = answer_drift(agent, "000003", settings)
+    assert DriftReport.from_dict(block).reference == f"previous window (round 000002, {ROWS} rows)"
+    assert drifted(block) == [] and block["dataset_drifted"] is False
+    # Round 3 run again compares with round 2, not with itself.
+    block = answer_drift(agent, "000003", settings)
+    assert DriftReport.from_dict(block).reference == f"previous window (round 000002, {ROWS} rows)"
+
+
+def test_drift_against_a_fixed_window_read_from_the_source(drift_agent):
+    rows = silo_rows()
+    times = rows["event_time"]
+    day_1, day_2 = times < pd.Timestamp(DAY_2["start"]), times >= pd.Timestamp(DAY_2["start"])
+    agent = drift_agent(rows)
+    settings = drift_settings("fixed", DAY_1, drift_share=0.5)
+    # A fixed reference needs no earlier round: round 1 is scored already.
+    block = answer_drift(agent, "000001", settings, window=DAY_2)
+    report = DriftReport.from_dict(block)
+    assert report.reference == f"fixed window {DAY_1['start']}..{DAY_1['end']}"
+    assert (report.reference_rows, report.current_rows) == (int(day_1.sum()), int(day_2.sum()))
+    assert report.dataset_drifted is False  # two days of the same distribution
+    # The second day's rows shift; the first day, read again from the source, is the reference still.
+    shifted = pd.concat([rows[day_1], shift_rows(rows[day_2], SHIFTED, scale=3.0, offset=2.0)], ignore_index=True)
+    drift_agent.use(agent, shifted)
+    block = answer_drift(agent, "000002", replace_settings(settings, drift_share=0.2), window=DAY_2)
+    assert set(SHIFTED) <= set(drifted(block)) and block["dataset_drifted"] is True
+    assert block["reference_rows"] == int(day_1.sum())
+    assert report_path(agent, "000002").exists()
+
+
+def replace_settings(settings: dict, **changes) -> dict:
+    return {**settings, **changes}
+
+
+def test_an_evidently_failure_sends_no_scores_and_the_update_still_goes(drift_agent, capsys):
+    """The fixed reference window holds no Amount at all (the round's own window is clean and
+    fits the contract): evidently cannot compare, the silo logs why and trains anyway."""
+    rows = silo_rows()
+    rows.loc[rows["event_time"] < pd.Timestamp(DAY_2["start"]), "Amount"] = np.nan
+    agent = drift_agent(rows)
+    block = answer_drift(agent, "000001", drift_settings("fixed", DAY_1), window=DAY_2)
+    assert block == {}
+    update = read_update(agent, "000001")
+    assert update.num_examples == int((rows["event_time"] >= pd.Timestamp(DAY_2["start"])).sum())
+    assert not report_path(agent, "000001").exists()
+    out = capsys.readouterr().out
+    assert ("round 000001: drift not measured, no scores sent: DriftError: evidently could not compare the "
+            "windows") in out
+    assert "empty column 'Amount'" in out
+    assert "round 000001: update committed" in out
+
+
+def test_a_round_without_drift_settings_keeps_no_state(agent, tmp_path):
+    agent = replace(agent, state_dir=tmp_path / "state")
+    publish(agent.store, agent.bucket, "000001")
+    assert agent.answer("000001") is True
+    assert read_update(agent, "000001").drift == {}
+    assert not (tmp_path / "state").exists()
