@@ -26,8 +26,10 @@ $(CHROMIUM):
 	@DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null \
 		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null; }
 
+# Two workers: the DAG-run and stack tests run one after another on one of them (they start
+# servers and Airflow processes of their own), the unit tests on the other (tests/conftest.py).
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration and not e2e"

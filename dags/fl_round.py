@@ -24,12 +24,12 @@ from airflow.sdk.exceptions import AirflowFailException
 from fl_airflow.sensors import PreviousRoundSensor, QuorumSensor
 from fl_airflow.steps import RoundStepOperator
 
-from fl_tasks.config import ConfigError, FederationSpec, scan_federations
+from fl_tasks.config import ConfigError, FederationSpec, error_dag_id, federations_dir, scan_federations
 from fl_tasks.protocol import ROUND_ID_PATTERN
 from fl_tasks.settings import FEDERATED_EVALUATION_PREFIX, ROUND_SETTINGS
 
 log = logging.getLogger(__name__)
-FEDERATIONS_DIR = Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
+
 
 
 def retry_policy() -> dict[str, Any]:
@@ -410,8 +410,7 @@ def build_monitor_dag(spec: FederationSpec):
 def build_error_dag(error: ConfigError):
     """A federation file that does not load: a paused DAG that shows the error in the UI (its
     description, docs and its one task's failure), in place of the federation's DAG."""
-    name = Path(error.source).stem
-    dag_id = f"fl_config_error__{''.join(c if c.isalnum() else '_' for c in name)}"
+    dag_id = error_dag_id(error.source)
 
     @dag(dag_id=dag_id, description=f"BROKEN federation file: {error}"[:1000], schedule=None,
          start_date=datetime(2024, 1, 1, tzinfo=timezone.utc), catchup=False, is_paused_upon_creation=True,
@@ -430,7 +429,7 @@ def build_error_dag(error: ConfigError):
     return config_error()
 
 
-_scan = scan_federations(FEDERATIONS_DIR)
+_scan = scan_federations(federations_dir())
 for _spec in _scan.specs:
     globals()[_spec.dag_id] = build_round_dag(_spec)
     globals()[_spec.monitor_dag_id] = build_monitor_dag(_spec)

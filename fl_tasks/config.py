@@ -785,6 +785,17 @@ def _validate_observability(spec: FederationSpec, source: str) -> None:
              "e.g. 3, or null to never stop dispatching")
 
 
+def federations_dir() -> Path:
+    """The folder of federation files: $FL_FEDERATIONS_DIR, else the checkout's `federations/`.
+    The DAG file and the Federation page read the same one."""
+    return Path(os.environ.get("FL_FEDERATIONS_DIR", Path(__file__).resolve().parent.parent / "federations"))
+
+
+def error_dag_id(source: str) -> str:
+    """The DAG a federation file that does not load becomes: `fl_config_error__<file name>`."""
+    return f"fl_config_error__{''.join(c if c.isalnum() else '_' for c in Path(source).stem)}"
+
+
 def load_federation(path: str | os.PathLike) -> FederationSpec:
     """Read and validate one federation file."""
     path = Path(path)

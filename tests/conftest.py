@@ -20,6 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Under `pytest -n 2 --dist loadgroup` (make test), the tests that run DAGs or the stack
+    share one worker and run one after another: each starts Airflow processes and silos of
+    its own, and two at once on two cores would starve each other's deadlines."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("services"))
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One moto S3 server for the session; tests use distinct bucket names."""

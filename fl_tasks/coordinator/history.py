@@ -29,7 +29,7 @@ class RoundRecord:
     reason: str
     finished_at: str  # ISO-8601 UTC
     metrics: RoundMetrics
-    mlflow: dict[str, str] = field(default_factory=dict)  # model_name, version, run_id, experiment_id, tracking_uri
+    mlflow: dict[str, str] = field(default_factory=dict)  # Coordinator.mlflow_refs: model_name, version, mlflow_run_id, ...
     report_html: str = ""  # s3:// URI of the round's HTML report
 
     @property
@@ -73,9 +73,10 @@ class FederationHistory:
         data = self.store.get_bytes(self.bucket, f"{self.federation}/rounds/{round_id}/drift.json")
         return None if data is None else DriftTable.from_dict(json.loads(data))
 
-    def latest_drift(self) -> DriftTable | None:
-        """The drift table of the latest round that has one."""
-        for entry in reversed(self.rounds()):
+    def latest_drift(self, records: list[RoundRecord] | None = None, lookback: int = 50) -> DriftTable | None:
+        """The drift table of the latest round that has one, among the last `lookback`
+        rounds (`records`: the rounds already read, oldest first)."""
+        for entry in reversed((self.rounds() if records is None else records)[-lookback:]):
             table = self.drift_table(entry.round_id)
             if table is not None:
                 return table

@@ -30,26 +30,34 @@ def _refs(ti_key) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def model_version_url(refs: dict[str, Any]) -> str:
+    """The MLflow UI page of the round's model version ('' without an MLflow UI)."""
+    ui = mlflow_ui_url(refs)
+    if not (ui and refs.get("model_name") and refs.get("version")):
+        return ""
+    return f"{ui}/#/models/{quote(refs['model_name'], safe='')}/versions/{refs['version']}"
+
+
+def run_url(refs: dict[str, Any]) -> str:
+    """The MLflow UI page of the round's run ('' without an MLflow UI)."""
+    ui = mlflow_ui_url(refs)
+    if not (ui and refs.get("experiment_id") and refs.get("mlflow_run_id")):
+        return ""
+    return f"{ui}/#/experiments/{refs['experiment_id']}/runs/{refs['mlflow_run_id']}"
+
+
 class MlflowModelVersionLink(BaseOperatorLink):
     name = "MLflow model version"
 
     def get_link(self, operator, *, ti_key) -> str:
-        refs = _refs(ti_key)
-        ui = mlflow_ui_url(refs)
-        if not (ui and refs.get("model_name") and refs.get("version")):
-            return ""
-        return f"{ui}/#/models/{quote(refs['model_name'], safe='')}/versions/{refs['version']}"
+        return model_version_url(_refs(ti_key))
 
 
 class MlflowRunLink(BaseOperatorLink):
     name = "MLflow run"
 
     def get_link(self, operator, *, ti_key) -> str:
-        refs = _refs(ti_key)
-        ui = mlflow_ui_url(refs)
-        if not (ui and refs.get("experiment_id") and refs.get("mlflow_run_id")):
-            return ""
-        return f"{ui}/#/experiments/{refs['experiment_id']}/runs/{refs['mlflow_run_id']}"
+        return run_url(_refs(ti_key))
 
 
 class AuditLogLink(BaseOperatorLink):

@@ -55,7 +55,9 @@ FEDERATIONS = {
               "gates": {"thresholds": {"roc_auc": 0.5}}, "quorum": {"min_clients": 3, "round_timeout_minutes": 5},
               "clients": [{"id": f"bank-{i}", "bucket": f"s3://e2e-bank-{i}-{uuid.uuid4().hex[:6]}"}
                           for i in range(4)],
-              "simulation": {"source": "synthetic", "rows": 12000, "seed": 5}},
+              "simulation": {"source": "synthetic", "rows": 12000, "seed": 5},
+              # Its monitor finds the champion below this bar, and asks for a round (the last test).
+              "monitoring": {"min_metrics": {"roc_auc": 0.999}, "cooldown_minutes": 0}},
 }
 NO_SILOS = ("e2e-idle", "e2e-restart")
 
@@ -412,6 +414,76 @@ def test_a_rolled_back_rounds_note_is_visible_in_the_airflow_ui(stack):
             browser.close()
 
 
+def finished_rounds(env, name: str) -> dict[str, str]:
+    """Round id -> decision of every round of `name` whose run has finished with a report: its
+    summary step ran, which writes the report and then the federation's history record."""
+    spec, store = env["specs"][name], env["store"]
+    finished = {r["dag_run_id"] for r in env["api"].runs(dag_id(name)) if r["state"] in ("success", "failed")}
+    rounds = {}
+    for key in store.list_keys(spec.coordinator_bucket, f"{spec.federation}/rounds/"):
+        if key.endswith("/report.json") and "/evaluation/" not in key:
+            report = json.loads(store.get_bytes(spec.coordinator_bucket, key))
+            if report.get("run_id") in finished:
+                rounds[report["round_id"]] = report["decision"]
+    return rounds
+
+
+def test_the_federation_page_shows_each_federation_and_the_rounds_that_ran(stack):
+    """Headless Chromium, signed in like a user: the nav entry opens the Federation page inside
+    the UI; it lists every federation and each finished round with its decision, and its run
+    links lead to the run's page. Without a session the page's JSON is refused."""
+    from playwright.sync_api import sync_playwright
+
+    local = stack["stack"]
+    page_url = f"{local.airflow_url}/fl-federations/"
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    for path in ("api/federations", "api/federations/banks"):  # no cookie, no token
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(page_url + path, timeout=30)
+        assert refused.value.code == 401 and "banks" not in refused.value.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as redirected:
+        urllib.request.build_opener(NoRedirect).open(page_url, timeout=30)
+    assert redirected.value.code == 307 and "/auth/login?next=" in redirected.value.headers["Location"]
+
+    expected = {name: finished_rounds(stack, name) for name in FEDERATIONS}  # before the page reads the history
+    artifacts = REPO / ".state" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            page.goto(f"{local.airflow_url}/")
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill(local.password())
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{local.airflow_url}/", timeout=30_000)
+            page.get_by_role("link", name="Federations").click()
+            page.wait_for_url(f"{local.airflow_url}/plugin/federations/**", timeout=30_000)
+            frame = page.frame_locator('iframe[title="Federations"]')
+            frame.locator("body[data-loaded=true]").wait_for(timeout=60_000)
+            for name, rounds in expected.items():
+                section = frame.locator(f'section[data-federation="{name}"]')
+                assert section.count() == 1, f"{name} is not on the page"
+                assert section.locator(".error").count() == 0, section.inner_text()
+                shown = {row.locator("td").nth(0).inner_text(): row.locator("td").nth(2).inner_text()
+                         for row in section.locator("tr[data-round-id]").all()}
+                assert shown.items() >= rounds.items(), f"{name}: the page shows {shown}, the reports say {rounds}"
+            page.screenshot(path=str(artifacts / "federation-page.png"))
+
+            ran = [(name, sorted(rounds)[-1]) for name, rounds in expected.items() if rounds]
+            assert ran, f"no federation finished a round before this test: {expected}"
+            name, round_id = ran[0]  # a round's run link opens its run page in the UI around the page
+            row = frame.locator(f'section[data-federation="{name}"] tr[data-round-id="{round_id}"]')
+            row.get_by_role("link", name="Airflow run").click()
+            page.wait_for_url(f"{local.airflow_url}/dags/{dag_id(name)}/runs/**", timeout=30_000)
+        finally:
+            browser.close()
+
+
 def test_cleared_tasks_rerun_to_the_same_outcome(stack):
     """Clear aggregate and everything after it, as from the UI: same model, same version,
     no second MLflow version, no audit event twice."""
@@ -435,3 +507,29 @@ def test_cleared_tasks_rerun_to_the_same_outcome(stack):
     alias = stack["mlflow"].get_model_version_by_alias(spec.model_name, "champion")
     assert str(alias.version) == champion
     assert audit_counts(stack, name, "000002") == counts
+
+
+def test_the_monitoring_dag_starts_a_round_through_the_scheduler(stack):
+    """fl_monitor__banks finds the champion below its monitoring bar and emits an event on the
+    federation's asset; the scheduler starts an asset-triggered round, which records why."""
+    api, spec = stack["api"], stack["specs"]["banks"]
+    before = {r["dag_run_id"] for r in api.runs(dag_id("banks"))}
+    monitor = api.post(f"/api/v2/dags/{spec.monitor_dag_id}/dagRuns", {"logical_date": None})
+    assert api.wait_for_run(spec.monitor_dag_id, monitor["dag_run_id"], timeout=180)["state"] == "success"
+
+    def started():
+        new = [r for r in api.runs(dag_id("banks")) if r["dag_run_id"] not in before]
+        return new[0] if new else None
+
+    run = api.wait_for("the round the monitor asked for", started, timeout=120)
+    assert run["run_type"] == "asset_triggered"
+    finished = api.wait_for_run(dag_id("banks"), run["dag_run_id"], timeout=420)
+    assert finished["state"] in ("success", "failed")
+    plan = json.loads(stack["store"].get_bytes(spec.coordinator_bucket, next(
+        k for k in stack["store"].list_keys(spec.coordinator_bucket, f"{spec.federation}/rounds/")
+        if k.endswith("/plan.json") and json.loads(stack["store"].get_bytes(spec.coordinator_bucket, k))["run_id"]
+        == run["dag_run_id"])))
+    assert plan["run_type"] == "asset_triggered"
+    assert plan["triggered_by"].startswith("monitoring: quality: champion roc_auc"), plan["triggered_by"]
+    request = json.loads(stack["store"].get_bytes(spec.coordinator_bucket, f"{spec.federation}/monitoring/last_request.json"))
+    assert request["run_id"] == monitor["dag_run_id"] and request["reason"] in plan["triggered_by"]
