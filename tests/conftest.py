@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(items) -> None:
     """Under `pytest -n 2 --dist loadgroup` (make test), the tests that run DAGs or the stack
     share one worker and run one after another: each starts Airflow processes and silos of

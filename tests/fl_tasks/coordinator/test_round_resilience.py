@@ -242,8 +242,10 @@ def test_every_step_killed_at_every_write_then_rerun_gives_one_clean_round(make_
     keys = sorted(k.removeprefix(f"{spec.federation}/") for k in coordinator.store.list_keys(coordinator.bucket, ""))
     assert keys == sorted([
         *(f"rounds/{round_id}/{name}" for name in (
-            "plan.json", "base/model.safetensors", "quorum.json", "candidate/model.safetensors",
-            "candidate/manifest.json", "validation.json", "registration.json", "decision.json", "report.json")),
+            "plan.json", "base/model.safetensors", "dispatch.json", "quorum.json", "candidate/model.safetensors",
+            "candidate/manifest.json", "validation.json", "registration.json", "decision.json", "report.json",
+            "report.html")),
+        "history/rounds.json",
         *(f"rounds/{round_id}/updates/{client.id}/{name}" for client in spec.clients
           for name in ("manifest.json", "update.safetensors")),
         *(f"audit/{round_id}/{AUDIT_STEPS.index(step) + 1:02d}-{step}.jsonl" for step in
