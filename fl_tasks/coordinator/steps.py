@@ -662,8 +662,9 @@ class Coordinator:
             triggered_by=plan.triggered_by, decision=built["decision"], version=built["version"],
             base_version=plan.base_version, reason=built["reason"], finished_at=now().isoformat(), metrics=metrics,
             mlflow=self.mlflow_refs(round_id), report_html=built["report_html"])
-        alerts = round_alerts(self.spec, metrics, built["decision"], built["reason"], drift,
-                              self.task.primary.higher_is_better)
+        # A refused round did nothing: only the breaker has something to say about it.
+        alerts = [] if built["decision"] == REFUSED else round_alerts(
+            self.spec, metrics, built["decision"], built["reason"], drift, self.task.primary.higher_is_better)
         breaker = self.breaker.state(history + [record])
         if built["decision"] == REFUSED or breaker.open:
             alerts.append(circuit_open_alert(self.spec.federation, round_id,

@@ -34,7 +34,7 @@ def test_after_k_failed_rounds_dispatch_is_refused_until_an_operator_resets(make
     refused = coordinator.summarize(refused_id)
     assert refused["decision"] == "refused" and "reset_circuit_breaker" in refused["reason"]
     assert first["round_id"] in refused["reason"] and second["round_id"] in refused["reason"]
-    [alert] = [a for a in refused["alerts"] if a["kind"] == "circuit_open"]
+    [alert] = refused["alerts"]  # no participation alert for a round that dispatched nothing
     assert spec.federation in alert["message"] and refused_id in alert["message"]
     events = coordinator.audit.events(refused_id)
     assert any(e["event"] == "round_refused" for e in events)
