@@ -10,6 +10,7 @@ stand-in for federations/banks.yaml with the same schedule.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -388,30 +389,39 @@ def test_readme_stack_commands_work_verbatim(stack):
     assert len(client.search_model_versions(f"name = '{spec.model_name}'")) == len(versions)
 
 
-def test_a_rolled_back_rounds_note_is_visible_in_the_airflow_ui(stack):
-    """Headless Chromium (Debian's), signed in like a user: the run page shows the note."""
+ARTIFACTS = REPO / ".state" / "test-artifacts"
+
+
+@contextlib.contextmanager
+def signed_in_page(local: LocalStack, height: int):
+    """A headless Chromium (Debian's) page of the Airflow UI, signed in as the admin like a user."""
     from playwright.sync_api import sync_playwright
 
-    local, run_id = stack["stack"], stack.get("rolled_back_run")
-    assert run_id, "test_readme_stack_commands_work_verbatim rolls a round back first"
-    artifacts = REPO / ".state" / "test-artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = browser.new_page(viewport={"width": 1600, "height": height})
             page.goto(f"{local.airflow_url}/")
             page.get_by_label("Username").fill("admin")
             page.get_by_label("Password").fill(local.password())
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(f"{local.airflow_url}/", timeout=30_000)
-            page.goto(f"{local.airflow_url}/dags/{dag_id('banks')}/runs/{run_id}")
-            note = page.get_by_text("Round 000001: rolled back")
-            note.wait_for(timeout=30_000)
-            assert note.is_visible()
-            page.screenshot(path=str(artifacts / "rolled-back-run.png"))
+            yield page
         finally:
             browser.close()
+
+
+def test_a_rolled_back_rounds_note_is_visible_in_the_airflow_ui(stack):
+    """Headless Chromium (Debian's), signed in like a user: the run page shows the note."""
+    local, run_id = stack["stack"], stack.get("rolled_back_run")
+    assert run_id, "test_readme_stack_commands_work_verbatim rolls a round back first"
+    with signed_in_page(local, 1000) as page:
+        page.goto(f"{local.airflow_url}/dags/{dag_id('banks')}/runs/{run_id}")
+        note = page.get_by_text("Round 000001: rolled back")
+        note.wait_for(timeout=30_000)
+        assert note.is_visible()
+        page.screenshot(path=str(ARTIFACTS / "rolled-back-run.png"))
 
 
 def finished_rounds(env, name: str) -> dict[str, str]:
@@ -432,8 +442,6 @@ def test_the_federation_page_shows_each_federation_and_the_rounds_that_ran(stack
     """Headless Chromium, signed in like a user: the nav entry opens the Federation page inside
     the UI; it lists every federation and each finished round with its decision, and its run
     links lead to the run's page. Without a session the page's JSON is refused."""
-    from playwright.sync_api import sync_playwright
-
     local = stack["stack"]
     page_url = f"{local.airflow_url}/fl-federations/"
 
@@ -450,38 +458,26 @@ def test_the_federation_page_shows_each_federation_and_the_rounds_that_ran(stack
     assert redirected.value.code == 307 and "/auth/login?next=" in redirected.value.headers["Location"]
 
     expected = {name: finished_rounds(stack, name) for name in FEDERATIONS}  # before the page reads the history
-    artifacts = REPO / ".state" / "test-artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1400})
-            page.goto(f"{local.airflow_url}/")
-            page.get_by_label("Username").fill("admin")
-            page.get_by_label("Password").fill(local.password())
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(f"{local.airflow_url}/", timeout=30_000)
-            page.get_by_role("link", name="Federations").click()
-            page.wait_for_url(f"{local.airflow_url}/plugin/federations/**", timeout=30_000)
-            frame = page.frame_locator('iframe[title="Federations"]')
-            frame.locator("body[data-loaded=true]").wait_for(timeout=60_000)
-            for name, rounds in expected.items():
-                section = frame.locator(f'section[data-federation="{name}"]')
-                assert section.count() == 1, f"{name} is not on the page"
-                assert section.locator(".error").count() == 0, section.inner_text()
-                shown = {row.locator("td").nth(0).inner_text(): row.locator("td").nth(2).inner_text()
-                         for row in section.locator("tr[data-round-id]").all()}
-                assert shown.items() >= rounds.items(), f"{name}: the page shows {shown}, the reports say {rounds}"
-            page.screenshot(path=str(artifacts / "federation-page.png"))
+    with signed_in_page(local, 1400) as page:
+        page.get_by_role("link", name="Federations").click()
+        page.wait_for_url(f"{local.airflow_url}/plugin/federations/**", timeout=30_000)
+        frame = page.frame_locator('iframe[title="Federations"]')
+        frame.locator("body[data-loaded=true]").wait_for(timeout=60_000)
+        for name, rounds in expected.items():
+            section = frame.locator(f'section[data-federation="{name}"]')
+            assert section.count() == 1, f"{name} is not on the page"
+            assert section.locator(".error").count() == 0, section.inner_text()
+            shown = {row.locator("td").nth(0).inner_text(): row.locator("td").nth(2).inner_text()
+                     for row in section.locator("tr[data-round-id]").all()}
+            assert shown.items() >= rounds.items(), f"{name}: the page shows {shown}, the reports say {rounds}"
+        page.screenshot(path=str(ARTIFACTS / "federation-page.png"))
 
-            ran = [(name, sorted(rounds)[-1]) for name, rounds in expected.items() if rounds]
-            assert ran, f"no federation finished a round before this test: {expected}"
-            name, round_id = ran[0]  # a round's run link opens its run page in the UI around the page
-            row = frame.locator(f'section[data-federation="{name}"] tr[data-round-id="{round_id}"]')
-            row.get_by_role("link", name="Airflow run").click()
-            page.wait_for_url(f"{local.airflow_url}/dags/{dag_id(name)}/runs/**", timeout=30_000)
-        finally:
-            browser.close()
+        ran = [(name, sorted(rounds)[-1]) for name, rounds in expected.items() if rounds]
+        assert ran, f"no federation finished a round before this test: {expected}"
+        name, round_id = ran[0]  # a round's run link opens its run page in the UI around the page
+        row = frame.locator(f'section[data-federation="{name}"] tr[data-round-id="{round_id}"]')
+        row.get_by_role("link", name="Airflow run").click()
+        page.wait_for_url(f"{local.airflow_url}/dags/{dag_id(name)}/runs/**", timeout=30_000)
 
 
 def test_cleared_tasks_rerun_to_the_same_outcome(stack):
