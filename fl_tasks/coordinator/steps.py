@@ -23,10 +23,10 @@ from fl_tasks.coordinator import quorum, report
 from fl_tasks.coordinator.access import AccessResolver, BucketAccess
 from fl_tasks.coordinator.breaker import REFUSED, CircuitBreaker
 from fl_tasks.coordinator.bucket import CoordinatorBucket, dump, now
-from fl_tasks.coordinator.drift import DriftTable, build_drift_table, drift_gate
-from fl_tasks.coordinator.history import FederationHistory, RoundRecord
 from fl_tasks.coordinator.candidate import CandidateBuilder, HISTORY_ROUNDS, aggregate_events
+from fl_tasks.coordinator.drift import DriftTable, build_drift_table, drift_gate
 from fl_tasks.coordinator.evaluation import FederatedEvaluation
+from fl_tasks.coordinator.history import FederationHistory, RoundRecord
 from fl_tasks.coordinator.intake import Answer, Intake, STORAGE_ERRORS, answer_record, storage_reason
 from fl_tasks.coordinator.plan import RoundFailed, RoundPlan, RunContext, grace_period, required_clients, round_settings
 from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
