@@ -49,7 +49,8 @@ from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
 from fl_tasks.protocol.drift import DriftSettings
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
-from fl_tasks.silo.drift import DriftError, ReferenceStore, default_state_dir, drift_folder, measure_drift, report_path
+from fl_tasks.silo.drift import (DriftError, ReferenceStore, default_state_dir, drift_folder, measure_drift,
+                                 prune_reports, report_path)
 from fl_tasks.silo.holdout import silo_salt, split_rows
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
@@ -76,6 +77,7 @@ class SiloAgent:
     # Drift reference windows and reports, kept only here; None: FL_CLIENT_STATE_DIR, else
     # ~/.fl-client/<client_id>.
     state_dir: Path | None = None
+    keep_drift_reports: int = 30  # evidently's HTML reports kept in the state directory, newest first
 
     def __post_init__(self) -> None:
         if self.signing_key is not None:
@@ -83,6 +85,8 @@ class SiloAgent:
         if not protocol.NAME_PATTERN.fullmatch(self.client_id):
             raise ValueError(f"client id {self.client_id!r} must match {protocol.NAME_PATTERN.pattern}")
         self.state_dir = Path(self.state_dir) if self.state_dir else default_state_dir(self.client_id)
+        if self.keep_drift_reports < 1:
+            raise ValueError(f"--keep-drift-reports {self.keep_drift_reports}: keep at least 1 report")
         match = BUCKET_URI_PATTERN.fullmatch(self.bucket_uri)
         if not match:
             raise ValueError(f"bucket {self.bucket_uri!r} must look like s3://bucket[/prefix]")
@@ -263,6 +267,7 @@ class SiloAgent:
             frame, label = reference
             where = report_path(self.state_dir, self.federation, round_id)
             report = measure_drift(frame, rows, settings, label, where, contract)
+            prune_reports(where.parent, self.keep_drift_reports)
         except Exception as exc:  # whatever evidently or the state directory raise: drift never stops a round
             self.log(f"round {round_id}: drift not measured, no scores sent: {type(exc).__name__}: {exc}")
             return {}, kept
@@ -431,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", default=None,
                         help="where this silo keeps its drift reference windows and reports, never sent anywhere "
                              "(default: the FL_CLIENT_STATE_DIR variable, else ~/.fl-client/<client-id>)")
+    parser.add_argument("--keep-drift-reports", type=int, default=30,
+                        help="how many of evidently's HTML drift reports (megabytes each) to keep in the state "
+                             "directory; older ones are deleted")
     return parser
 
 
@@ -446,7 +454,8 @@ def agent_from_args(args: argparse.Namespace, agent_class: type[SiloAgent] = Sil
     """The agent a command line describes; ValueError/OSError with a readable message."""
     source = open_source(args.data, args.sql_table, args.sql_query)
     return agent_class(args.client_id, args.federation, args.bucket, source, ObjectStore(args.endpoint_url),
-                       read_signing_key(args.signing_key_file), args.seed, state_dir=args.state_dir, **extra)
+                       read_signing_key(args.signing_key_file), args.seed, state_dir=args.state_dir,
+                       keep_drift_reports=args.keep_drift_reports, **extra)
 
 
 def serve(agent: SiloAgent, args: argparse.Namespace) -> int:

@@ -60,6 +60,16 @@ def report_path(state_dir: Path, federation: str, round_id: str) -> Path:
     return drift_folder(state_dir, federation) / f"{round_id}.html"
 
 
+def prune_reports(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest HTML reports in `folder` (each is megabytes: a silo
+    with daily rounds would otherwise gather gigabytes a year); returns what was deleted."""
+    reports = sorted(Path(folder).glob("*.html"), key=lambda path: (path.stat().st_mtime, path.name))
+    stale = reports[:max(0, len(reports) - keep)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 # --- the measurement ---------------------------------------------------------------------
 
 def column_kinds(frame: "pd.DataFrame", columns: list[str],

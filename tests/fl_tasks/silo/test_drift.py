@@ -7,6 +7,7 @@ test_agent.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -235,3 +236,17 @@ def test_shift_rows_shifts_only_the_named_columns(rows):
         shift_rows(rows, ["amount"], 1.0, 0.0)
     with pytest.raises(ValueError, match=r"columns \['Class'\] are not numeric"):
         shift_rows(rows, ["Class"], 1.0, 0.0)
+
+
+def test_only_the_newest_html_reports_stay(tmp_path):
+    from fl_tasks.silo.drift import prune_reports
+
+    for n in range(5):
+        path = tmp_path / f"00000{n}.html"
+        path.write_text("report")
+        os.utime(path, (1_000_000 + n, 1_000_000 + n))
+    (tmp_path / "references").mkdir()
+    deleted = prune_reports(tmp_path, 3)
+    assert sorted(p.name for p in deleted) == ["000000.html", "000001.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000002.html", "000003.html", "000004.html", "references"]
+    assert prune_reports(tmp_path, 3) == []
