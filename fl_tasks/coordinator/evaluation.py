@@ -434,5 +434,9 @@ class FederatedEvaluation:
                         "audit_log": f"s3://{self.records.bucket}/{self.records.audit.prefix(round_id)}"}
             existing["mlflow_run_id"] = registry.log_evaluation(self.spec, round_id, existing)
             self.records.put_json(round_id, "evaluation/report.json", existing)
+            champion = existing["figures"].get(plan.statistic, {}).get(CHAMPION)
+            if existing["enough_silos"] and champion:  # what the monitoring DAG reads of the champion now
+                self.c.history.record_evaluation(round_id, now().isoformat(), existing["models"][CHAMPION],
+                                                 champion)
         report.log_lines(f"evaluation {round_id}", report.evaluation_account(existing))
         return existing

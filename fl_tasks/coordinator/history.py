@@ -1,7 +1,9 @@
 """The federation's history: one record per finished round, kept in the coordinator's
 bucket at `<F>/history/rounds.json`, for the charts by round, the circuit breaker, the
 monitoring DAG and the Federation page. The summary step writes it; rounds run one at a
-time, and a round's record replaces any earlier record of the same round (a re-run)."""
+time, and a round's record replaces any earlier record of the same round (a re-run). The
+last evaluation-only run's figures of the champion are kept beside it
+(`<F>/history/last_evaluation.json`), for the monitoring DAG."""
 
 from __future__ import annotations
 
@@ -68,6 +70,20 @@ class FederationHistory:
         self.store.put_bytes(self.bucket, self.key, json.dumps(body, indent=1, sort_keys=True).encode(),
                              "application/json")
         return rounds
+
+    @property
+    def evaluation_key(self) -> str:
+        return f"{self.federation}/history/last_evaluation.json"
+
+    def record_evaluation(self, evaluation_id: str, finished_at: str, version: str,
+                          figures: dict[str, float]) -> None:
+        """The champion's figures from an evaluation-only run that reached its quorum."""
+        body = {"evaluation_id": evaluation_id, "finished_at": finished_at, "version": version, "figures": figures}
+        self.store.put_bytes(self.bucket, self.evaluation_key, json.dumps(body).encode(), "application/json")
+
+    def last_evaluation(self) -> dict[str, Any] | None:
+        data = self.store.get_bytes(self.bucket, self.evaluation_key)
+        return None if data is None else json.loads(data)
 
     def drift_table(self, round_id: str) -> DriftTable | None:
         data = self.store.get_bytes(self.bucket, f"{self.federation}/rounds/{round_id}/drift.json")

@@ -32,21 +32,30 @@ class RetrainDecision:
         return {**asdict(self), "reason": self.reason}
 
 
-def champion_figures(history: list[RoundRecord]) -> tuple[str | None, dict[str, float]]:
-    """The champion's figures on the silos' latest data: every round re-scores the champion
-    (its `champion` figures), and a promoted round's candidate is the new champion."""
+def champion_figures(history: list[RoundRecord], last_evaluation: dict[str, Any] | None = None,
+                     ) -> tuple[str | None, dict[str, float]]:
+    """(where they come from, the champion's figures on the silos' latest data): every round
+    re-scores the champion (its `champion` figures), a promoted round's candidate is the new
+    champion, and an evaluation-only run scores the champion without a round; the newest wins."""
+    found: tuple[str | None, dict[str, float], str] = (None, {}, "")
     for record in reversed(history):
         figures = record.metrics.candidate if record.decision == "promoted" else record.metrics.champion
         if figures:
-            return record.round_id, dict(figures)
-    return None, {}
+            found = (f"round {record.round_id}", dict(figures), record.finished_at)
+            break
+    if last_evaluation and last_evaluation["finished_at"] > found[2]:
+        found = (f"evaluation-only run {last_evaluation['evaluation_id']}", dict(last_evaluation["figures"]),
+                 last_evaluation["finished_at"])
+    return found[0], found[1]
 
 
 def retrain_decision(spec: FederationSpec, history: list[RoundRecord], drift: DriftTable | None,
-                     last_request: dict[str, Any] | None, now: datetime, higher_is_better: dict[str, bool]) -> RetrainDecision:
+                     last_request: dict[str, Any] | None, now: datetime, higher_is_better: dict[str, bool],
+                     last_evaluation: dict[str, Any] | None = None) -> RetrainDecision:
     """Start a round when the share of drifted silos reaches `monitoring.max_drifted_share`
     or a champion figure crosses its `monitoring.min_metrics` bound; not within
-    `cooldown_minutes` of the last request."""
+    `cooldown_minutes` of the last request. The champion's figures are the newest of the last
+    round's and the last evaluation-only run's (`last_evaluation`)."""
     m = spec.monitoring
     reasons = []
     if drift is not None and m.max_drifted_share is not None and drift.drifted_share is not None \
@@ -54,7 +63,7 @@ def retrain_decision(spec: FederationSpec, history: list[RoundRecord], drift: Dr
         reasons.append(f"drift: {len(drift.drifted_silos)} of {len(drift.silos)} silos drifted in round "
                        f"{drift.round_id} ({', '.join(drift.drifted_silos)}; share {drift.drifted_share:.0%} >= "
                        f"{m.max_drifted_share:.0%})")
-    scored_in, champion = champion_figures(history)
+    scored_in, champion = champion_figures(history, last_evaluation)
     for metric, bound in sorted(m.min_metrics.items()):
         if metric not in champion:
             continue
@@ -62,7 +71,7 @@ def retrain_decision(spec: FederationSpec, history: list[RoundRecord], drift: Dr
         value = champion[metric]
         if (value < bound) if higher else (value > bound):
             reasons.append(f"quality: champion {metric} {value:.4f} {'<' if higher else '>'} {bound:g} "
-                           f"(federated evaluation in round {scored_in})")
+                           f"(federated evaluation in {scored_in})")
     held_back = ""
     if reasons and last_request is not None:
         since = now - datetime.fromisoformat(last_request["at"])
@@ -89,8 +98,9 @@ class Monitor:
         return None if data is None else json.loads(data)
 
     def check(self, now: datetime, higher_is_better: dict[str, bool]) -> RetrainDecision:
-        return retrain_decision(self.spec, self.history.rounds(), self.history.latest_drift(), self.last_request(),
-                                now, higher_is_better)
+        rounds = self.history.rounds()
+        return retrain_decision(self.spec, rounds, self.history.latest_drift(rounds), self.last_request(), now,
+                                higher_is_better, self.history.last_evaluation())
 
     def record_request(self, decision: RetrainDecision, now: datetime, run_id: str) -> dict[str, Any]:
         """Kept for the cooldown, and as the record of why the round was asked for."""

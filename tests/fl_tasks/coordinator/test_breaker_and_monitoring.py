@@ -98,6 +98,19 @@ def test_a_round_is_due_when_the_champion_falls_below_its_floor():
         "quality: champion log_loss 0.7000 > 0.5 (federated evaluation in round 000001)"]
 
 
+def test_an_evaluation_only_run_newer_than_the_last_round_gives_the_champions_figures():
+    s = spec(max_drifted_share=None, min_metrics={"pr_auc": 0.3})
+    history = [record(1, "promoted", candidate={"pr_auc": 0.5})]  # finished at T0 + 1 h
+    later = {"evaluation_id": "eval-000001", "finished_at": (T0 + timedelta(hours=5)).isoformat(), "version": "1",
+             "figures": {"pr_auc": 0.2}}
+    due = retrain_decision(s, history, None, None, T0, {"pr_auc": True}, later)
+    assert due.start and due.champion == {"pr_auc": 0.2}
+    assert due.reasons == ["quality: champion pr_auc 0.2000 < 0.3 (federated evaluation in evaluation-only run "
+                           "eval-000001)"]
+    earlier = {**later, "finished_at": T0.isoformat(), "figures": {"pr_auc": 0.1}}
+    assert not retrain_decision(s, history, None, None, T0, {"pr_auc": True}, earlier).start  # the round is newer
+
+
 def test_the_cooldown_holds_a_due_round_back():
     s = spec(max_drifted_share=0.5, cooldown_minutes=60)
     recent = {"at": (T0 - timedelta(minutes=20)).isoformat()}

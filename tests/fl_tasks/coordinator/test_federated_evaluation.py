@@ -295,6 +295,10 @@ def test_an_evaluation_only_run_scores_the_champion_and_a_named_version(federati
     assert tag.startswith(f"{evaluation_id}: mean over 4 silos")
     # No new version, no move of the alias: an evaluation registers nothing.
     assert len(MlflowClient().search_model_versions(f"name = '{fed.spec.model_name}'")) == 2
+    # The monitoring DAG reads the champion's figures from here when they are the newest.
+    last = c.history.last_evaluation()
+    assert (last["evaluation_id"], last["version"]) == (evaluation_id, champion)
+    assert last["figures"] == result["figures"]["mean"]["champion"]
 
 
 # --- the hostile-evaluation corpus: what one silo can write as its answer ---------------------------
