@@ -1,9 +1,11 @@
-"""One DAG per federation file in `federations/`: `fl_round__<federation>`, and, when the
-federation evaluates on its silos, `fl_evaluate__<federation>`.
+"""The DAGs of each federation file in `federations/`: `fl_round__<federation>`, its
+monitoring DAG `fl_monitor__<federation>`, and, when the federation evaluates on its silos,
+`fl_evaluate__<federation>`.
 
 Each run of `fl_round__<F>` is one federated round; each run of `fl_evaluate__<F>` asks
 every silo to score the champion (and optionally one named version) on its own data,
-without training or registering anything. This file only wires tasks to the plain functions of
+without training or registering anything; `fl_monitor__<F>` starts a round through an asset
+event when drift or the champion's quality crosses the federation file's thresholds. This file only wires tasks to the plain functions of
 `fl_tasks.coordinator`; it imports no torch, mlflow, evidently or pandas, so it parses fast.
 A federation file that does not load becomes a paused DAG `fl_config_error__<file>` whose
 description and docs name the file, the field and the fix; the other federations' DAGs
