@@ -104,7 +104,7 @@ def round_params(spec: FederationSpec) -> dict[str, Param]:
 
 def retrain_asset(spec: FederationSpec) -> Asset:
     """The asset whose events start a round: the monitoring DAG emits them."""
-    return Asset(name=f"fl_retrain__{spec.federation.replace('-', '_')}", uri=spec.retrain_asset_uri)
+    return Asset(name=spec.retrain_asset_name, uri=spec.retrain_asset_uri)
 
 
 def round_schedule(spec: FederationSpec):

@@ -286,21 +286,29 @@ class FederationSpec:
     storage_aws_conn_id: str | None = None  # Airflow connection for the coordinator's S3 access
     source: str = ""
 
+    def _airflow_name(self, kind: str) -> str:
+        """`fl_<kind>__<federation>`, dashes as underscores: Airflow's DAG and asset names."""
+        return f"fl_{kind}__{self.federation.replace('-', '_')}"
+
     @property
     def dag_id(self) -> str:
-        return f"fl_round__{self.federation.replace('-', '_')}"
+        return self._airflow_name("round")
 
     @property
     def evaluation_dag_id(self) -> str:
-        return f"fl_evaluate__{self.federation.replace('-', '_')}"
+        return self._airflow_name("evaluate")
 
     @property
     def monitor_dag_id(self) -> str:
-        return f"fl_monitor__{self.federation.replace('-', '_')}"
+        return self._airflow_name("monitor")
+
+    @property
+    def retrain_asset_name(self) -> str:
+        """The asset whose events start a round (the monitoring DAG emits them), and its URI."""
+        return self._airflow_name("retrain")
 
     @property
     def retrain_asset_uri(self) -> str:
-        """The asset whose events start a round (the monitoring DAG emits them)."""
         return f"x-fl://{self.federation}/retrain"
 
     @property

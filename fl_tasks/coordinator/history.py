@@ -63,8 +63,9 @@ class FederationHistory:
         data = self.store.get_bytes(self.bucket, self.key)
         return [RoundRecord.from_dict(r) for r in json.loads(data)["rounds"]] if data else []
 
-    def record(self, entry: RoundRecord) -> list[RoundRecord]:
-        rounds = [r for r in self.rounds() if r.round_id != entry.round_id] + [entry]
+    def record(self, entry: RoundRecord, rounds: list[RoundRecord] | None = None) -> list[RoundRecord]:
+        """Add `entry` to the index (`rounds`: the index as just read, to spare reading it again)."""
+        rounds = [r for r in (self.rounds() if rounds is None else rounds) if r.round_id != entry.round_id] + [entry]
         rounds = rounds[-MAX_ROUNDS:]
         body = {"federation": self.federation, "rounds": [r.as_dict() for r in rounds]}
         self.store.put_bytes(self.bucket, self.key, json.dumps(body, indent=1, sort_keys=True).encode(),

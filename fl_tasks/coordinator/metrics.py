@@ -7,10 +7,10 @@ Airflow's StatsD/OpenTelemetry metrics (fl_airflow.metrics)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -125,8 +125,6 @@ def round_metrics(plan, dispatched: dict[str, str], closed: dict[str, Any] | Non
     candidate's manifest, the evaluation plan, the validation result and the drift table's
     drifted share. Any of them may be missing when
     the round stopped early; the figures then say what happened up to there."""
-    from datetime import datetime
-
     closed = closed or {}
     committed = list(closed.get("committed") or [])
     latency = {}

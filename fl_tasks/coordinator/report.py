@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from fl_tasks.coordinator.breaker import REFUSED
 from fl_tasks.coordinator.drift import DriftTable
 from fl_tasks.coordinator.metrics import RoundMetrics
 
@@ -39,7 +40,7 @@ def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | 
         "decided_by": result["decided_by"] if result else [],
         "federated_evaluation": result["federated_evaluation"] if result else None,
         "coordinator_evaluation": result["coordinator_evaluation"] if result else None,
-        "decision": decision["decision"] if decision else "refused" if refused else "no_model",
+        "decision": decision["decision"] if decision else REFUSED if refused else "no_model",
         "version": decision["version"] if decision else None,
         "reason": (failure or {}).get("reason") or ("; ".join(decision["reasons"]) if decision else ""),
         "late": late,
@@ -252,7 +253,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 
 def metrics_account(metrics: dict[str, Any]) -> str:
-    """The round's operating figures in two lines."""
+    """The round's operating figures in one line."""
     latency = ", ".join(f"{name} {metrics[f'latency_{name}']:.1f}s" for name in ("p50", "p90", "p95", "max")
                         if metrics.get(f"latency_{name}") is not None) or "none"
     line = (f"participation {metrics['participation_rate']:.0%} ({metrics['clients_committed']} of "
@@ -275,7 +276,7 @@ def drift_account(drift: DriftTable) -> str:
 
 
 DECISION_WORDS = {"promoted": "promoted", "rejected": "rolled back", "no_model": "no model",
-                  "refused": "refused (circuit breaker open)"}
+                  REFUSED: "refused (circuit breaker open)"}
 
 
 def run_note(report: dict[str, Any]) -> str:

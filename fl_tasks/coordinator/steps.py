@@ -674,7 +674,7 @@ class Coordinator:
         html = render_round_report(history, record, drift)
         self.store.put_bytes(self.bucket, html_key, html.encode(), "text/html; charset=utf-8")
         self.records.put_json(round_id, "report.json", built)
-        self.history.record(record)
+        self.history.record(record, history)
         self.audit.append(round_id, "summary", [*({"event": "update_late", **entry} for entry in built["late"]),
                                                 *({"event": "alert", **a} for a in built["alerts"]),
                                                 {"event": "round_summarized", "decision": built["decision"],
