@@ -13,10 +13,11 @@ USER airflow
 
 # Pinned requirements first (the slow layer). torch is pinned to a version number only, so
 # the CPU wheel index lets pip take the CPU build (`+cpu`) instead of the CUDA one.
-COPY --chown=airflow:0 requirements.txt /opt/fl/requirements.txt
+COPY --chown=airflow:0 requirements.txt requirements-nodeps.txt /opt/fl/
 RUN pip install --no-cache-dir \
         --extra-index-url https://download.pytorch.org/whl/cpu \
-        -r /opt/fl/requirements.txt
+        -r /opt/fl/requirements.txt \
+    && pip install --no-cache-dir --no-deps -r /opt/fl/requirements-nodeps.txt
 
 # The project itself, non-editable and without dependencies (all pinned above): this puts
 # the `fl_tasks` package and the `fl-client` / `fl-simulate` console scripts in the image.

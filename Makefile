@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-unit test-integration test-e2e stack stack-down clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing pinned requirements into $(VENV) (a few minutes the first time)"
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2> $(VENV)/pip.log \
+		|| { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
+	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>> $(VENV)/pip.log \
 		|| { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . 2>> $(VENV)/pip.log \
 		|| { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
