@@ -278,7 +278,7 @@ def test_wrong_type_rejected(section, key, value, expected):
     ("training", {"local_epochs": 0}, "training.local_epochs"),
     ("training", {"local_epochs": 101}, "training.local_epochs"),
     ("training", {"proximal_mu": -0.1}, "training.proximal_mu"),
-    ("training", {"codec": "int8"}, "training.codec"),
+    ("training", {"codec": "int4"}, "training.codec"),
     ("training", {"batch_size": 0}, "training.batch_size"),
     ("training", {"window": "week"}, "training.window"),
     ("gates", {"max_regression": -0.1}, "gates.max_regression"),
@@ -294,6 +294,25 @@ def test_wrong_type_rejected(section, key, value, expected):
 ])
 def test_out_of_range_values_rejected(section, values, field):
     config_error(doc(**{section: values}), field)
+
+
+@pytest.mark.parametrize("codec, problem", [
+    ("int4", "unknown codec 'int4'"),
+    ("gzip", "unknown codec 'gzip'"),
+    ("topk", "unknown codec 'topk'"),
+    ("topk:2", "codec 'topk:2': the top-k fraction must be a number in (0, 1], e.g. topk:0.01"),
+    ("topk:0", "the top-k fraction must be a number in (0, 1]"),
+    ("int8:row", "unknown codec 'int8:row'"),
+])
+def test_bad_training_codec_names_the_problem_and_the_allowed_codecs(codec, problem):
+    err = config_error(doc(training={"codec": codec}), "training.codec")
+    assert problem in err.problem
+    assert err.fix.startswith("use one of fp32, fp16, bf16, int8, int8:channel, topk:<fraction>")
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int8:channel", "topk:0.01", "topk:1"])
+def test_every_update_codec_is_accepted(codec):
+    assert parse_federation(doc(training={"codec": codec}), SOURCE).training.codec == codec
 
 
 def test_bad_federation_name_and_coordinator_bucket():

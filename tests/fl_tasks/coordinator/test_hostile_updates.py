@@ -26,13 +26,14 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import load, save
 
 from fl_tasks import aggregation, protocol
 from fl_tasks.coordinator import quorum
 from fl_tasks.aggregation.mean import cap_shares
 from fl_tasks.silo.agent import SiloAgent
 from fl_tasks.silo.sources import FileSource
-from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.codec import decode_state, decode_update, encode_state, encode_update
 from fl_tasks.config import load_federation
 from fl_tasks.coordinator import Coordinator, RunContext
 from fl_tasks.simulation.simulate import prepare_silos, publish_validation
@@ -75,7 +76,7 @@ def federation(s3_server, tmp_path_factory):
         data = prepare_silos(spec, folder / "data", alpha=5.0)
         publish_validation(spec, data, coordinator.store)
         clients = {c.id: SiloAgent(c.id, spec.federation, c.bucket, FileSource(data.silos[c.id]), coordinator.store,
-                                   signing_key=KEYS[c.id])
+                                   signing_key=KEYS[c.id], state_dir=folder / "silo-state" / c.id)
                    for c in spec.clients if c.id in HONEST}
         yield Federation(spec, coordinator, clients)
 
@@ -362,6 +363,41 @@ def _json_with(text_change: Callable[[bytes], bytes]) -> Callable[[Round, bytes]
     return lambda r, payload: text_change(r.manifest(payload).to_json())
 
 
+def _compressed(change: Callable[[dict], None], codec: str | None = None) -> Callable[[Round], None]:
+    """A signed update in the round's codec (or `codec`), its packed tensors spoilt by
+    `change`; the manifest truthfully describes the payload."""
+    def write(r: Round) -> None:
+        text = codec or r.plan.training["codec"]
+        tensors = load(encode_update(r.state(), r.base(), text, exact=r.fed.coordinator.task.tensor_ranges).payload)
+        change(tensors)
+        payload = save(tensors)
+        r.commit(payload, r.manifest(payload, codec=text))
+    return write
+
+
+def _full_weights_as(codec: str) -> Callable[[Round], None]:
+    """The full fp32 weights, labelled with the round's compressed codec."""
+    def write(r: Round) -> None:
+        payload = r.payload()
+        r.commit(payload, r.manifest(payload, codec=codec))
+    return write
+
+
+def _indices_beyond_the_model(t: dict) -> None:
+    t["indices"] = t["indices"].copy()
+    t["indices"][-1] = 10**6
+
+
+def _repeated_index(t: dict) -> None:
+    t["indices"] = t["indices"].copy()
+    t["indices"][1] = t["indices"][0]
+
+
+def _k_over_the_model(t: dict) -> None:
+    d = t["indices"].shape[0] * 100  # topk:0.01 of d parameters: k = ceil(d / 100)
+    t["indices"], t["values"] = np.arange(d + 100, dtype=np.int32), np.ones(d + 100, np.float32)
+
+
 CLOSE, AGGREGATE, NEVER = "close", "aggregate", "never"
 
 
@@ -373,6 +409,7 @@ class Case:
     # Where the round refuses it: at the close (the manifest is not a valid answer of this
     # silo for this round), in the aggregate step (intake and screening), or never (not committed).
     at: str = AGGREGATE
+    codec: str = "fp32"  # the round's training.codec: every silo sends its update in it
 
 
 CASES = [
@@ -474,6 +511,23 @@ CASES = [
     # Free riders: the base model sent back, or noise-level changes, to collect a weight.
     Case("base-sent-back", _payload(_base_sent_back), "free rider"),
     Case("noise-level-update", _payload(_noise_level_update), "free rider"),
+    # Compressed codecs (the round's training.codec): packed tensors that do not fit the base.
+    Case("int8-wrong-scale-shape", _compressed(lambda t: t.update(scale=t["scale"][:-1])),
+         "int8 scale has shape (11,), expected (12,)", codec="int8"),  # 14 floating tensors, 2 running_var raw
+    Case("int8-negative-scale", _compressed(lambda t: t.update(scale=-t["scale"])),
+         "int8 scale has a negative, NaN or Inf value", codec="int8"),
+    Case("int8-full-weights-sent", _full_weights_as("int8"),
+         "int8 payload is missing tensors ['q', 'raw/1.num_batches_tracked', ", codec="int8"),
+    Case("topk-index-out-of-range", _compressed(_indices_beyond_the_model), "index 1000000 out of range 0..",
+         codec="topk:0.01"),
+    Case("topk-duplicate-indices", _compressed(_repeated_index), "topk:0.01 indices: duplicate indices",
+         codec="topk:0.01"),
+    Case("topk-k-larger-than-the-model", _compressed(_k_over_the_model), "is larger than the",
+         codec="topk:0.01"),
+    Case("topk-nan-values", _compressed(lambda t: t.update(values=np.full_like(t["values"], np.nan))),
+         "topk:0.01 values has NaN or Inf values", codec="topk:0.01"),
+    Case("codec-not-the-rounds", _compressed(lambda t: None, codec="fp16"),
+         "codec 'fp16' is not the round's codec 'int8'", codec="int8"),
 ]
 
 
@@ -520,7 +574,8 @@ def honest_candidate(fed: Federation, round_id: str) -> dict[str, np.ndarray]:
         manifest = UpdateManifest.from_json(store.get_bytes(
             client.bucket_name, protocol.update_manifest_key("", fed.spec.federation, round_id)))
         payload = store.get_bytes(client.bucket_name, protocol.update_payload_key("", fed.spec.federation, round_id))
-        updates.append((decode_state(payload), manifest.num_examples))
+        updates.append((decode_update(payload, manifest.codec, base, exact=fed.coordinator.task.tensor_ranges),
+                        manifest.num_examples))
     plan = fed.coordinator.load_plan(round_id)
     # The round caps each silo's share of the weights (aggregation.max_weight_share, 0.5 by
     # default); with two silos that means equal weights.
@@ -530,14 +585,24 @@ def honest_candidate(fed: Federation, round_id: str) -> dict[str, np.ndarray]:
         base, iter([(state, w) for (state, _), w in zip(updates, weights)]))
 
 
+def in_codec(fed: Federation, codec: str) -> Coordinator:
+    """The federation's coordinator, its rounds in `codec` (training.codec)."""
+    if codec == fed.spec.training.codec:
+        return fed.coordinator
+    spec = replace(fed.spec, training=replace(fed.spec.training, codec=codec))
+    return Coordinator(spec, fed.coordinator.store, keys=StaticKeys(KEYS))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_update_is_rejected_and_the_round_goes_on(federation, case):
     fed = federation
-    round_id, decision = play_round(fed, case.write)
+    coordinator = in_codec(fed, case.codec)
+    round_id, decision = play_round(fed, case.write, coordinator)
     before = _objects(fed, round_id)
     assert any(client == HOSTILE for client, _ in before), "the case wrote nothing"
+    assert coordinator.load_plan(round_id).training["codec"] == case.codec
 
-    summary = fed.coordinator.aggregate(round_id)  # must not raise
+    summary = coordinator.aggregate(round_id)  # must not raise
 
     # The hostile update is rejected with its named reason, and recorded.
     recorded = json.loads(fed.coordinator.store.get_bytes(

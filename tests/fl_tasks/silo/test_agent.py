@@ -22,7 +22,7 @@ import pytest
 from fl_tasks import protocol
 from fl_tasks.contract import Column, DataContract
 from fl_tasks.protocol import DeclineManifest, GlobalManifest, UpdateManifest, sha256_hex
-from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.codec import Codec, Packing, decode_state, decode_update, encode_state, encode_update
 from fl_tasks.protocol.drift import DriftReport, DriftSettings
 from fl_tasks.protocol.signing import SignatureError, verify_manifest
 from fl_tasks.protocol.storage import ObjectStore
@@ -57,14 +57,15 @@ def task_of(**changes) -> dict:
 
 
 def publish(store, bucket, round_id, deadline=None, window=None, corrupt=False, task=None,
-            contract: DataContract | None = None, state=None, drift: dict | None = None) -> GlobalManifest:
+            contract: DataContract | None = None, state=None, drift: dict | None = None,
+            codec: str = "fp32") -> GlobalManifest:
     """Commit round `round_id` in `bucket` as the coordinator would: payload first, manifest last."""
     payload = encode_state(state if state is not None else base_state())
     manifest = GlobalManifest(
         federation="fed", round_id=round_id, model_name="m", model_version="seed",
         task=task or task_of(), contract=(contract or CONTRACT).as_dict(),
         payload_sha256=sha256_hex(payload), payload_bytes=len(payload),
-        training={"local_epochs": 1, "learning_rate": 0.01, "batch_size": 64, "proximal_mu": 0.0, "codec": "fp32"},
+        training={"local_epochs": 1, "learning_rate": 0.01, "batch_size": 64, "proximal_mu": 0.0, "codec": codec},
         data_window=window or {"start": None, "end": None},
         deadline=(deadline or datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat(),
         created_at=datetime.now(timezone.utc).isoformat(), drift=drift or {},
@@ -389,6 +390,82 @@ def test_a_long_reason_is_cut_to_the_limit(signed_agent):
     assert agent.answer("000001") is False
     decline = assert_declined(agent, "000001", "column 'unexpected_column_000' is not in the data contract")
     assert len(decline.reason) == DeclineManifest.MAX_REASON_CHARS
+
+
+# --- compressed updates ------------------------------------------------------------------------------
+
+class FixedChangeAgent(SiloAgent):
+    """Sends base + the change given for each round (the production agent sends what it
+    trained), so that what a topk update leaves out is known."""
+
+    changes: dict[str, dict[str, np.ndarray]] = {}
+
+    def reported_state(self, trained, base, round_id):
+        change = self.changes[round_id]
+        return {name: base[name] + change[name] if name in change else trained[name] for name in trained}
+
+
+def test_a_topk_silos_second_update_carries_the_residual_of_its_first(store, tmp_path):
+    codec = Codec.parse("topk:0.05")
+    base = base_state()
+    packed = Packing(base, TASK.tensor_ranges).names  # compressed; the variances travel exactly
+    rng = np.random.default_rng(3)
+    changes = {r: {n: rng.normal(0, 0.01, base[n].shape).astype(np.float32) for n in packed}
+               for r in ("000001", "000002")}
+    agent = FixedChangeAgent("bank-a", "fed", f"s3://{new_bucket(store)}",
+                             FileSource(write_parquet(silo_rows(), tmp_path / "silo.parquet")), store,
+                             state_dir=tmp_path / "state")
+    agent.changes = changes
+
+    def sent(round_id):
+        update = read_update(agent, round_id)
+        assert update.codec == "topk:0.05"
+        payload = agent.store.get_bytes(agent.bucket, protocol.update_payload_key("", "fed", round_id))
+        decoded = decode_update(payload, codec, base, TASK.tensor_ranges)
+        return {n: decoded[n].astype(np.float64) - base[n] for n in packed}
+
+    def topk_of(change, residual=None):
+        state = {**base, **{n: base[n] + change[n] for n in packed}}
+        payload = encode_update(state, base, codec, residual, TASK.tensor_ranges).payload
+        decoded = decode_update(payload, codec, base, TASK.tensor_ranges)
+        return {n: decoded[n].astype(np.float64) - base[n] for n in packed}
+
+    for round_id in ("000001", "000002"):
+        publish(agent.store, agent.bucket, round_id, codec="topk:0.05")
+        assert agent.answer(round_id) is True
+    first, second = sent("000001"), sent("000002")
+    # What round 1 did not send is what the silo keeps: the change less what went out.
+    residual = {n: (changes["000001"][n] - first[n]).astype(np.float32) for n in packed}
+    expected, alone = topk_of(changes["000002"], residual), topk_of(changes["000002"])
+    for n in packed:
+        np.testing.assert_allclose(second[n], expected[n], atol=1e-6, err_msg=n)
+    assert any(not np.allclose(second[n], alone[n], atol=1e-6) for n in packed)
+    # Nothing is lost over the two rounds: sent + still held back == the two changes.
+    kept = json.loads((tmp_path / "state" / "fed" / "residual" / "residual.json").read_text())
+    assert kept["round_id"] == "000002" and kept["codec"] == "topk:0.05"
+    held = agent.residuals().load(codec, base, TASK.tensor_ranges)
+    for n in packed:
+        np.testing.assert_allclose(first[n] + second[n] + held[n], changes["000001"][n] + changes["000002"][n],
+                                   atol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8:channel"])
+def test_an_update_in_a_compressed_codec_decodes_against_the_base(agent, codec):
+    publish(agent.store, agent.bucket, "000001", codec=codec)
+    assert agent.answer("000001") is True
+    update = read_update(agent, "000001")
+    payload = agent.store.get_bytes(agent.bucket, protocol.update_payload_key("", "fed", "000001"))
+    assert update.codec == codec and update.payload_bytes == len(payload)
+    assert len(payload) < len(encode_state(base_state())) / 1.9
+    state = decode_update(payload, codec, base_state(), TASK.tensor_ranges)
+    assert any(not (state[k] == v).all() for k, v in base_state().items())  # it trained, and it shows
+
+
+def test_a_round_in_a_codec_this_silo_does_not_know_is_declined(signed_agent):
+    agent = signed_agent(silo_rows())
+    publish(agent.store, agent.bucket, "000001", codec="int4")
+    assert agent.answer("000001") is False
+    assert_declined(agent, "000001", "this silo cannot send the round's training.codec: unknown codec 'int4'")
 
 
 # --- signing and the command line ----------------------------------------------------------------------
