@@ -101,6 +101,7 @@ class TrainingSpec:
     learning_rate: float = default("training.learning_rate")
     batch_size: int = 512
     proximal_mu: float = 0.0
+    # How updates travel (fl_tasks.protocol.codec): fp32 | fp16 | bf16 | int8 | int8:channel | topk:<fraction>
     codec: str = "fp32"
     # "interval": scheduled and backfill rounds train on their run's data interval only;
     # "all": every round retrains on all local data.
@@ -220,6 +221,38 @@ class CircuitBreakerSpec:
     max_consecutive_failures: int | None = 3
 
 
+PRIVACY_NOISE = ("coordinator", "silos")
+PRIVACY_SAMPLING = ("poisson", "fixed", "all")
+PRIVACY_ACCOUNTANTS = ("rdp", "pld")
+# Strategies that average: client-level DP bounds each silo's share of one mean.
+PRIVATE_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): each round samples
+    the silos, clips each update's change from the base to `clip_norm`, adds Gaussian noise
+    of standard deviation noise_multiplier x clip_norm to their sum (at the coordinator, or
+    split across the silos), and divides by the expected number of silos. Every released
+    round is an event in the federation's privacy ledger (fl_tasks.coordinator.privacy)."""
+
+    clip_norm: float = 1.0  # C, on ||update - base||
+    noise_multiplier: float = 1.0  # z: noise std z x C on the sum of the clipped updates
+    noise: str = "coordinator"  # coordinator | silos (each sampled silo adds its share)
+    sampling: str = "poisson"  # poisson (each silo with sample_rate) | fixed (sample_size silos) | all
+    sample_rate: float = 1.0
+    sample_size: int | None = None
+    delta: float = 1e-5
+    max_epsilon: float | None = None  # dispatch stops before a round would spend past it; null: no limit
+    accountant: str = "rdp"  # rdp | pld (dp-accounting's)
+
+    def expected_silos(self, population: int) -> float:
+        """The fixed denominator of the noisy mean: the expected number of sampled silos."""
+        if self.sampling == "poisson":
+            return self.sample_rate * population
+        return float(self.sample_size if self.sampling == "fixed" else population)
+
+
 DEFAULT_MIN_SILOS = 2  # evaluations a round needs unless the file says otherwise (1 with a single client)
 
 
@@ -282,6 +315,7 @@ class FederationSpec:
     monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
     alerts: AlertsSpec = field(default_factory=AlertsSpec)
     circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
+    privacy: PrivacySpec | None = None  # None: no differential privacy
     storage_endpoint_url: str = ""
     storage_aws_conn_id: str | None = None  # Airflow connection for the coordinator's S3 access
     source: str = ""
@@ -429,7 +463,8 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
              "quorum", "staleness", "aggregation", "screening", "task", "training", "gates", "mlflow", "data",
-             "simulation", "evaluation", "security", "drift", "monitoring", "alerts", "circuit_breaker")
+             "simulation", "evaluation", "security", "drift", "monitoring", "alerts", "circuit_breaker",
+             "privacy")
 CLIENT_FIELDS = ("id", "bucket", "aws_conn_id", "endpoint_url", "max_examples")
 
 
@@ -545,6 +580,8 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         monitoring=_section(MonitoringSpec, raw.get("monitoring"), source, "monitoring"),
         alerts=_section(AlertsSpec, raw.get("alerts"), source, "alerts"),
         circuit_breaker=_section(CircuitBreakerSpec, raw.get("circuit_breaker"), source, "circuit_breaker"),
+        privacy=None if raw.get("privacy") in (None, False) else _section(PrivacySpec, raw["privacy"], source,
+                                                                          "privacy"),
         source=source,
     )
     _validate_values(spec, source)
@@ -690,6 +727,17 @@ def _parse_contract(raw: Any, source: str) -> DataContract:
                         allow_extra_columns=extra, min_rows=min_rows)
 
 
+def _check_codec(text: str, source: str) -> None:
+    """`training.codec` names an update codec (fl_tasks.protocol.codec)."""
+    from fl_tasks.protocol.codec import CODEC_FORMS, Codec, CodecError
+
+    try:
+        Codec.parse(text)
+    except CodecError as exc:
+        raise ConfigError(source, "training.codec", str(exc).split("; allowed:")[0],
+                          f"use one of {CODEC_FORMS}; see the README's 'Compressed updates'") from None
+
+
 def _validate_values(spec: FederationSpec, source: str) -> None:
     q, t = spec.quorum, spec.training
     for name, value in spec.round_defaults().items():
@@ -709,7 +757,7 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     _require(q.poll_interval_seconds > 0, source, "quorum.poll_interval_seconds", "must be positive", "e.g. 10")
     _require(t.batch_size >= 1, source, "training.batch_size", "must be at least 1", "e.g. 512")
     _require(t.proximal_mu >= 0, source, "training.proximal_mu", "must not be negative", "0 disables it")
-    _require(t.codec == "fp32", source, "training.codec", f"unsupported codec {t.codec!r}", "use 'fp32'")
+    _check_codec(t.codec, source)
     _require(t.window in ("interval", "all"), source, "training.window", f"unknown window {t.window!r}",
              "use 'interval' (train on the run's data interval) or 'all'")
     _require(t.window == "all" or spec.contract.event_time is not None, source, "training.window",
@@ -728,6 +776,8 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
         _require(0 < ev.federated.holdout_fraction < 1, source, "evaluation.federated.holdout_fraction",
                  "must be between 0 and 1", "e.g. 0.2 (a fifth of each silo's rows is kept for evaluation)")
     _validate_observability(spec, source)
+    if spec.privacy is not None:
+        _validate_privacy(spec, spec.privacy, source)
     template = spec.security.signing_key_conn_id
     _require(template.count("{client}") == 1, source, "security.signing_key_conn_id",
              f"{template!r} does not contain '{{client}}' exactly once (each client needs its own key)",
@@ -791,6 +841,43 @@ def _validate_observability(spec: FederationSpec, source: str) -> None:
     k = spec.circuit_breaker.max_consecutive_failures
     _require(k is None or k >= 1, source, "circuit_breaker.max_consecutive_failures", "must be at least 1",
              "e.g. 3, or null to never stop dispatching")
+
+
+def _validate_privacy(spec: FederationSpec, p: PrivacySpec, source: str) -> None:
+    n = len(spec.clients)
+    _require(p.clip_norm > 0, source, "privacy.clip_norm", "must be positive",
+             "e.g. 1.0: the largest change from the base one silo's update may make")
+    _require(p.noise_multiplier > 0, source, "privacy.noise_multiplier", "must be positive",
+             "e.g. 1.0; fl-privacy noise finds the value for a target epsilon")
+    _require(p.noise in PRIVACY_NOISE, source, "privacy.noise", f"unknown noise placement {p.noise!r}",
+             f"choose one of {', '.join(PRIVACY_NOISE)}")
+    _require(p.sampling in PRIVACY_SAMPLING, source, "privacy.sampling", f"unknown sampling {p.sampling!r}",
+             f"choose one of {', '.join(PRIVACY_SAMPLING)}")
+    _require(0 < p.sample_rate <= 1, source, "privacy.sample_rate", "must be in (0, 1]",
+             "e.g. 0.5: each silo takes part in a round with probability one half")
+    _require(p.sampling == "poisson" or p.sample_rate == 1.0, source, "privacy.sample_rate",
+             f"applies to poisson sampling only, the file sets sampling {p.sampling!r}",
+             "remove sample_rate, or set sampling: poisson")
+    _require((p.sampling == "fixed") == (p.sample_size is not None), source, "privacy.sample_size",
+             "is needed with sampling 'fixed', and only then", "e.g. 'sampling: fixed' with 'sample_size: 3'")
+    _require(p.sample_size is None or 1 <= p.sample_size <= n, source, "privacy.sample_size",
+             f"must be in 1..{n} (the federation's silos)", f"e.g. {max(1, n // 2)}")
+    _require(0 < p.delta < 1, source, "privacy.delta", "must be in (0, 1)",
+             "e.g. 1e-5, well below 1 / the number of silos")
+    _require(p.max_epsilon is None or p.max_epsilon > 0, source, "privacy.max_epsilon", "must be positive",
+             "e.g. 8.0, or null for no budget")
+    _require(p.accountant in PRIVACY_ACCOUNTANTS, source, "privacy.accountant", f"unknown accountant {p.accountant!r}",
+             f"choose one of {', '.join(PRIVACY_ACCOUNTANTS)}")
+    _require(not (p.accountant == "pld" and p.sampling == "fixed"), source, "privacy.accountant",
+             "dp-accounting's PLD accountant has no fixed-size sampling",
+             "use accountant: rdp, or sampling: poisson")
+    _require(spec.aggregation in PRIVATE_STRATEGIES, source, "aggregation.strategy",
+             f"{spec.aggregation} does not average the updates, so the privacy section cannot bound a silo's share",
+             f"use one of {', '.join(PRIVATE_STRATEGIES)} with privacy")
+    expected = p.expected_silos(n)
+    _require(expected >= spec.quorum.min_clients, source, "privacy.sample_rate" if p.sampling == "poisson"
+             else "privacy.sample_size", f"samples {expected:g} silos a round on average, fewer than "
+             f"quorum.min_clients {spec.quorum.min_clients}", "sample more silos, or lower quorum.min_clients")
 
 
 def federations_dir() -> Path:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # annotations only: config and the coordinator's modules stay
     from fl_tasks.coordinator.drift import DriftTable
     from fl_tasks.coordinator.metrics import RoundMetrics
 
-ALERT_KINDS = ("low_participation", "high_latency", "drift", "accuracy_drop", "rollback", "circuit_open")
+ALERT_KINDS = ("low_participation", "high_latency", "drift", "accuracy_drop", "rollback", "circuit_open",
+               "privacy_budget")
 
 
 @dataclass(frozen=True)
@@ -179,3 +180,12 @@ def circuit_open_alert(federation: str, round_id: str, failures: list[tuple[str,
                  f"{rounds}. Fix: remove the cause, then trigger a round with the param reset_circuit_breaker "
                  "set to true",
                  {"consecutive_failures": len(failures), "max_consecutive_failures": k})
+
+
+def privacy_budget_alert(federation: str, round_id: str, reason: str, privacy: dict[str, Any] | None) -> Alert:
+    """The alert of a round refused because it would spend past privacy.max_epsilon."""
+    figures = {} if privacy is None else {"epsilon": float(privacy["epsilon"]), "delta": float(privacy["delta"])}
+    if privacy is not None and privacy.get("max_epsilon") is not None:
+        figures["max_epsilon"] = float(privacy["max_epsilon"])
+    return _alert("privacy_budget", federation, round_id, f"{federation} round {round_id}: not dispatched, "
+                  f"{_one_line(reason)}", figures)

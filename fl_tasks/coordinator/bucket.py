@@ -78,11 +78,12 @@ class CoordinatorBucket:
             raise RoundFailed(f"round {round_id} has no plan; run the prepare step first")
         return RoundPlan.from_json(data)
 
-    def fail(self, round_id: str, step: str, reason: str, refused: bool = False) -> RoundFailed:
+    def fail(self, round_id: str, step: str, reason: str, refused: str | None = None) -> RoundFailed:
         """Record why the round cannot go on (failure.json and the audit log); returns the
-        exception to raise. `refused`: the round was stopped on purpose (the circuit breaker)."""
+        exception to raise. `refused`: what stopped the round on purpose before it reached
+        the silos (circuit_breaker, privacy_budget, privacy_sampling)."""
         self.put_json(round_id, "failure.json", {"step": step, "reason": reason, "at": now().isoformat(),
-                                                 "refused": refused})
+                                                 "refused": refused or False})
         self.audit.append(round_id, step, [{"event": "round_refused" if refused else "round_failed", "reason": reason}],
                           failed=True)
         return RoundFailed(reason)

@@ -15,7 +15,7 @@ from fl_tasks.coordinator.bucket import CoordinatorBucket
 from fl_tasks.coordinator.intake import Intake
 from fl_tasks.coordinator.plan import RoundPlan, required_clients
 from fl_tasks.protocol import ManifestError, UpdateManifest, sha256_hex
-from fl_tasks.protocol.codec import CodecError, decode_state, encode_state
+from fl_tasks.protocol.codec import Codec, CodecError, decode_state, decode_update, encode_state
 
 StateDict = dict[str, np.ndarray]
 HISTORY_ROUNDS = 5  # a client's recent accepted example counts that its next count is held against
@@ -96,20 +96,29 @@ class CandidateBuilder:
     def state(self, manifest: UpdateManifest, base: StateDict) -> StateDict:
         """The update's tensors from its snapshot, with every per-update check."""
         payload = self.intake.take_snapshot(self.plan, self.bucket, manifest, self.fetch)
-        state = decode_state(payload, manifest.codec)
+        state = self.decode(manifest, payload, base)
         screening.check_structure(state, base)
         rules, epochs = self.plan.screening, int(self.plan.training["local_epochs"])
         screening.check_values(state, base, max_abs=float(rules["max_abs_value"]),
                                max_increment=epochs * manifest.num_examples, ranges=self.task.tensor_ranges)
         return state
 
-    def snapshot_state(self, manifest: UpdateManifest) -> StateDict:
+    def snapshot_state(self, manifest: UpdateManifest, base: StateDict) -> StateDict:
         """An accepted update's tensors, again from its snapshot (same bytes, by sha256)."""
         payload = self.bucket.get(self.plan.round_id, f"updates/{manifest.client_id}/update.safetensors",
                                   sha256=manifest.payload_sha256)
         if payload is None:
             raise ValueError(f"the snapshot of {manifest.client_id}'s update is gone from the coordinator's bucket")
-        return decode_state(payload, manifest.codec)
+        return self.decode(manifest, payload, base)
+
+    def decode(self, manifest: UpdateManifest, payload: bytes, base: StateDict) -> StateDict:
+        """The update's full weights (a compressed codec sends the change from `base`, and the
+        task's bounded tensors as they are), when it uses the round's codec: decoding another
+        one against this base would misread it."""
+        codec, expected = Codec.parse(manifest.codec), self.plan.training["codec"]
+        if codec != Codec.parse(expected):
+            raise CodecError(f"codec {manifest.codec!r} is not the round's codec {expected!r}")
+        return decode_update(payload, codec, base, exact=self.task.tensor_ranges)
 
     # --- the round --------------------------------------------------------------------------
     def screen(self, committed: dict[str, dict[str, Any]], base: StateDict) -> dict[str, ScreenedUpdate]:
@@ -149,17 +158,19 @@ class CandidateBuilder:
 
     def cosine_screen(self, accepted: dict[str, ScreenedUpdate], base: StateDict, min_cosine: float) -> None:
         # Two more reads of each snapshot keep memory at O(one model): the sum, then each cosine.
-        total = sum(screening.delta_vector(self.snapshot_state(u.manifest), base) for u in accepted.values())
+        total = sum(screening.delta_vector(self.snapshot_state(u.manifest, base), base) for u in accepted.values())
         count = len(accepted)
         for client_id, update in list(accepted.items()):
-            delta = screening.delta_vector(self.snapshot_state(update.manifest), base)
+            delta = screening.delta_vector(self.snapshot_state(update.manifest, base), base)
             cosine = screening.leave_one_out_cosine(delta, total, count)
             if cosine < min_cosine:
                 self.reject(client_id, f"cosine {cosine:.3f} to the mean of the other updates is below {min_cosine}")
                 del accepted[client_id]
 
-    def build(self, committed: dict[str, dict[str, Any]], server_state: StateDict | None) -> Candidate:
-        """Raises ValueError when no model can come out (too few updates left, a strategy error)."""
+    def build(self, committed: dict[str, dict[str, Any]], server_state: StateDict | None,
+              noise_seed: int | None = None) -> Candidate:
+        """Raises ValueError when no model can come out (too few updates left, a strategy error).
+        A private round (plan.privacy) draws its noise from `noise_seed`."""
         from fl_tasks import aggregation
         from fl_tasks.aggregation.mean import cap_shares
 
@@ -170,7 +181,11 @@ class CandidateBuilder:
             raise ValueError(f"only {len(accepted)} updates passed screening, quorum {required}; "
                              f"rejected: {self.rejected}")
         settings = self.plan.aggregation
-        strategy = aggregation.build(settings["strategy"], clip_norm=settings["clip_norm"], **settings["params"])
+        private = self.plan.privacy
+        strategy = aggregation.build(settings["strategy"], clip_norm=None if private else settings["clip_norm"],
+                                     **settings["params"])
+        if private:
+            strategy = self.private(strategy, len(accepted), noise_seed)
         stateful = getattr(strategy, "stateful", False)
         if stateful and server_state is not None:
             strategy.set_state(server_state)
@@ -178,7 +193,7 @@ class CandidateBuilder:
 
         def updates() -> Iterator[tuple[StateDict, float]]:
             for update, weight in zip(accepted.values(), weights):
-                yield self.snapshot_state(update.manifest), weight
+                yield self.snapshot_state(update.manifest, base), weight
 
         try:
             candidate = encode_state(strategy.aggregate(base, updates()))
@@ -206,6 +221,22 @@ class CandidateBuilder:
         if any(a["influence"] is not None and not math.isfinite(a["influence"]) for a in summary["accepted"]):
             raise ValueError(f"{strategy.name}: non-finite aggregation weights")
         return Candidate(summary, candidate, strategy.get_state() if stateful else None)
+
+
+    def private(self, strategy, accepted: int, noise_seed: int | None):
+        """DP-FedAvg around the federation's strategy. With the noise at the silos, each sampled
+        silo added std z*C/sqrt(sampled); the coordinator adds what the silos that did not count
+        left out, so the sum always carries std z*C."""
+        from fl_tasks.aggregation.private import DPFedAvg
+
+        p = self.plan.privacy
+        if noise_seed is None:
+            raise ValueError("a private round needs its noise seed")
+        full = float(p["noise_multiplier"]) * float(p["clip_norm"])
+        at_silos = p["noise"] == "silos"
+        stddev = full * math.sqrt(max(0.0, 1.0 - accepted / len(p["sampled"]))) if at_silos else full
+        return DPFedAvg(strategy, float(p["clip_norm"]), float(p["denominator"]), stddev, noise_seed,
+                        clip=not at_silos, ranges=self.task.tensor_ranges)
 
 
 def aggregate_events(summary: dict[str, Any]) -> list[dict[str, Any]]:

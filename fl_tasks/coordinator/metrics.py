@@ -41,6 +41,7 @@ class RoundMetrics:
     candidate: dict[str, float] = field(default_factory=dict)
     champion: dict[str, float] = field(default_factory=dict)
     drifted_share: float | None = None  # share of the silos with drift scores whose data drifted
+    dp_epsilon: float | None = None  # the federation's privacy spent, this round included (privacy rounds only)
 
     @property
     def latency_p50(self) -> float | None:
@@ -87,6 +88,8 @@ class RoundMetrics:
         out.update({f"champion_{k}": v for k, v in self.champion.items()})
         if self.drifted_share is not None:
             out["drifted_share"] = self.drifted_share
+        if self.dp_epsilon is not None:
+            out["dp_epsilon"] = self.dp_epsilon
         return {k: float(v) for k, v in out.items()}
 
 

@@ -4,7 +4,7 @@ stored so that every later step (and a replay) reads the same settings."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +54,10 @@ class RoundPlan:
     contract: dict[str, Any]
     require_signatures: bool
     drift: dict[str, Any] = field(default_factory=dict)  # DriftSettings the silos compare with; empty: off
+    # Differential privacy (empty: off): the federation's privacy settings, the population and
+    # the silos this round sampled (`clients` holds the same), the mean's fixed denominator,
+    # and the noise each silo adds when the silos add it.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: bytes) -> "RoundPlan":
@@ -69,7 +73,11 @@ def round_settings(spec: FederationSpec, params: dict[str, Any], task) -> dict[s
         settings["aggregator_params"] = dict(spec.aggregation_params) if settings["aggregator"] == spec.aggregation \
             else {}
     from fl_tasks.aggregation import build
+    from fl_tasks.config import PRIVATE_STRATEGIES
 
+    if spec.privacy is not None and settings["aggregator"] not in PRIVATE_STRATEGIES:
+        raise ValueError(f"param 'aggregator' is {settings['aggregator']!r}, which does not average the updates; this "
+                         f"federation runs with differential privacy, which needs one of {', '.join(PRIVATE_STRATEGIES)}")
     strategy = build(settings["aggregator"], **settings["aggregator_params"])  # bad names or values fail here
     if strategy.min_updates > len(spec.clients):
         raise ValueError(f"{settings['aggregator']} with {settings['aggregator_params']} needs at least "
@@ -88,6 +96,22 @@ def required_clients(plan: RoundPlan) -> int:
     """The round's quorum from its settings (min_clients and min_fraction)."""
     return quorum.required_clients(len(plan.clients), int(plan.settings["min_clients"]),
                                    plan.settings.get("min_fraction"))
+
+
+def sample_silos(spec: FederationSpec) -> tuple[list[str], dict[str, Any]]:
+    """The round's silos, and the plan's privacy record: every silo and {} without privacy."""
+    clients = [c.id for c in spec.clients]
+    p = spec.privacy
+    if p is None:
+        return clients, {}
+    import math
+
+    from fl_tasks.coordinator.privacy import draw_silos
+
+    sampled = draw_silos(p, clients)
+    silo_noise = p.noise_multiplier * p.clip_norm / math.sqrt(len(sampled)) if p.noise == "silos" and sampled else 0.0
+    return sampled, {**asdict(p), "population": len(clients), "sampled": sampled,
+                     "denominator": p.expected_silos(len(clients)), "silo_noise_stddev": silo_noise}
 
 
 def grace_period(plan: RoundPlan) -> timedelta | None:

@@ -18,7 +18,7 @@ log = logging.getLogger("fl_tasks.coordinator")
 def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | None, result: dict[str, Any] | None,
                  decision: dict[str, Any] | None, failure: dict[str, Any] | None, *, late: list[dict[str, str]],
                  audit_log: str, metrics: RoundMetrics | None = None, drift: DriftTable | None = None,
-                 report_html: str = "") -> dict[str, Any]:
+                 report_html: str = "", privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json: what the round did, from the records its steps stored."""
     refused = bool((failure or {}).get("refused"))
     return {
@@ -50,6 +50,8 @@ def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | 
                                              "silos": {s: r.drifted_share for s, r in drift.silos.items()},
                                              "missing": drift.missing},
         "report_html": report_html,
+        # Differential privacy: epsilon at delta of every round the federation released so far.
+        "privacy": privacy,
     }
 
 
@@ -238,6 +240,8 @@ def summary_table(report: dict[str, Any]) -> str:
         parts.append(validation)
     if report.get("metrics"):
         parts.append(metrics_account(report["metrics"]))
+    if report.get("privacy"):
+        parts.append(privacy_account(report["privacy"]))
     for client_id, reason in sorted(report.get("clients_declined", {}).items()):
         parts.append(f"declined {client_id}: {reason}")
     for entry in report["clients_rejected"]:
@@ -262,6 +266,16 @@ def metrics_account(metrics: dict[str, Any]) -> str:
     if metrics.get("drifted_share") is not None:
         line += f", drifted share of silos {metrics['drifted_share']:.0%}"
     return line
+
+
+def privacy_account(privacy: dict[str, Any]) -> str:
+    """The federation's privacy spend in one line."""
+    limit = "no limit" if privacy["max_epsilon"] is None else f"max_epsilon {privacy['max_epsilon']:g}"
+    return (f"differential privacy: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} over "
+            f"{privacy['rounds_released']} released rounds ({limit}; {privacy['accountant']} accountant); this round "
+            f"{'released' if privacy['round_released'] else 'released nothing'}: noise multiplier "
+            f"{privacy['noise_multiplier']:g}, clip norm {privacy['clip_norm']:g}, noise at the {privacy['noise']}, "
+            f"{privacy['sampling']} sampling drew {len(privacy['sampled'])} of {privacy['population']} silos")
 
 
 def drift_account(drift: DriftTable) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +28,9 @@ from fl_tasks.coordinator.drift import DriftTable, build_drift_table, drift_gate
 from fl_tasks.coordinator.evaluation import FederatedEvaluation
 from fl_tasks.coordinator.history import FederationHistory, RoundRecord
 from fl_tasks.coordinator.intake import Answer, Intake, STORAGE_ERRORS, answer_record, storage_reason
-from fl_tasks.coordinator.plan import RoundFailed, RoundPlan, RunContext, grace_period, required_clients, round_settings
+from fl_tasks.coordinator.plan import (RoundFailed, RoundPlan, RunContext, grace_period, required_clients,
+                                       round_settings, sample_silos)
+from fl_tasks.coordinator.privacy import PrivacyLedger, epsilon, round_event
 from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import decode_state, encode_state
@@ -60,6 +62,7 @@ class Coordinator:
         self.history = FederationHistory(self.store, self.bucket, spec.federation)
         self.breaker = CircuitBreaker(self.store, self.bucket, spec.federation,
                                       spec.circuit_breaker.max_consecutive_failures)
+        self.ledger = PrivacyLedger(self.store, self.bucket, spec.federation)
         self._task = None
 
     @property
@@ -116,11 +119,12 @@ class Coordinator:
         self.records.put(round_id, "base/model.safetensors", payload)
         deadline = now() + timedelta(minutes=float(settings["round_timeout_minutes"]))
         t = self.spec.training
+        clients, privacy = sample_silos(self.spec)
         plan = RoundPlan(
             federation=self.spec.federation, round_id=round_id, run_id=ctx.run_id, run_type=ctx.run_type,
             triggered_by=ctx.triggered_by, base_version=base_version, base_origin=base_origin,
             base_sha256=sha256_hex(payload), base_bytes=len(payload), deadline=deadline.isoformat(),
-            clients=[c.id for c in self.spec.clients], settings=settings,
+            clients=clients, settings=settings,
             aggregation={"strategy": settings["aggregator"], "params": settings["aggregator_params"],
                          "clip_norm": self.spec.clip_norm, "max_weight_share": self.spec.max_weight_share},
             screening=asdict(self.spec.screening), base_round_id=base_round_id,
@@ -135,6 +139,7 @@ class Coordinator:
             task=self.task_identity(),
             contract=self.spec.contract.as_dict(), require_signatures=self.spec.security.require_signatures,
             drift=self.spec.drift.settings(self.spec.contract).as_dict() if self.spec.drift else {},
+            privacy=privacy,
         )
         self.records.put_json(round_id, "plan.json", asdict(plan))
         self._audit_plan(plan)
@@ -198,7 +203,9 @@ class Coordinator:
         if not dispatched:  # a re-run of a round that reached the silos is not stopped after the fact
             breaker = self.breaker.state(self.history.rounds())
             if breaker.open:
-                raise self.records.fail(round_id, "dispatch", breaker.reason(), refused=True)
+                raise self.records.fail(round_id, "dispatch", breaker.reason(), refused="circuit_breaker")
+            if plan.privacy:
+                self._check_privacy(plan)
         payload = self.records.get(round_id, "base/model.safetensors", sha256=plan.base_sha256)
         if payload is None:
             raise self.records.fail(round_id, "dispatch", "the round's base model is missing or corrupted")
@@ -207,9 +214,11 @@ class Coordinator:
             model_version=plan.base_version, task=plan.task, contract=plan.contract,
             payload_sha256=plan.base_sha256, payload_bytes=plan.base_bytes, training=plan.training,
             data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at, drift=plan.drift,
+            privacy={"clip_norm": plan.privacy["clip_norm"], "noise_stddev": plan.privacy["silo_noise_stddev"]}
+            if plan.privacy.get("noise") == "silos" else {},
         ).to_json()
         events, reached = [], []
-        for client in self.spec.clients:
+        for client in (c for c in self.spec.clients if c.id in plan.clients):
             manifest_key = protocol.global_manifest_key(client.prefix, plan.federation, round_id)
             event = {"event": "model_dispatched", "client_id": client.id, "bucket": client.bucket_name,
                      "manifest_key": manifest_key, "manifest_sha256": sha256_hex(manifest),
@@ -237,6 +246,37 @@ class Coordinator:
                                    f"the round, quorum {required}: " + "; ".join(
                                        f"{e['client_id']}: {e['reason']}" for e in events if "reason" in e))
         return reached
+
+    def _check_privacy(self, plan: RoundPlan) -> None:
+        """Refuse a private round whose sample is below the quorum, or that would spend past
+        privacy.max_epsilon: nothing is sent, so no budget is spent."""
+        p, required = plan.privacy, required_clients(plan)
+        if len(plan.clients) < required or not plan.clients:
+            raise self.records.fail(plan.round_id, "dispatch", (
+                f"privacy sampling ({p['sampling']}) drew {len(plan.clients)} of {p['population']} silos, fewer than "
+                f"the quorum {max(required, 1)}; the round is skipped and spends no privacy budget. Fix: nothing for a "
+                "rare draw; if it recurs, raise privacy.sample_rate (or sample_size) or lower quorum.min_clients"),
+                refused="privacy_sampling")
+        budget = self.ledger.budget(p, self.privacy_event(plan))
+        log.info("round %s: privacy budget: epsilon %.3f spent over %d rounds, %.3f after this one (delta %g, "
+                 "max_epsilon %s)", plan.round_id, budget.spent, budget.rounds, budget.after_next, budget.delta,
+                 budget.max_epsilon)
+        if budget.exceeded:
+            raise self.records.fail(plan.round_id, "dispatch", budget.refusal(), refused="privacy_budget")
+
+    def privacy_event(self, plan: RoundPlan):
+        return round_event(plan.privacy, plan.round_id, plan.base_version, plan.base_round_id, now().isoformat())
+
+    def privacy_figures(self, plan: RoundPlan) -> dict[str, Any] | None:
+        """Epsilon at the plan's delta of the federation's whole ledger, and whether this round is in it."""
+        p = plan.privacy
+        if not p:
+            return None
+        events = self.ledger.events()
+        return {"epsilon": epsilon(events, float(p["delta"]), p["accountant"]), "delta": p["delta"],
+                "rounds_released": len(events), "round_released": any(e.round_id == plan.round_id for e in events),
+                **{k: p[k] for k in ("max_epsilon", "noise_multiplier", "clip_norm", "noise", "sampling", "sampled",
+                                     "population", "accountant")}}
 
     @staticmethod
     def held(store: ObjectStore, bucket: str, key: str) -> bytes | None:
@@ -348,7 +388,8 @@ class Coordinator:
         if summary is None:
             committed = {c: closed["answers"][c] for c in closed["committed"]}
             try:
-                built = self._builder(plan, closed["history"]).build(committed, self._server_state(plan))
+                built = self._builder(plan, closed["history"]).build(committed, self._server_state(plan),
+                                                                     self._noise_seed(plan))
             except ValueError as exc:
                 raise self.records.fail(round_id, "aggregate", str(exc)) from exc
             summary = built.summary
@@ -358,12 +399,29 @@ class Coordinator:
                 # becomes the champion, so a rolled-back round never advances the optimiser.
                 self.records.put(round_id, self.records.server_state_name(summary["aggregator"]),
                                 encode_state(built.server_state))
+            if plan.privacy:  # the noisy candidate is stored: from here on its round has spent its budget
+                self.ledger.record(self.privacy_event(plan))
             # Written last: its presence means the candidate (and state) above are complete.
             self.records.put_json(round_id, "candidate/manifest.json", summary)
             self._record_history(summary, self.example_history(plan.clients))
         self.audit.append(round_id, "aggregate", aggregate_events(summary))
         report.log_lines(f"round {round_id} aggregated", report.aggregate_account(summary, plan.screening))
         return summary
+
+    def _noise_seed(self, plan: RoundPlan, create: bool = True) -> int | None:
+        """A private round's noise seed, kept with the round (never in the audit log or MLflow):
+        a re-run of the aggregate step, or a replay, draws the same noise, so the round releases
+        one noisy model however often it runs. Anyone who can read it can already read the
+        raw updates kept beside it."""
+        if not plan.privacy:
+            return None
+        kept = self.records.get_json(plan.round_id, "privacy/noise_seed.json")
+        if kept is None and create:
+            import secrets
+
+            kept = {"seed": secrets.randbits(63)}
+            self.records.put_json(plan.round_id, "privacy/noise_seed.json", kept)
+        return None if kept is None else int(kept["seed"])
 
     def replay(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         """Rebuild a round's screening and candidate from its audit events and the update
@@ -382,7 +440,8 @@ class Coordinator:
             plan.round_id, f"updates/{c}/manifest.json", sha256=entry["manifest_sha256"]) is None)
         if changed:
             raise ValueError(f"the kept manifests no longer hash to what the round saw: {changed}")
-        summary = self._builder(plan, record["history"], fetch=False).build(committed, self._server_state(plan)).summary
+        summary = self._builder(plan, record["history"], fetch=False).build(
+            committed, self._server_state(plan), self._noise_seed(plan, create=False)).summary
         logged = {e["client_id"]: e["manifest_sha256"] for e in events if e.get("event") == "update_seen"}
         seen = {client_id: entry["manifest_sha256"] for client_id, entry in summary["seen"].items()}
         if logged != seen:
@@ -552,17 +611,23 @@ class Coordinator:
                             for a in summary["accepted"]})
         metrics.update({"clients_accepted": len(summary["accepted"]), "clients_rejected": len(summary["rejected"]),
                         "clients_declined": len(closed["declined"]), "total_examples": summary["total_examples"]})
+        privacy = self.privacy_figures(plan)
+        tags = report.evaluation_tags(result)
+        if privacy is not None:
+            metrics.update({"dp_epsilon": privacy["epsilon"], "dp_rounds_released": privacy["rounds_released"]})
+            tags.update({"fl.dp_epsilon": f"{privacy['epsilon']:.4f}", "fl.dp_delta": f"{privacy['delta']:g}"})
         params = {**{k: v for k, v in plan.settings.items()}, **{f"training_{k}": v for k, v in plan.training.items()},
                   "participating_clients": ",".join(a["client_id"] for a in summary["accepted"]),
                   "declined_clients": ",".join(sorted(closed["declined"])),
                   "influence": summary["rule"], "task": plan.task["entrypoint"], "task_version": plan.task["version"],
-                  "base_version": plan.base_version, "base_origin": plan.base_origin, "round_id": round_id}
+                  "base_version": plan.base_version, "base_origin": plan.base_origin, "round_id": round_id,
+                  **{f"privacy_{k}": v for k, v in plan.privacy.items() if k != "sampled"}}
         key = self.round_key(round_id, "candidate/model.safetensors")
         registered = registry.register_candidate(
             self.spec, model, round_id=round_id, airflow_run_id=plan.run_id, base_version=plan.base_version,
             base_origin=plan.base_origin, weights_uri=f"s3://{self.bucket}/{key}",
             weights_sha256=summary["candidate_sha256"], params=params, metrics=metrics,
-            tags=report.evaluation_tags(result), report={"plan": asdict(plan), "aggregation": summary, "validation": result, "quorum": closed},
+            tags=tags, report={"plan": asdict(plan), "aggregation": summary, "validation": result, "quorum": closed},
         )
         self.records.put_json(round_id, "registration.json", asdict(registered))
         self._audit_registration(round_id, registered.version)
@@ -637,7 +702,7 @@ class Coordinator:
         figures and alerts, report.html with plots, the federation's history record, and the
         MLflow copies."""
         from fl_tasks.coordinator import registry
-        from fl_tasks.coordinator.alerts import circuit_open_alert, round_alerts
+        from fl_tasks.coordinator.alerts import circuit_open_alert, privacy_budget_alert, round_alerts
         from fl_tasks.coordinator.charts import render_round_report
         from fl_tasks.coordinator.metrics import round_metrics
 
@@ -652,24 +717,31 @@ class Coordinator:
                                 summary, self.evaluation.stored_plan(round_id), result,
                                 drift.drifted_share if drift else None)
         html_key = self.round_key(round_id, "report.html")
+        privacy = self.privacy_figures(plan)
+        if privacy is not None and privacy["round_released"]:
+            metrics = replace(metrics, dp_epsilon=privacy["epsilon"])
         built = report.build_report(plan, closed, summary, result, decision, failure,
                                     late=self.late_updates(round_id, closed),
                                     audit_log=f"s3://{self.bucket}/{self.audit.prefix(round_id)}",
-                                    metrics=metrics, drift=drift, report_html=f"s3://{self.bucket}/{html_key}")
+                                    metrics=metrics, drift=drift, report_html=f"s3://{self.bucket}/{html_key}",
+                                    privacy=privacy)
         history = [r for r in self.history.rounds() if r.round_id != round_id]
         record = RoundRecord(
             round_id=round_id, run_id=plan.run_id, dag_id=self.spec.dag_id, run_type=plan.run_type,
             triggered_by=plan.triggered_by, decision=built["decision"], version=built["version"],
             base_version=plan.base_version, reason=built["reason"], finished_at=now().isoformat(), metrics=metrics,
             mlflow=self.mlflow_refs(round_id), report_html=built["report_html"])
-        # A refused round did nothing: only the breaker has something to say about it.
-        alerts = [] if built["decision"] == REFUSED else round_alerts(
+        # A refused round did nothing: only what refused it has something to say.
+        refused_by = (failure or {}).get("refused") if built["decision"] == REFUSED else None
+        alerts = [] if refused_by else round_alerts(
             self.spec, metrics, built["decision"], built["reason"], drift, self.task.primary.higher_is_better)
+        if refused_by == "privacy_budget":
+            alerts.append(privacy_budget_alert(self.spec.federation, round_id, built["reason"], privacy))
         breaker = self.breaker.state(history + [record])
-        if built["decision"] == REFUSED or breaker.open:
+        if refused_by in ("circuit_breaker", True) or (breaker.open and not refused_by):
             alerts.append(circuit_open_alert(self.spec.federation, round_id,
                                              [(r.round_id, r.reason) for r in breaker.streak], breaker.limit,
-                                             refused=built["decision"] == REFUSED))
+                                             refused=bool(refused_by)))
         built["alerts"] = [a.as_dict() for a in alerts]
         html = render_round_report(history, record, drift)
         self.store.put_bytes(self.bucket, html_key, html.encode(), "text/html; charset=utf-8")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
 
+from fl_tasks.protocol.codec import CODEC_FORMS, Codec, CodecError
 from fl_tasks.protocol.drift import DriftReport, DriftSchemaError, DriftSettings
 
 PROTOCOL_VERSION = 1
@@ -206,6 +207,14 @@ def _check(cond: bool, message: str) -> None:
         raise ManifestError(message)
 
 
+def _is_codec(text: str) -> bool:
+    try:
+        Codec.parse(text)
+    except CodecError:
+        return False
+    return True
+
+
 def _check_drift(schema: type[DriftSettings] | type[DriftReport], block: dict) -> None:
     """An empty drift block, or one that holds under `schema`; the schema's message names the field."""
     if block:
@@ -235,11 +244,19 @@ class GlobalManifest(_Manifest):
     # What each silo compares its training window with (fl_tasks.protocol.drift.DriftSettings);
     # empty: the silos compute no drift.
     drift: dict = field(default_factory=dict)
+    # Differential privacy with the noise at the silos: {clip_norm, noise_stddev}, each silo
+    # clips its change from the base to clip_norm and adds Gaussian noise of noise_stddev
+    # before sending it; empty: the silo sends what it trained.
+    privacy: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), f"{self.kind} manifest field 'round_id' is not a valid round id")
         _check(bool(SHA256_PATTERN.fullmatch(self.payload_sha256)), "global manifest field 'payload_sha256' is not a sha256")
         _check_drift(DriftSettings, self.drift)
+        _check(not self.privacy or (set(self.privacy) == {"clip_norm", "noise_stddev"} and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.privacy.values())
+            and self.privacy["clip_norm"] > 0 and self.privacy["noise_stddev"] >= 0),
+            "global manifest field 'privacy' must be empty or {clip_norm > 0, noise_stddev >= 0}")
         _check(self.payload_bytes > 0, "global manifest field 'payload_bytes' must be positive")
         _check(set(self.data_window) <= {"start", "end"}, "global manifest field 'data_window' allows start and end")
         _check({"entrypoint", "version", "params", "params_sha256"} <= set(self.task),
@@ -283,7 +300,7 @@ class UpdateManifest(_Manifest):
         _check(0 < self.num_examples < self.MAX_EXAMPLES,
                f"update manifest field 'num_examples' must be in 1..{self.MAX_EXAMPLES - 1}, got {self.num_examples}")
         _check(self.payload_bytes > 0, "update manifest field 'payload_bytes' must be positive")
-        _check(self.codec == "fp32", f"update manifest field 'codec' is unknown: {self.codec!r}")
+        _check(_is_codec(self.codec), f"update manifest field 'codec' is unknown: {self.codec!r} (allowed: {CODEC_FORMS})")
         _check(self.signature == "" or bool(SHA256_PATTERN.fullmatch(self.signature)),
                "update manifest field 'signature' must be empty or a hex HMAC-SHA256 (64 lowercase hex digits)")
         _check_drift(DriftReport, self.drift)

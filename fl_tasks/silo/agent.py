@@ -12,7 +12,10 @@ manifest; the silo's rows never leave it. For each round it:
 4. when the round asks for drift, compares the rows it trains on with its reference window
    (fl_tasks.silo.drift, evidently); only the scores go into the update, the reference
    windows and evidently's HTML report stay in its state directory (`--state-dir`);
-5. trains the task's model from the global weights and commits the update, manifest last.
+5. trains the task's model from the global weights and commits the update, manifest last,
+   in the round's codec (`training.codec`, fl_tasks.protocol.codec); under topk the silo
+   keeps what it did not send in its state directory and adds it to its next change
+   (fl_tasks.silo.residual).
 
 When 2 or 3 fail it writes no update: it commits a signed decline with the reason (e.g.
 `column 'amount' missing`), which the coordinator shows and which never counts towards the
@@ -46,12 +49,13 @@ from fl_tasks.contract import DataContract
 from fl_tasks.protocol import (DeclineManifest, EvaluationManifest, EvaluationRequest, GlobalManifest, ManifestError,
                                UpdateManifest, sha256_hex)
 from fl_tasks.protocol import signing
-from fl_tasks.protocol.codec import decode_state, encode_state
+from fl_tasks.protocol.codec import Codec, CodecError, decode_state, encode_update
 from fl_tasks.protocol.drift import DriftSettings
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
 from fl_tasks.silo.drift import (DriftError, ReferenceStore, default_state_dir, drift_folder, measure_drift,
                                  prune_reports, report_path)
 from fl_tasks.silo.holdout import silo_salt, split_rows
+from fl_tasks.silo.residual import ResidualStore, residual_folder
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
 if TYPE_CHECKING:
@@ -212,6 +216,11 @@ class SiloAgent:
         except ValueError as exc:
             self.decline(round_id, f"the global model does not fit the installed task's model: {exc}")
             return False
+        try:
+            codec = Codec.parse(t["codec"])
+        except CodecError as exc:  # a coordinator newer than this agent
+            self.decline(round_id, f"this silo cannot send the round's training.codec: {exc}")
+            return False
         global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         settings = TrainingSettings(local_epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
                                     batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
@@ -224,7 +233,18 @@ class SiloAgent:
                  f"from base version {manifest.model_version}"
                  + (f" ({len(held_out)} rows held out for evaluation)" if len(held_out) else ""))
         result = task.train(model, self.train_rows(rows, task.contract), settings, global_state)
-        update = encode_state(self.reported_state(model_state(model), base, round_id), t["codec"])
+        reported = self.reported_state(model_state(model), base, round_id)
+        if manifest.privacy:  # the federation puts its differential-privacy noise at the silos
+            from fl_tasks.silo.privacy import noised_update
+
+            reported = noised_update(reported, base, float(manifest.privacy["clip_norm"]),
+                                     float(manifest.privacy["noise_stddev"]), task.tensor_ranges)
+        # topk: what earlier rounds did not send is added to this round's change (error feedback).
+        # The task's bounded tensors (a variance >= 0) travel exactly: rounded, they could cross the bound.
+        residuals, exact = self.residuals() if codec.name == "topk" else None, task.tensor_ranges
+        encoded = encode_update(reported, base, codec, residuals.load(codec, base, exact) if residuals else None,
+                                exact)
+        update = encoded.payload
         self.store.put_bytes(self.bucket, self.key(protocol.update_payload_key, round_id), update)
         metrics = {k: float(v) for k, v in result.metrics.items() if k != "train_seconds"}
         commit = UpdateManifest(
@@ -244,7 +264,19 @@ class SiloAgent:
         self.log(f"round {round_id}: update committed ({result.num_examples} examples, "
                  f"{', '.join(f'{k} {v:.4f}' for k, v in metrics.items())})")
         self.keep_references(round_id, kept)
+        if encoded.residual is not None:  # only now: an update that was never committed sent nothing
+            self.keep_residual(round_id, codec, encoded.residual)
         return True
+
+    # --- error feedback (topk) ---------------------------------------------------------------
+    def residuals(self) -> ResidualStore:
+        return ResidualStore(residual_folder(self.state_dir, self.federation), self.log)
+
+    def keep_residual(self, round_id: str, codec: Codec, residual: dict[str, "np.ndarray"]) -> None:
+        try:
+            self.residuals().save(codec, residual, round_id)
+        except OSError as exc:  # a full disk costs the next round its residual, not the agent its loop
+            self.log(f"round {round_id}: error feedback: could not keep the residual: {type(exc).__name__}: {exc}")
 
     # --- drift ------------------------------------------------------------------------------
     def measure_round_drift(self, manifest: GlobalManifest, contract: DataContract,
@@ -434,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file holding this silo's signing key (default: the FL_SIGNING_KEY variable; "
                              "neither: manifests go unsigned)")
     parser.add_argument("--state-dir", default=None,
-                        help="where this silo keeps its drift reference windows and reports, never sent anywhere "
+                        help="where this silo keeps its drift reference windows and reports and its top-k "
+                             "residual, never sent anywhere "
                              "(default: the FL_CLIENT_STATE_DIR variable, else ~/.fl-client/<client-id>)")
     parser.add_argument("--keep-drift-reports", type=int, default=30,
                         help="how many of evidently's HTML drift reports (megabytes each) to keep in the state "
