@@ -185,7 +185,7 @@ class CandidateBuilder:
         strategy = aggregation.build(settings["strategy"], clip_norm=None if private else settings["clip_norm"],
                                      **settings["params"])
         if private:
-            strategy = self.private(strategy, len(accepted), noise_seed)
+            strategy = self.dp_strategy(strategy, len(accepted), noise_seed)
         stateful = getattr(strategy, "stateful", False)
         if stateful and server_state is not None:
             strategy.set_state(server_state)
@@ -222,8 +222,7 @@ class CandidateBuilder:
             raise ValueError(f"{strategy.name}: non-finite aggregation weights")
         return Candidate(summary, candidate, strategy.get_state() if stateful else None)
 
-
-    def private(self, strategy, accepted: int, noise_seed: int | None):
+    def dp_strategy(self, strategy, accepted: int, noise_seed: int | None):
         """DP-FedAvg around the federation's strategy. With the noise at the silos, each sampled
         silo added std z*C/sqrt(sampled); the coordinator adds what the silos that did not count
         left out, so the sum always carries std z*C."""
