@@ -86,19 +86,14 @@ def run(codec_text: str, rounds: int, epochs: int, lr: float, seed: int) -> dict
     from fl_tasks.aggregation import build
     from fl_tasks.config import load_federation
     from fl_tasks.protocol.codec import Codec, decode_update, encode_update
-    from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, label_codes
+    from fl_tasks.simulation.datasets import benchmark_split
     from fl_tasks.tasks.api import TrainingSettings, load_model_state, model_state
 
     torch.set_num_threads(1)
     spec = load_federation(REPO / "federations" / "banks.yaml")
     task = spec.load_task()
-    frame = task.example_data("creditcard", 0, spec.simulation.seed)
-    labels = label_codes(frame, spec.contract)
-    pool, validation, test = holdout_split(labels, seed=spec.simulation.seed)
-    ids = [c.id for c in spec.clients]
-    parts = dirichlet_partition(labels[pool], len(ids), alpha=0.5, seed=spec.simulation.seed, min_rows=500,
-                                majority_alpha=5.0)
-    tables = {client_id: frame.iloc[pool[p]] for client_id, p in zip(ids, parts)}
+    split = benchmark_split(spec, task, len(spec.clients))
+    tables = {c.id: rows for c, rows in zip(spec.clients, split.silos)}
     codec = Codec.parse(codec_text)
     residuals: dict = {client_id: None for client_id in tables}  # each silo's own, kept across rounds
     model = task.seeded_model(spec.task.seed)
@@ -115,9 +110,9 @@ def run(codec_text: str, rounds: int, epochs: int, lr: float, seed: int) -> dict
             sent.append(len(encoded.payload))
             updates.append((decode_update(encoded.payload, codec, base, task.tensor_ranges), len(table)))
         model = load_model_state(task.build_model(), build("fedavg").aggregate(base, iter(updates)))
-    metrics = task.evaluate(model, frame.iloc[test])
+    metrics = task.evaluate(model, split.test)
     return {"codec": codec_text, "seed": seed, "roc_auc": metrics["roc_auc"], "pr_auc": metrics["pr_auc"],
-            "validation_roc_auc": task.evaluate(model, frame.iloc[validation])["roc_auc"],
+            "validation_roc_auc": task.evaluate(model, split.validation)["roc_auc"],
             "finite": bool(all(np.isfinite(v).all() for v in model_state(model).values())),
             "median_update_bytes": statistics.median(sent), "seconds": time.perf_counter() - started}
 

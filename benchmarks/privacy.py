@@ -34,18 +34,14 @@ PLAIN = "fedavg"  # the non-private baseline's label in the table
 
 
 def federation(silos: int):
-    """(task, frame, [rows of each silo], test rows) of the real-data split."""
+    """(spec, task, [rows of each silo], test rows) of the real-data split."""
     from fl_tasks.config import load_federation
-    from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, label_codes
+    from fl_tasks.simulation.datasets import benchmark_split
 
     spec = load_federation(REPO / "federations" / "banks.yaml")
     task = spec.load_task()
-    frame = task.example_data("creditcard", 0, spec.simulation.seed)
-    labels = label_codes(frame, spec.contract)
-    pool, _, test = holdout_split(labels, seed=spec.simulation.seed)
-    parts = dirichlet_partition(labels[pool], silos, alpha=0.5, seed=spec.simulation.seed, min_rows=500,
-                                majority_alpha=5.0)
-    return spec, task, frame, [frame.iloc[pool[p]] for p in parts], frame.iloc[test]
+    split = benchmark_split(spec, task, silos)
+    return spec, task, split.silos, split.test
 
 
 def train_round(task, spec, base, tables, epochs: int, lr: float, seed: int, number: int):
@@ -68,7 +64,7 @@ def clip_norm_for(silos: int, epochs: int, lr: float) -> float:
     from fl_tasks.tasks.api import model_state
 
     torch.set_num_threads(1)
-    spec, task, _, tables, _ = federation(silos)
+    spec, task, tables, _ = federation(silos)
     base = model_state(task.seeded_model(spec.task.seed))
     return statistics.median(screening.update_norm(state, base)
                              for state, _ in train_round(task, spec, base, tables, epochs, lr, 0, 0))
@@ -84,7 +80,7 @@ def run(silos: int, noise: float | None, clip_norm: float, rounds: int, epochs: 
     from fl_tasks.tasks.api import load_model_state, model_state
 
     torch.set_num_threads(1)
-    spec, task, _, tables, test = federation(silos)
+    spec, task, tables, test = federation(silos)
     model = task.seeded_model(spec.task.seed)
     started = time.perf_counter()
     for number in range(rounds):

@@ -53,19 +53,14 @@ def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: 
     from fl_tasks.config import load_federation
     from fl_tasks.coordinator import screening
     from fl_tasks.simulation.attacks import SIGN_FLIP, poison_model
-    from fl_tasks.simulation.datasets import dirichlet_partition, holdout_split, label_codes
+    from fl_tasks.simulation.datasets import benchmark_split
     from fl_tasks.tasks.api import TrainingSettings, load_model_state, model_state
 
     torch.set_num_threads(1)
     spec = load_federation(REPO / "federations" / "banks.yaml")
     task = spec.load_task()
-    frame = task.example_data("creditcard", 0, spec.simulation.seed)
-    labels = label_codes(frame, spec.contract)
-    pool, validation, test = holdout_split(labels, seed=spec.simulation.seed)
-    ids = silo_ids([c.id for c in spec.clients], silos)
-    parts = dirichlet_partition(labels[pool], len(ids), alpha=0.5, seed=spec.simulation.seed, min_rows=500,
-                                majority_alpha=5.0)
-    tables = {client_id: frame.iloc[pool[p]] for client_id, p in zip(ids, parts)}
+    split = benchmark_split(spec, task, silos)
+    tables = dict(zip(silo_ids([c.id for c in spec.clients], silos), split.silos))
     defence = strategy.endswith(DEFENDED)
     strategy = strategy.removesuffix(DEFENDED)
     head = {"strategy": strategy + (DEFENDED if defence else ""), "attacked": attacker is not None, "seed": seed}
@@ -98,9 +93,9 @@ def run(strategy: str, params: dict, attacker: str | None, rounds: int, epochs: 
             model = load_model_state(task.build_model(), aggregator.aggregate(base, iter(updates)))
         except ValueError as exc:
             return {**head, "error": str(exc)}
-    metrics = task.evaluate(model, frame.iloc[test])
+    metrics = task.evaluate(model, split.test)
     return {**head, "params": effective, "roc_auc": metrics["roc_auc"], "pr_auc": metrics["pr_auc"],
-            "validation_roc_auc": task.evaluate(model, frame.iloc[validation])["roc_auc"],
+            "validation_roc_auc": task.evaluate(model, split.validation)["roc_auc"],
             "finite": bool(all(np.isfinite(v).all() for v in model_state(model).values())),
             "rejected_updates": rejected, "seconds": time.perf_counter() - started}
 

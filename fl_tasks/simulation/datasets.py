@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,3 +173,25 @@ def dirichlet_partition(y: np.ndarray, num_clients: int, alpha: float, seed: int
         if min(len(r) for r in result) >= min_rows:
             return result
     raise ValueError(f"could not give each of {num_clients} clients {min_rows} rows; lower num_clients or raise alpha")
+
+
+@dataclass(frozen=True)
+class BenchmarkSplit:
+    """The real fraud data as the benchmarks federate it: each silo's rows, the coordinator's
+    validation rows and the referee's test rows."""
+
+    silos: list["pd.DataFrame"]
+    validation: "pd.DataFrame"
+    test: "pd.DataFrame"
+
+
+def benchmark_split(spec, task, silos: int) -> BenchmarkSplit:
+    """The public fraud data through `task`, the simulator's hold-out, and Dirichlet label skew
+    over `silos` silos (alpha 0.5 for fraud, 5 for the rest: comparable sizes, very different
+    fraud rates; at least 500 rows each), all seeded by the federation's simulation.seed."""
+    frame = task.example_data("creditcard", 0, spec.simulation.seed)
+    labels = label_codes(frame, spec.contract)
+    pool, validation, test = holdout_split(labels, seed=spec.simulation.seed)
+    parts = dirichlet_partition(labels[pool], silos, alpha=0.5, seed=spec.simulation.seed, min_rows=500,
+                                majority_alpha=5.0)
+    return BenchmarkSplit([frame.iloc[pool[p]] for p in parts], frame.iloc[validation], frame.iloc[test])
