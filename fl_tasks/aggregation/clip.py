@@ -45,28 +45,38 @@ def clip_update(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
     return out
 
 
-class Clipped:
-    """Any strategy, fed updates clipped to `clip_norm` one at a time (streaming is kept).
+class StrategyWrapper:
+    """A strategy around another (`inner`): takes its name, statefulness and state methods,
+    so callers can treat the wrapper as the strategy itself."""
 
-    Takes the wrapped strategy's name, statefulness and state methods, so callers can treat
-    it as the strategy itself; `inner` is the wrapped one.
-    """
-
-    def __init__(self, inner, clip_norm: float) -> None:
+    def __init__(self, inner) -> None:
         self.inner = inner
-        self.clip_norm = positive_param(inner.name, "clip_norm", clip_norm)
 
     @property
     def name(self) -> str:
         return self.inner.name
 
     @property
-    def min_updates(self) -> int:
-        return int(getattr(self.inner, "min_updates", 1))
-
-    @property
     def stateful(self) -> bool:
         return bool(getattr(self.inner, "stateful", False))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        return self.inner.get_state()
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.inner.set_state(state)
+
+
+class Clipped(StrategyWrapper):
+    """Any strategy, fed updates clipped to `clip_norm` one at a time (streaming is kept)."""
+
+    def __init__(self, inner, clip_norm: float) -> None:
+        super().__init__(inner)
+        self.clip_norm = positive_param(inner.name, "clip_norm", clip_norm)
+
+    @property
+    def min_updates(self) -> int:
+        return int(getattr(self.inner, "min_updates", 1))
 
     @property
     def outcome(self):
@@ -76,12 +86,6 @@ class Clipped:
         from dataclasses import replace
 
         return replace(inner, rule=f"{inner.rule}; every update clipped to norm {self.clip_norm:g} first")
-
-    def get_state(self) -> dict[str, np.ndarray]:
-        return self.inner.get_state()
-
-    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        self.inner.set_state(state)
 
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:

@@ -20,7 +20,7 @@ import numpy as np
 
 from fl_tasks.aggregation import Outcome
 from fl_tasks.aggregation.checks import check_update, floating_names, positive_param
-from fl_tasks.aggregation.clip import clip_update
+from fl_tasks.aggregation.clip import StrategyWrapper, clip_update
 from fl_tasks.aggregation.mean import StateDict, StreamingWeightedMean, cast_like
 
 
@@ -48,7 +48,7 @@ def clamp_to_ranges(state: dict[str, np.ndarray], ranges: Mapping[str, tuple[flo
     return state
 
 
-class DPFedAvg:
+class DPFedAvg(StrategyWrapper):
     """Wraps the federation's strategy: clips (unless the silos clipped and added their noise
     themselves, `clip=False`), sums, adds the coordinator's noise, divides by `denominator`,
     clamps it into the task's tensor ranges, and hands the one noisy model to `inner`. Integer tensors (batch-norm counters) are the
@@ -56,7 +56,7 @@ class DPFedAvg:
 
     def __init__(self, inner, clip_norm: float, denominator: float, noise_stddev: float, seed: int,
                  clip: bool = True, ranges: Mapping[str, tuple[float, float]] | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.clip_norm = positive_param("dp_fedavg", "clip_norm", clip_norm)
         self.denominator = positive_param("dp_fedavg", "denominator", denominator)
         if not (math.isfinite(noise_stddev) and noise_stddev >= 0):
@@ -66,22 +66,8 @@ class DPFedAvg:
         self.outcome: Outcome | None = None
 
     @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def stateful(self) -> bool:
-        return bool(getattr(self.inner, "stateful", False))
-
-    @property
     def min_updates(self) -> int:
         return 1
-
-    def get_state(self) -> dict[str, np.ndarray]:
-        return self.inner.get_state()
-
-    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        self.inner.set_state(state)
 
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> StateDict:

@@ -241,9 +241,9 @@ class SiloAgent:
                                      float(manifest.privacy["noise_stddev"]), task.tensor_ranges)
         # topk: what earlier rounds did not send is added to this round's change (error feedback).
         # The task's bounded tensors (a variance >= 0) travel exactly: rounded, they could cross the bound.
-        residuals, exact = self.residuals() if codec.name == "topk" else None, task.tensor_ranges
-        encoded = encode_update(reported, base, codec, residuals.load(codec, base, exact) if residuals else None,
-                                exact)
+        exact = task.tensor_ranges
+        residual = self.residuals().load(codec, base, exact) if codec.name == "topk" else None
+        encoded = encode_update(reported, base, codec, residual, exact)
         update = encoded.payload
         self.store.put_bytes(self.bucket, self.key(protocol.update_payload_key, round_id), update)
         metrics = {k: float(v) for k, v in result.metrics.items() if k != "train_seconds"}
