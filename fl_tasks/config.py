@@ -95,6 +95,9 @@ class TaskSpec:
     warm_start: str | None = None
 
 
+OPTIMIZER_STATES = ("keep", "reset")
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     local_epochs: int = default("training.local_epochs")
@@ -103,6 +106,11 @@ class TrainingSpec:
     proximal_mu: float = 0.0
     # How updates travel (fl_tasks.protocol.codec): fp32 | fp16 | bf16 | int8 | int8:channel | topk:<fraction>
     codec: str = "fp32"
+    # constant | cosine: the learning rate over each round's local steps (fl_tasks.tasks.training)
+    lr_schedule: str = "constant"
+    # keep: each silo keeps its optimiser's moments between rounds (fl_tasks.silo.optimizer_state);
+    # reset: a fresh optimiser every round
+    optimizer_state: str = "keep"
     # "interval": scheduled and backfill rounds train on their run's data interval only;
     # "all": every round retrains on all local data.
     window: str = "interval"
@@ -253,6 +261,22 @@ class PrivacySpec:
         return float(self.sample_size if self.sampling == "fixed" else population)
 
 
+@dataclass(frozen=True)
+class PersonalizationSpec:
+    """Personal models at the silos (fl_tasks.protocol.personalization, fl_tasks.silo.personal):
+    each silo scores its personal model beside the global one in the federated evaluation,
+    serves whichever wins on its own rows, and reports the lineage. The weights stay at the
+    silo unless `share_weights` opts in (then they are logged to the coordinator's MLflow)."""
+
+    strategy: str = "finetune"  # finetune | fedbn | ditto
+    layers: str = "all"  # finetune: all | head
+    epochs: int = 1  # finetune: epochs on the silo's training rows per evaluation; ditto: per round
+    learning_rate: float | None = None  # None: training.learning_rate
+    ditto_lambda: float = 0.1  # ditto: strength of the pull towards the global model
+    local_only: bool = True  # each silo also trains a model on its rows alone, the baseline to beat
+    share_weights: bool = False
+
+
 DEFAULT_MIN_SILOS = 2  # evaluations a round needs unless the file says otherwise (1 with a single client)
 
 
@@ -316,6 +340,7 @@ class FederationSpec:
     alerts: AlertsSpec = field(default_factory=AlertsSpec)
     circuit_breaker: CircuitBreakerSpec = field(default_factory=CircuitBreakerSpec)
     privacy: PrivacySpec | None = None  # None: no differential privacy
+    personalization: PersonalizationSpec | None = None  # None: the silos serve the global model
     storage_endpoint_url: str = ""
     storage_aws_conn_id: str | None = None  # Airflow connection for the coordinator's S3 access
     source: str = ""
@@ -464,7 +489,7 @@ def _require(cond: bool, source: str, field_path: str, problem: str, fix: str) -
 TOP_LEVEL = ("federation", "description", "schedule", "start_date", "end_date", "coordinator", "storage", "clients",
              "quorum", "staleness", "aggregation", "screening", "task", "training", "gates", "mlflow", "data",
              "simulation", "evaluation", "security", "drift", "monitoring", "alerts", "circuit_breaker",
-             "privacy")
+             "privacy", "personalization")
 CLIENT_FIELDS = ("id", "bucket", "aws_conn_id", "endpoint_url", "max_examples")
 
 
@@ -582,6 +607,8 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         circuit_breaker=_section(CircuitBreakerSpec, raw.get("circuit_breaker"), source, "circuit_breaker"),
         privacy=None if raw.get("privacy") in (None, False) else _section(PrivacySpec, raw["privacy"], source,
                                                                           "privacy"),
+        personalization=None if raw.get("personalization") in (None, False) else _section(
+            PersonalizationSpec, raw["personalization"], source, "personalization"),
         source=source,
     )
     _validate_values(spec, source)
@@ -758,6 +785,12 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     _require(t.batch_size >= 1, source, "training.batch_size", "must be at least 1", "e.g. 512")
     _require(t.proximal_mu >= 0, source, "training.proximal_mu", "must not be negative", "0 disables it")
     _check_codec(t.codec, source)
+    from fl_tasks.tasks.api import LR_SCHEDULES
+
+    _require(t.lr_schedule in LR_SCHEDULES, source, "training.lr_schedule", f"unknown schedule {t.lr_schedule!r}",
+             f"choose one of {', '.join(LR_SCHEDULES)}")
+    _require(t.optimizer_state in OPTIMIZER_STATES, source, "training.optimizer_state",
+             f"unknown value {t.optimizer_state!r}", "keep (the silos keep Adam's moments between rounds) or reset")
     _require(t.window in ("interval", "all"), source, "training.window", f"unknown window {t.window!r}",
              "use 'interval' (train on the run's data interval) or 'all'")
     _require(t.window == "all" or spec.contract.event_time is not None, source, "training.window",
@@ -778,6 +811,8 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     _validate_observability(spec, source)
     if spec.privacy is not None:
         _validate_privacy(spec, spec.privacy, source)
+    if spec.personalization is not None:
+        _validate_personalization(spec, spec.personalization, source)
     template = spec.security.signing_key_conn_id
     _require(template.count("{client}") == 1, source, "security.signing_key_conn_id",
              f"{template!r} does not contain '{{client}}' exactly once (each client needs its own key)",
@@ -841,6 +876,22 @@ def _validate_observability(spec: FederationSpec, source: str) -> None:
     k = spec.circuit_breaker.max_consecutive_failures
     _require(k is None or k >= 1, source, "circuit_breaker.max_consecutive_failures", "must be at least 1",
              "e.g. 3, or null to never stop dispatching")
+
+
+def _validate_personalization(spec: FederationSpec, p: PersonalizationSpec, source: str) -> None:
+    from fl_tasks.protocol.personalization import LAYERS, STRATEGIES
+
+    _require(p.strategy in STRATEGIES, source, "personalization.strategy", f"unknown strategy {p.strategy!r}",
+             f"choose one of {', '.join(STRATEGIES)}")
+    _require(p.layers in LAYERS, source, "personalization.layers", f"unknown value {p.layers!r}",
+             "all (fine-tune every layer) or head (the last layer only)")
+    _require(1 <= p.epochs <= 100, source, "personalization.epochs", "must be in 1..100", "e.g. 1")
+    _require(p.learning_rate is None or 0 < p.learning_rate < 1, source, "personalization.learning_rate",
+             "must be in (0, 1)", "e.g. 0.001, or leave it out for training.learning_rate")
+    _require(p.ditto_lambda >= 0, source, "personalization.ditto_lambda", "must not be negative", "e.g. 0.1")
+    _require(spec.evaluation.federated is not None, source, "personalization",
+             "personal models are scored in the federated evaluation, which is off",
+             "remove 'evaluation.federated: false', or remove personalization")
 
 
 def _validate_privacy(spec: FederationSpec, p: PrivacySpec, source: str) -> None:

@@ -128,7 +128,7 @@ class ClaimsTriageTask(Task):
               global_state: Mapping[str, torch.Tensor]) -> TrainResult:
         target = torch.from_numpy(self.targets(rows))
         report = fit(model, list(self.inputs(rows)), target, nn.CrossEntropyLoss(), settings, global_state)
-        return TrainResult(len(rows), report)
+        return TrainResult(len(rows), report.metrics, report.optimizer_state)
 
     def probabilities(self, model: nn.Module, rows: "pd.DataFrame") -> np.ndarray:
         """(n, 3) class probabilities, columns in the contract's label order."""

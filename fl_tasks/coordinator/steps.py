@@ -130,6 +130,7 @@ class Coordinator:
             screening=asdict(self.spec.screening), base_round_id=base_round_id,
             training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
                       "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec,
+                      "lr_schedule": t.lr_schedule, "optimizer_state": t.optimizer_state,
                       # The rows each silo keeps out of training for federated evaluation.
                       "holdout_fraction": float(self.spec.evaluation.federated.holdout_fraction)
                       if self.spec.evaluation.federated else 0.0},

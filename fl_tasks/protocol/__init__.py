@@ -31,6 +31,7 @@ from typing import ClassVar
 
 from fl_tasks.protocol.codec import CODEC_FORMS, Codec, CodecError
 from fl_tasks.protocol.drift import DriftReport, DriftSchemaError, DriftSettings
+from fl_tasks.protocol.personalization import PersonalizationSchemaError, PersonalizationSettings, PersonalReport
 
 PROTOCOL_VERSION = 1
 ROUND_ID_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
@@ -110,6 +111,11 @@ def evaluation_result_key(prefix: str, federation: str, round_id: str) -> str:
 
 def evaluation_decline_key(prefix: str, federation: str, round_id: str) -> str:
     return _join(round_prefix(prefix, federation, round_id), "evaluation/decline.json")
+
+
+def personal_weights_key(prefix: str, federation: str, round_id: str) -> str:
+    """Where a silo puts its personal weights when the federation opts in (share_weights)."""
+    return _join(round_prefix(prefix, federation, round_id), "evaluation/personal.safetensors")
 
 
 def rounds_listing_prefix(prefix: str, federation: str) -> str:
@@ -215,6 +221,16 @@ def _is_codec(text: str) -> bool:
     return True
 
 
+def _check_personalization(schema: type[PersonalizationSettings] | type[PersonalReport], block: dict,
+                           where: str) -> None:
+    """An empty personalization block, or one that holds under `schema`."""
+    if block:
+        try:
+            schema.from_dict(block, where)
+        except PersonalizationSchemaError as exc:
+            raise ManifestError(str(exc)) from None
+
+
 def _check_drift(schema: type[DriftSettings] | type[DriftReport], block: dict) -> None:
     """An empty drift block, or one that holds under `schema`; the schema's message names the field."""
     if block:
@@ -248,9 +264,12 @@ class GlobalManifest(_Manifest):
     # clips its change from the base to clip_norm and adds Gaussian noise of noise_stddev
     # before sending it; empty: the silo sends what it trained.
     privacy: dict = field(default_factory=dict)
+    # Personalization (fl_tasks.protocol.personalization.PersonalizationSettings); empty: none.
+    personalization: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         _check(bool(ROUND_ID_PATTERN.fullmatch(self.round_id)), f"{self.kind} manifest field 'round_id' is not a valid round id")
+        _check_personalization(PersonalizationSettings, self.personalization, "global manifest field 'personalization'")
         _check(bool(SHA256_PATTERN.fullmatch(self.payload_sha256)), "global manifest field 'payload_sha256' is not a sha256")
         _check_drift(DriftSettings, self.drift)
         _check(not self.privacy or (set(self.privacy) == {"clip_norm", "noise_stddev"} and all(
@@ -353,6 +372,8 @@ class EvaluationRequest(_Manifest):
     data_window: dict  # {"start": iso or null, "end": iso or null}
     deadline: str
     created_at: str
+    # As in the global manifest: the silo scores its personal (and local-only) model too.
+    personalization: dict = field(default_factory=dict)
 
     MAX_MODELS: ClassVar[int] = 8
 
@@ -370,6 +391,8 @@ class EvaluationRequest(_Manifest):
                    f"{where}: version must be a string and sha256 a sha256")
             _check(type(model["bytes"]) is int and model["bytes"] > 0, f"{where}: bytes must be a positive integer")
         _check(0 < self.holdout_fraction < 1, "evaluation_request manifest field 'holdout_fraction' must be in (0, 1)")
+        _check_personalization(PersonalizationSettings, self.personalization,
+                               "evaluation_request manifest field 'personalization'")
         _check(set(self.data_window) <= {"start", "end"}, "evaluation_request manifest field 'data_window' allows "
                                                           "start and end")
         _check({"entrypoint", "version", "params", "params_sha256"} <= set(self.task),
@@ -396,6 +419,8 @@ class EvaluationManifest(_Manifest):
     scores: dict  # model label -> {metric: value}
     signature: str = ""
     created_at: str = ""
+    # Its personal model, when the request asked for personalization (PersonalReport); else empty.
+    personal: dict = field(default_factory=dict)
 
     MAX_EXAMPLES: ClassVar[int] = 10**12
 
@@ -418,6 +443,7 @@ class EvaluationManifest(_Manifest):
                    f"{name} 'scores.{label}' has a value that is not a finite number")
         _check(self.signature == "" or bool(SHA256_PATTERN.fullmatch(self.signature)),
                f"{name} 'signature' must be empty or a hex HMAC-SHA256 (64 lowercase hex digits)")
+        _check_personalization(PersonalReport, self.personal, f"{name} 'personal'")
 
 
 @dataclass(frozen=True)

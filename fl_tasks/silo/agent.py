@@ -15,7 +15,8 @@ manifest; the silo's rows never leave it. For each round it:
 5. trains the task's model from the global weights and commits the update, manifest last,
    in the round's codec (`training.codec`, fl_tasks.protocol.codec); under topk the silo
    keeps what it did not send in its state directory and adds it to its next change
-   (fl_tasks.silo.residual).
+   (fl_tasks.silo.residual). With `training.optimizer_state: keep` it also keeps its
+   optimiser's moments there between rounds (fl_tasks.silo.optimizer_state).
 
 When 2 or 3 fail it writes no update: it commits a signed decline with the reason (e.g.
 `column 'amount' missing`), which the coordinator shows and which never counts towards the
@@ -55,6 +56,7 @@ from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
 from fl_tasks.silo.drift import (DriftError, ReferenceStore, default_state_dir, drift_folder, measure_drift,
                                  prune_reports, report_path)
 from fl_tasks.silo.holdout import silo_salt, split_rows
+from fl_tasks.silo.optimizer_state import OptimizerStateStore, optimizer_folder
 from fl_tasks.silo.residual import ResidualStore, residual_folder
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
@@ -222,9 +224,12 @@ class SiloAgent:
             self.decline(round_id, f"this silo cannot send the round's training.codec: {exc}")
             return False
         global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        keep_optimizer = t.get("optimizer_state", "reset") == "keep"
         settings = TrainingSettings(local_epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
                                     batch_size=int(t["batch_size"]), proximal_mu=float(t["proximal_mu"]),
-                                    seed=self.seed + zlib.crc32(round_id.encode()) % 10_000)
+                                    seed=self.seed + zlib.crc32(round_id.encode()) % 10_000,
+                                    lr_schedule=str(t.get("lr_schedule", "constant")),
+                                    optimizer_state=self.kept_optimizer_state(model) if keep_optimizer else None)
         rows, held_out = split_rows(rows, float(t.get("holdout_fraction", 0.0)), self.salt)
         # Before training: the drift block goes into this round's manifest. On the silo's own
         # rows, not on what a simulated attacker's train_rows makes of them.
@@ -266,6 +271,8 @@ class SiloAgent:
         self.keep_references(round_id, kept)
         if encoded.residual is not None:  # only now: an update that was never committed sent nothing
             self.keep_residual(round_id, codec, encoded.residual)
+        if keep_optimizer and result.optimizer_state:
+            self.keep_optimizer_state(round_id, result.optimizer_state)
         return True
 
     # --- error feedback (topk) ---------------------------------------------------------------
@@ -277,6 +284,26 @@ class SiloAgent:
             self.residuals().save(codec, residual, round_id)
         except OSError as exc:  # a full disk costs the next round its residual, not the agent its loop
             self.log(f"round {round_id}: error feedback: could not keep the residual: {type(exc).__name__}: {exc}")
+
+    # --- the optimiser's state ----------------------------------------------------------------
+    def optimizer_states(self) -> OptimizerStateStore:
+        return OptimizerStateStore(optimizer_folder(self.state_dir, self.federation), self.log)
+
+    def kept_optimizer_state(self, model) -> dict[str, Any] | None:
+        """The optimiser state kept after this silo's last round, when it fits `model`."""
+        state = self.optimizer_states().load()
+        shapes = [list(p.shape) for p in model.parameters() if p.requires_grad]
+        if state is not None and state["shapes"] != shapes:
+            self.log("optimizer state kept for a model of other shapes (the task changed); starting from a fresh "
+                     "optimizer")
+            return None
+        return state
+
+    def keep_optimizer_state(self, round_id: str, state: dict[str, Any]) -> None:
+        try:
+            self.optimizer_states().save(state, round_id)
+        except OSError as exc:  # a full disk costs the next round its moments, not the agent its loop
+            self.log(f"round {round_id}: could not keep the optimizer state: {type(exc).__name__}: {exc}")
 
     # --- drift ------------------------------------------------------------------------------
     def measure_round_drift(self, manifest: GlobalManifest, contract: DataContract,
@@ -467,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "neither: manifests go unsigned)")
     parser.add_argument("--state-dir", default=None,
                         help="where this silo keeps its drift reference windows and reports and its top-k "
-                             "residual, never sent anywhere "
+                             "residual and its optimizer state, never sent anywhere "
                              "(default: the FL_CLIENT_STATE_DIR variable, else ~/.fl-client/<client-id>)")
     parser.add_argument("--keep-drift-reports", type=int, default=30,
                         help="how many of evidently's HTML drift reports (megabytes each) to keep in the state "

@@ -17,30 +17,19 @@ the JSON ties the pair together, so a crash between the two writes reads as "no 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_tasks.protocol.codec import Codec, CodecError, Packing
+from fl_tasks.silo.kept import KeptTensors, state_folder
 
 if TYPE_CHECKING:
     import numpy as np
 
 
 def residual_folder(state_dir: Path, federation: str) -> Path:
-    return Path(state_dir) / federation / "residual"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    return state_folder(state_dir, federation, "residual")
 
 
 class ResidualStore:
@@ -48,7 +37,7 @@ class ResidualStore:
 
     def __init__(self, folder: Path, log: Callable[[str], None] = print) -> None:
         self.folder, self.log = Path(folder), log
-        self.tensors, self.record = self.folder / "residual.safetensors", self.folder / "residual.json"
+        self.kept = KeptTensors(self.folder, "residual")
 
     def load(self, codec: Codec, base: Mapping[str, "np.ndarray"],
              exact: Collection[str] = ()) -> dict[str, "np.ndarray"] | None:
@@ -56,25 +45,19 @@ class ResidualStore:
         (start from zero): none kept yet, or kept for another codec or model (logged), or
         unreadable (logged)."""
         import numpy as np
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
 
-        if not self.record.exists():
+        if not self.kept.exists():
             return None
         packing = Packing(base, exact)
         try:
-            record = json.loads(self.record.read_text())
-            data = self.tensors.read_bytes()
+            residual, record = self.kept.load()
             kept = Codec.parse(record["codec"])
             if kept != codec:
                 return self._reset(f"it was kept for codec {kept.text}, this round's is {codec.text}")
             if record["size"] != packing.size:
                 return self._reset(f"it was kept for a model of {record['size']} parameters, this round's has "
                                    f"{packing.size}")
-            if hashlib.sha256(data).hexdigest() != record["sha256"]:
-                return self._reset(f"{self.tensors.name} does not match the sha256 in {self.record.name}")
-            residual = load(data)
-        except (OSError, ValueError, KeyError, TypeError, CodecError, SafetensorError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, CodecError) as exc:
             return self._reset(f"it cannot be read: {type(exc).__name__}: {exc}")
         if set(residual) != set(packing.names) or any(
                 residual[n].shape != packing.shapes[n] or residual[n].dtype != np.float32
@@ -88,14 +71,5 @@ class ResidualStore:
 
     def save(self, codec: Codec, residual: Mapping[str, "np.ndarray"], round_id: str) -> None:
         """Keep `residual` (what `round_id`'s update did not send) for the next round."""
-        from safetensors.numpy import save
-
-        data = save(dict(residual))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # The old record goes first: if a write below fails, the next round finds no residual
-        # rather than the one before this round's, whose changes this round already sent.
-        self.record.unlink(missing_ok=True)
-        _write_atomically(self.tensors, data)
-        record = {"codec": codec.text, "size": sum(int(v.size) for v in residual.values()), "round_id": round_id,
-                  "sha256": hashlib.sha256(data).hexdigest()}
-        _write_atomically(self.record, json.dumps(record, indent=2).encode())
+        self.kept.save(residual, {"codec": codec.text, "size": sum(int(v.size) for v in residual.values()),
+                                  "round_id": round_id})

@@ -195,3 +195,65 @@ def benchmark_split(spec, task, silos: int) -> BenchmarkSplit:
     parts = dirichlet_partition(labels[pool], silos, alpha=0.5, seed=spec.simulation.seed, min_rows=500,
                                 majority_alpha=5.0)
     return BenchmarkSplit([frame.iloc[pool[p]] for p in parts], frame.iloc[validation], frame.iloc[test])
+
+
+@dataclass(frozen=True)
+class SiloRows:
+    """One silo's rows in a quality benchmark: what it trains on, the held-out rows it picks its
+    served model on, and its own test rows."""
+
+    name: str
+    train: "pd.DataFrame"
+    validation: "pd.DataFrame"
+    test: "pd.DataFrame"
+
+    @property
+    def rows(self) -> int:
+        return len(self.train) + len(self.validation) + len(self.test)
+
+
+# The unequal banks: (share of the rows, fraud rate, factor on Amount). One large bank at a low
+# fraud rate, small ones with high fraud rates whose amounts are in other units (regional drift).
+UNEQUAL_BANKS: tuple[tuple[str, float, float, float], ...] = (
+    ("bank-central", 0.75, 0.015, 1.0),
+    ("bank-north", 0.09, 0.05, 4.0),
+    ("bank-south", 0.07, 0.08, 0.25),
+    ("bank-east", 0.05, 0.10, 8.0),
+    ("bank-west", 0.04, 0.12, 0.5),
+)
+
+
+def unequal_split(frame: "pd.DataFrame", label: str, seed: int, rows: int = 12_000,
+                  banks: "Sequence[tuple[str, float, float, float]]" = UNEQUAL_BANKS,
+                  validation_fraction: float = 0.15, test_fraction: float = 0.25) -> list[SiloRows]:
+    """Silos as unequal as real banks, drawn from `frame` (the credit-card data): `rows` rows
+    in all, each bank its share of them at its fraud rate (legitimate rows are subsampled:
+    the public data's 0.17% rate leaves too few frauds otherwise), with Amount multiplied by
+    the bank's factor. Each bank's rows are split, stratified by label, into training,
+    validation and test rows. Seeded; raises ValueError when the frame has too few frauds."""
+    rng = np.random.default_rng(seed)
+    positive = rng.permutation(np.flatnonzero(frame[label].to_numpy(dtype=bool)))
+    negative = rng.permutation(np.flatnonzero(~frame[label].to_numpy(dtype=bool)))
+    wanted = [(name, int(round(rows * share)), rate, factor) for name, share, rate, factor in banks]
+    frauds = [int(round(size * rate)) for _, size, rate, _ in wanted]
+    if sum(frauds) > len(positive) or rows - sum(frauds) > len(negative):
+        raise ValueError(f"unequal_split: {sum(frauds)} frauds and {rows - sum(frauds)} legitimate rows wanted, the "
+                         f"frame has {len(positive)} and {len(negative)}; ask for fewer rows")
+    silos, used_pos, used_neg = [], 0, 0
+    for (name, size, _, factor), fraud in zip(wanted, frauds):
+        pos, neg = positive[used_pos:used_pos + fraud], negative[used_neg:used_neg + size - fraud]
+        used_pos, used_neg = used_pos + fraud, used_neg + size - fraud
+        parts: list[list[np.ndarray]] = [[], [], []]
+        for index in (pos, neg):
+            cut_test = int(round(len(index) * test_fraction))
+            cut_validation = cut_test + int(round(len(index) * validation_fraction))
+            parts[2].append(index[:cut_test])
+            parts[1].append(index[cut_test:cut_validation])
+            parts[0].append(index[cut_validation:])
+        frames = []
+        for part in parts:
+            chosen = frame.iloc[np.sort(np.concatenate(part))].copy()
+            chosen["Amount"] = chosen["Amount"] * factor
+            frames.append(chosen)
+        silos.append(SiloRows(name, *frames))
+    return silos

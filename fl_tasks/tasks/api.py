@@ -53,23 +53,34 @@ class Metric:
         return a > b if self.higher_is_better else a < b
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    """One round's training settings, as the coordinator's plan fixes them."""
+    """One round's training settings, as the coordinator's plan fixes them.
+
+    `optimizer_state` is the silo's own optimiser state from its previous round (None: a fresh
+    optimiser); the training loop starts from it and hands the new one back in `TrainResult`.
+    """
 
     local_epochs: int
     learning_rate: float
     batch_size: int
     proximal_mu: float = 0.0  # FedProx: (mu / 2) * ||w - w_global||^2 added to the loss
     seed: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over the round's local steps)
+    optimizer_state: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What local training reports; metrics travel in the update manifest (numbers only)."""
+    """What local training reports; metrics travel in the update manifest (numbers only). The
+    optimiser state stays at the silo (fl_tasks.silo.optimizer_state), never in an update."""
 
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
 
 
 class Task(ABC):
@@ -124,6 +135,25 @@ class Task(ABC):
     @property
     def primary(self) -> Metric:
         return self.metric(self.primary_metric)
+
+    def normalization_tensors(self, model: "nn.Module") -> list[str]:
+        """State-dict names of the model's batch-norm tensors (weights, biases, running
+        statistics, counters): what FedBN keeps at each silo. Override for other layers."""
+        from torch.nn.modules.batchnorm import _NormBase
+
+        return sorted(f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+                      if isinstance(module, _NormBase) for name in module.state_dict())
+
+    def head_parameters(self, model: "nn.Module") -> list[str]:
+        """Parameter names of the model's head, what `personalization.layers: head` fine-tunes:
+        by default the parameters of the last module that has any. Override when the head is
+        elsewhere."""
+        owners = [(prefix, module) for prefix, module in model.named_modules()
+                  if any(True for _ in module.parameters(recurse=False))]
+        if not owners:
+            return []
+        prefix, module = owners[-1]
+        return [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
 
     def seeded_model(self, seed: int) -> "nn.Module":
         """The same weights on every machine: the first round's base."""

@@ -87,7 +87,7 @@ class FraudTask(Task):
         x = torch.from_numpy(self.features(rows))
         y = torch.from_numpy(self.contract.labels(rows).astype(np.float32))
         report = fit(model, [x], y, nn.BCEWithLogitsLoss(), settings, global_state)
-        return TrainResult(len(rows), report)
+        return TrainResult(len(rows), report.metrics, report.optimizer_state)
 
     def scores(self, model: "nn.Module", rows: "pd.DataFrame") -> np.ndarray:
         import torch

@@ -193,7 +193,7 @@ def test_the_old_model_section_is_refused():
 
 def test_unknown_field_without_close_name_lists_allowed():
     err = config_error(doc(training={"zzz": 1}), "training.zzz")
-    assert "allowed fields: local_epochs, learning_rate, batch_size, proximal_mu, codec, window" in str(err)
+    assert "allowed fields: local_epochs, learning_rate, batch_size, proximal_mu, codec, lr_schedule, optimizer_state, window" in str(err)
 
 
 @pytest.mark.parametrize("bad_id", ["bank/a", "..", "../bank-a", "bank.a", "Bank-A", "-bank", "bank-a\n", ""])

@@ -112,10 +112,10 @@ def test_reset_when_the_tensors_no_longer_match_the_model(tmp_path):
 def test_reset_when_the_files_do_not_belong_together(tmp_path):
     lines = []
     store = _saved(tmp_path, lines)
-    store.tensors.write_bytes(store.tensors.read_bytes()[:-4] + b"\x00\x00\x80\x7f")  # last value: +inf
+    store.kept.tensors.write_bytes(store.kept.tensors.read_bytes()[:-4] + b"\x00\x00\x80\x7f")  # last value: +inf
     assert store.load(TOPK, base_of()) is None
     assert "does not match the sha256" in lines[-1]
-    store.record.write_text("{not json")
+    store.kept.record.write_text("{not json")
     assert store.load(TOPK, base_of()) is None
     assert "cannot be read" in lines[-1]
 
@@ -129,7 +129,7 @@ def test_a_failed_save_leaves_no_stale_residual(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("fl_tasks.silo.residual._write_atomically", full_disk)
+    monkeypatch.setattr("fl_tasks.silo.kept.write_atomically", full_disk)
     with pytest.raises(OSError):
         store.save(TOPK, {"w": np.zeros((20, 10), np.float32), "b": np.zeros(20, np.float32)}, "000002")
     monkeypatch.undo()

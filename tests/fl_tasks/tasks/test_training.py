@@ -8,6 +8,9 @@ global_state)`: it no longer knows the fraud data, and the row count is the task
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,7 @@ from fl_tasks.contract import Column, DataContract
 from fl_tasks.simulation.datasets import holdout_split, label_codes, synthetic_fraud_frame
 from fl_tasks.tasks.api import TrainingSettings, model_state
 from fl_tasks.tasks.fraud import COMPONENTS, FraudTask
-from fl_tasks.tasks.training import fit, predict
+from fl_tasks.tasks.training import fit, learning_rate_at, predict, restore_optimizer
 
 CONTRACT = DataContract(label=Column("Class", "boolean"),
                         features=tuple(Column(name, "numeric") for name in [*COMPONENTS, "Amount"]),
@@ -139,7 +142,7 @@ def test_single_row_batches_are_skipped():
     model = TASK.seeded_model(0)
     report = fit(model, [x], torch.tensor([0.0, 1.0, 0.0]), nn.BCEWithLogitsLoss(), settings(batch_size=2))
     assert int(model.state_dict()["1.num_batches_tracked"]) == 1  # one two-row batch only
-    assert report["train_loss"] > 0
+    assert report.metrics["train_loss"] > 0
 
 
 def test_training_leaves_the_global_rng_alone():
@@ -174,7 +177,7 @@ def test_fit_is_generic_over_inputs_and_loss():
     report = fit(model, [numbers, codes], target, loss, settings(epochs=30, lr=0.05, batch_size=32))
     after = loss(predict(model, [numbers, codes]), target).item()
     assert after < 0.1 * before
-    assert set(report) == {"train_loss", "train_seconds"}
+    assert set(report.metrics) == {"train_loss", "train_seconds"}
 
 
 def test_predict_is_batched_in_eval_mode_without_gradients():
@@ -187,3 +190,58 @@ def test_predict_is_batched_in_eval_mode_without_gradients():
     assert not model.training  # batch norm uses its running statistics
     torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-6)
     assert predict(model, [x[:0]]).shape == (0,)
+
+
+def test_carried_adam_state_makes_two_rounds_one_long_run():
+    """Two one-epoch fits that carry the optimiser state are exactly one two-epoch fit (full
+    batches, so the data order cannot differ; no batch norm, whose float noise Adam's first
+    steps would amplify); restarting Adam is not."""
+    task = FraudTask(CONTRACT, hidden=[32, 16], batch_norm=False)
+    rows = synthetic_fraud_frame(200, seed=3)
+    inputs = [torch.from_numpy(task.features(rows))]
+    target = torch.from_numpy(task.contract.labels(rows).astype(np.float32))
+    loss = nn.BCEWithLogitsLoss()
+    once = task.seeded_model(0)
+    fit(once, inputs, target, loss, settings(epochs=2, lr=0.01, batch_size=1000))
+    carried, restarted = task.seeded_model(0), task.seeded_model(0)
+    first = fit(carried, inputs, target, loss, settings(epochs=1, lr=0.01, batch_size=1000))
+    fit(restarted, inputs, target, loss, settings(epochs=1, lr=0.01, batch_size=1000))
+    fit(carried, inputs, target, loss, replace(settings(epochs=1, lr=0.01, batch_size=1000),
+                                               optimizer_state=first.optimizer_state))
+    fit(restarted, inputs, target, loss, settings(epochs=1, lr=0.01, batch_size=1000))
+    for (name, a), b, c in zip(once.state_dict().items(), carried.state_dict().values(),
+                               restarted.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(once.parameters(), restarted.parameters()))
+
+
+def test_a_kept_state_for_other_shapes_is_not_loaded():
+    other = nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(other.parameters())
+    assert not restore_optimizer(optimizer, {"state": {}, "shapes": [[7, 7]]})
+    assert optimizer.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.1), (5, 0.05), (10, 0.0), (2, 0.1 * 0.5 * (1 + math.cos(math.pi / 5)))])
+def test_cosine_schedule_follows_the_formula(step, expected):
+    assert learning_rate_at(step, 10, 0.1, "cosine") == pytest.approx(expected, abs=1e-12)
+    assert learning_rate_at(step, 10, 0.1, "constant") == 0.1
+
+
+def test_fit_applies_the_schedule_and_trains_only_unfrozen_parameters():
+    rows = synthetic_fraud_frame(300, seed=4)
+    inputs = [torch.from_numpy(TASK.features(rows))]
+    target = torch.from_numpy(TASK.contract.labels(rows).astype(np.float32))
+    model = TASK.seeded_model(0)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
+    *body, head = [m for m in model if any(True for _ in m.parameters(recurse=False))]
+    for module in body:
+        module.requires_grad_(False)
+    report = fit(model, inputs, target, nn.BCEWithLogitsLoss(), replace(settings(epochs=2, lr=0.01, batch_size=64),
+                                                                         lr_schedule="cosine"))
+    head_names = {f"{i}.{n}" for i, m in enumerate(model) if m is head for n, _ in m.named_parameters()}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, frozen[name]) != (name in head_names), name
+    assert len(report.optimizer_state["shapes"]) == 2  # the head's weight and bias only
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        learning_rate_at(0, 10, 0.1, "linear")
