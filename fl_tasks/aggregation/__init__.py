@@ -3,14 +3,18 @@
 Every strategy has `name`, `stateful` and `aggregate(base, updates) -> state dict`, where
 `base` is the round's starting model and `updates` an iterable of (client model, num_examples)
 with full client weights (not deltas). After `aggregate`, `outcome` (an `Outcome`) says what
-the rule did with each update, for logs and MLflow. Stateful ones (the server optimisers) also have
-`get_state()` / `set_state(state)`; the caller keeps that state between rounds.
+the rule did with each update, for logs and MLflow. Stateful ones (the server optimisers,
+centered_clipping) also have `get_state()` / `set_state(state)`; the caller keeps that state
+between rounds.
 
     fedavg                                  weighted mean, streamed                 fedavg.py
     fedavgm, fedadam, fedyogi, fedadagrad   server optimisers: weighted, stateful   fedopt.py
     median, trimmed_mean                    coordinate-wise, unweighted             coordinate.py
     krum, multi_krum                        distance-based selection, unweighted    krum.py
     bulyan                                  iterated Krum + trimmed coordinates     bulyan.py
+    weighted_median, weighted_trimmed_mean  coordinate-wise, example-weighted       coordinate.py
+    weighted_multi_krum                     Krum selection, weighted average        krum.py
+    centered_clipping                       weighted, stateful, clip around center  centered.py
 
 The maths lives in plain functions: `mean`, `server_opt`, `robust`, `clip`. This module and
 `names` import no numpy until a strategy is built, so DAG files can read the names cheaply.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from fl_tasks.aggregation import Outcome
+from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.flat import StateDict, Stacked, assemble, stack_updates
 
 
@@ -37,4 +37,36 @@ class RobustStrategy:
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
         stacked: Stacked = stack_updates(base, updates, self.check_count)
+        return assemble(stacked, self.combine(stacked.matrix))
+
+
+class WeightedRobustStrategy(RobustStrategy):
+    """A RobustStrategy that keeps each update's weight (num_examples x staleness, as capped
+    by the caller) in `self.weights`, normalised to sum 1, for `combine` to use.
+
+    The weights are checked (finite, >= 0, not all 0) together with the count, before any
+    maths. Integer / bool tensors stay the rounded UNWEIGHTED coordinate median over all n
+    updates, as in the other robust rules.
+    """
+
+    weights: np.ndarray | None = None
+
+    def stack(self, base: Mapping[str, np.ndarray],
+              updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Stacked:
+        weights: list[float] = []
+
+        def tapped() -> Iterator[tuple[Mapping[str, np.ndarray], float]]:
+            for state, weight in updates:
+                weights.append(weight)
+                yield state, weight
+
+        def check(n: int) -> None:
+            self.check_count(n)
+            self.weights = robust.normalised_weights(weights, n)
+
+        return stack_updates(base, tapped(), check)
+
+    def aggregate(self, base: Mapping[str, np.ndarray],
+                  updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> StateDict:
+        stacked = self.stack(base, updates)
         return assemble(stacked, self.combine(stacked.matrix))

@@ -1,11 +1,12 @@
-"""Coordinate-wise robust strategies: median and trimmed mean (Yin et al. 2018)."""
+"""Coordinate-wise robust strategies: median and trimmed mean (Yin et al. 2018), unweighted,
+and their example-weighted variants."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fl_tasks.aggregation import Outcome, robust
-from fl_tasks.aggregation.base import RobustStrategy
+from fl_tasks.aggregation.base import RobustStrategy, WeightedRobustStrategy
 from fl_tasks.aggregation.checks import fraction_param
 
 
@@ -49,3 +50,42 @@ class TrimmedMean(RobustStrategy):
                                f"{k} highest of {n} values dropped, the rest averaged unweighted: no update has "
                                "a weight", None)
         return robust.trimmed_mean(matrix, self.beta)
+
+
+class WeightedMedian(WeightedRobustStrategy):
+    """Coordinate-wise WEIGHTED median: per coordinate, the smallest value whose cumulative
+    weight (values sorted) reaches half the total; at exactly half, the mean of that value and
+    the next. Equal weights give `median` exactly. Weights: the updates' example weights.
+
+    A silo holding more than half the total weight decides every coordinate alone: cap the
+    shares (aggregation.max_weight_share, default 0.5) to keep the rule robust. Integer
+    tensors: rounded unweighted coordinate median.
+    """
+
+    name = "weighted_median"
+
+    def combine(self, matrix: np.ndarray) -> np.ndarray:
+        self.outcome = Outcome(f"coordinate-wise example-weighted median of {matrix.shape[0]} updates: every "
+                               "coordinate picks its own values, no update has one weight", None)
+        return robust.weighted_median(matrix, self.weights)
+
+
+class WeightedTrimmedMean(WeightedRobustStrategy):
+    """Coordinate-wise WEIGHTED trimmed mean (0 <= beta < 0.5): per coordinate, sort the values,
+    remove weight beta * W from each end (the boundary value fractionally) and take the
+    weighted mean of the remaining (1 - 2 beta) * W. With equal weights and integer beta * n it
+    is `trimmed_mean`; beta = 0 is the weighted mean. Any n >= 1 works.
+
+    Integer tensors: rounded unweighted coordinate median.
+    """
+
+    name = "weighted_trimmed_mean"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        self.beta = fraction_param(self.name, "beta", beta, 0.5)
+
+    def combine(self, matrix: np.ndarray) -> np.ndarray:
+        self.outcome = Outcome(f"coordinate-wise example-weighted trimmed mean (beta={self.beta}): per coordinate "
+                               f"weight {self.beta:g} of the total cut from each end of {matrix.shape[0]} values, "
+                               "the rest averaged by weight: no update has one weight", None)
+        return robust.weighted_trimmed_mean(matrix, self.weights, self.beta)

@@ -1,4 +1,4 @@
-"""Krum and Multi-Krum (Blanchard et al. 2017)."""
+"""Krum and Multi-Krum (Blanchard et al. 2017), and Multi-Krum with an example-weighted average."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.base import RobustStrategy
 from fl_tasks.aggregation.checks import integer_param
+from fl_tasks.aggregation.base import WeightedRobustStrategy
 
 
 def require_krum_count(name: str, f: int, n: int) -> None:
@@ -86,3 +87,31 @@ class MultiKrum(RobustStrategy):
         self.outcome = selection_outcome(f"multi_krum (f={self.f}, m={m}): unweighted mean of the {m} updates "
                                          "with the lowest scores", distances, self.f, chosen)
         return robust.row_mean(matrix, np.sort(chosen))
+
+
+class WeightedMultiKrum(WeightedRobustStrategy, MultiKrum):
+    """Multi-Krum's selection (the m lowest UNWEIGHTED Krum scores; default m = n - f, needs
+    n >= 2f + 3), then the EXAMPLE-WEIGHTED average of the m selected models, as Flower's Krum
+    strategy averages its best results by num_examples. Influence: the selected updates'
+    normalised weights, 0 for the others.
+
+    Integer tensors: rounded unweighted coordinate median over all n updates.
+    """
+
+    name = "weighted_multi_krum"
+
+    def combine(self, matrix: np.ndarray) -> np.ndarray:
+        n = matrix.shape[0]
+        distances = robust.pairwise_squared_distances(matrix)
+        m = self.selected_count(n)
+        chosen = np.sort(robust.krum_select(distances, self.f, m))
+        picked = self.weights[chosen]
+        if not picked.sum() > 0:
+            raise ValueError(f"{self.name}: the {m} selected updates {chosen.tolist()} all have weight 0")
+        shares = np.zeros(n)
+        shares[chosen] = picked / picked.sum()
+        self.outcome = Outcome(f"weighted_multi_krum (f={self.f}, m={m}): example-weighted mean of the {m} updates "
+                               "with the lowest scores", tuple(float(s) for s in shares),
+                               tuple(int(i) for i in chosen),
+                               tuple(float(s) for s in robust.krum_scores(distances, self.f)))
+        return robust.weighted_row_mean(matrix, chosen, picked)

@@ -4,6 +4,7 @@ their trigger form and configs can be validated without the maths."""
 STRATEGY_NAMES: tuple[str, ...] = (
     "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
     "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+    "weighted_median", "weighted_trimmed_mean", "weighted_multi_krum", "centered_clipping",
 )
 
 # Keyword parameters each strategy's `build(name, **params)` accepts (all optional).
@@ -18,4 +19,8 @@ STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
     "krum": ("f",),
     "multi_krum": ("f", "m"),
     "bulyan": ("f",),
+    "weighted_median": (),
+    "weighted_trimmed_mean": ("beta",),
+    "weighted_multi_krum": ("f", "m"),
+    "centered_clipping": ("tau", "tau_ratio", "iterations"),  # tau 0: adaptive, tau_ratio x median distance
 }

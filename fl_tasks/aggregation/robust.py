@@ -1,17 +1,23 @@
 """Byzantine-robust aggregation rules as plain functions of an (n, d) matrix of client models.
 
-Each row is one client's flattened floating tensors. Every rule here is UNWEIGHTED: example
-counts are ignored, since a malicious client could inflate its own. Coordinate-wise rules run
-over column blocks, cast to float64, so their temporaries stay O(n * block) instead of a
-second copy of the matrix. Results are float64 vectors of length d.
+Each row is one client's flattened floating tensors. The published rules (median, trimmed
+mean, Krum, Multi-Krum, Bulyan) are UNWEIGHTED: example counts are ignored, since a malicious
+client could inflate its own. The example-weighted variants at the end (weighted median,
+weighted trimmed mean, weighted row mean, centered clipping) take one weight w_i >= 0 per row,
+normalised to sum 1; they keep a big silo's data from being thrown away on unequal splits,
+and lean on the caller to bound each weight (the coordinator caps shares first). Coordinate-wise
+rules run over column blocks, cast to float64, so their temporaries stay O(n * block) instead
+of a second copy of the matrix. Results are float64 vectors of length d.
 
 References: Yin et al. 2018 (median, trimmed mean); Blanchard et al. 2017 (Krum, Multi-Krum);
-El Mhamdi et al. 2018 (Bulyan).
+El Mhamdi et al. 2018 (Bulyan); Karimireddy, He & Jaggi 2021, "Learning from History for
+Byzantine Robust Optimization" (centered clipping).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -148,3 +154,159 @@ def bulyan(x: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"bulyan with f={f} needs at least {4 * f + 1} models, got {n}")
     selected = bulyan_select(pairwise_squared_distances(x), f, theta)
     return mean_closest_to_median(x, beta, selected), selected
+
+
+# --- example-weighted rules ------------------------------------------------------------------------
+
+# Cumulative weights within this of a half (of weights normalised to sum 1) count as exactly
+# a half: equal weights then give the two middle values' mean, as np.median does.
+HALF_TOLERANCE = 1e-12
+
+
+def normalised_weights(weights: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+    """The n weights as float64 summing to 1. Raises ValueError unless every weight is finite
+    and >= 0 and their sum is > 0."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != n:
+        raise ValueError(f"{w.shape[0]} weights for {n} updates")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+    total = float(w.sum())
+    if not total > 0:
+        raise ValueError(f"weights must not all be zero, got {w.tolist()}")
+    return w / total
+
+
+def _weighted_by_columns(x: np.ndarray, weights: Sequence[float] | np.ndarray,
+                         rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """rule(block, w) per float64 column block, w normalised to sum 1. Rows of weight 0 are left
+    out: they carry nothing, and the median's tie rule must not land on one of them."""
+    w = normalised_weights(weights, x.shape[0])
+    rows = None if np.all(w > 0) else np.flatnonzero(w > 0)
+    if rows is not None:
+        w = w[rows] / w[rows].sum()
+    return _by_columns(x, lambda block: rule(block, w), rows)
+
+
+def _sorted_with_weights(block: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column sorted, and the weights of its values in that order (both (n, b))."""
+    order = np.argsort(block, axis=0, kind="stable")
+    return np.take_along_axis(block, order, axis=0), w[order]
+
+
+def weighted_median(x: np.ndarray, weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per column, the weighted median: with the values sorted, the smallest x_(j) whose
+    cumulative weight reaches half the total; where that cumulative weight IS half (within
+    HALF_TOLERANCE of the normalised total), the mean of x_(j) and x_(j+1). Equal weights give
+    np.median exactly. Rows of weight 0 are left out."""
+    def rule(block: np.ndarray, w: np.ndarray) -> np.ndarray:
+        n = block.shape[0]
+        values, sorted_w = _sorted_with_weights(block, w)
+        cumulative = np.cumsum(sorted_w, axis=0)
+        cols = np.arange(block.shape[1])
+        j = np.argmax(cumulative >= 0.5 - HALF_TOLERANCE, axis=0)  # the first row that reaches half
+        at_j = values[j, cols]
+        tie = (np.abs(cumulative[j, cols] - 0.5) <= HALF_TOLERANCE) & (j < n - 1)
+        after = values[np.minimum(j + 1, n - 1), cols]
+        return np.where(tie, (at_j + after) / 2, at_j)
+
+    return _weighted_by_columns(x, weights, rule)
+
+
+def weighted_trimmed_mean(x: np.ndarray, weights: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
+    """Per column: sort the values, remove weight beta (of a total 1) from each end, the
+    boundary value removed fractionally, and return the weighted mean of the remaining weight
+    1 - 2*beta. Value i (in sorted order) covers [C_{i-1}, C_i) of the cumulative weight and
+    keeps the part of it inside [beta, 1 - beta]. Equal weights with integer beta*n give the
+    unweighted trimmed_mean (up to float rounding); beta = 0 is the weighted mean."""
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"weighted trimmed mean needs 0 <= beta < 0.5, got {beta}")
+
+    def rule(block: np.ndarray, w: np.ndarray) -> np.ndarray:
+        values, sorted_w = _sorted_with_weights(block, w)
+        upper = np.cumsum(sorted_w, axis=0)
+        lower = np.empty_like(upper)
+        lower[0] = 0.0
+        lower[1:] = upper[:-1]
+        kept = np.minimum(upper, 1.0 - beta)
+        kept -= np.maximum(lower, beta)
+        np.maximum(kept, 0.0, out=kept)
+        # Divided by the kept weight as summed (1 - 2*beta up to rounding): a convex combination.
+        return (kept * values).sum(axis=0) / kept.sum(axis=0)
+
+    return _weighted_by_columns(x, weights, rule)
+
+
+def weighted_row_mean(x: np.ndarray, rows: Sequence[int] | np.ndarray,
+                      weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """sum_i w_i x_i / sum_i w_i over the given rows, `weights` being those rows' weights."""
+    rows = np.asarray(rows, dtype=np.intp)
+    w = normalised_weights(weights, len(rows))
+    return _by_columns(x, lambda block: w @ block, rows)
+
+
+def row_distances(x: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """||x_i - center|| for every row, accumulated over float64 column blocks."""
+    n, d = x.shape
+    total = np.zeros(n, dtype=np.float64)
+    step = max(1, BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, d, step):
+        block = x[:, start:start + step].astype(np.float64)
+        block -= center[start:start + step]
+        total += np.einsum("ij,ij->i", block, block)
+    return np.sqrt(total)
+
+
+@dataclass(frozen=True)
+class CenteredClip:
+    """What centered_clipping did: the result, and how each row entered it."""
+
+    vector: np.ndarray  # v_L, float64 (d,)
+    influence: np.ndarray  # e_i with v_L = (1 - sum e) v_0 + sum_i e_i x_i: each row's share
+    history_share: float  # 1 - sum e: the starting center's share of v_L
+    clipped: np.ndarray  # (L, n) bool: row i was clipped (||x_i - v_l|| > tau) in iteration l
+
+
+def centered_clipping(x: np.ndarray, weights: Sequence[float] | np.ndarray, center: np.ndarray,
+                      tau: float, iterations: int) -> CenteredClip:
+    """Centered clipping (Karimireddy, He & Jaggi 2021) from v_0 = center, L = iterations:
+
+        v_{l+1} = v_l + sum_i w_i (x_i - v_l) min(1, tau / ||x_i - v_l||),   w normalised to sum 1.
+
+    A row at the center (distance 0) enters unclipped; tau = 0 keeps v_0. The rule commutes
+    with translation (x_i + b and v_0 + b give v_L + b), so the rows may be client models and
+    the center base + previous delta, without an (n, d) matrix of deltas. Each iteration is
+    two passes over x in float64 column blocks (distances, then the step)."""
+    n, d = x.shape
+    w = normalised_weights(weights, n)
+    if not (np.isfinite(tau) and tau >= 0):
+        raise ValueError(f"centered clipping needs a finite radius tau >= 0, got {tau}")
+    if iterations < 1:
+        raise ValueError(f"centered clipping needs iterations >= 1, got {iterations}")
+    v = np.array(center, dtype=np.float64).reshape(-1)
+    if v.shape[0] != d:
+        raise ValueError(f"center has {v.shape[0]} elements, the rows {d}")
+    influence = np.zeros(n, dtype=np.float64)
+    history = 1.0
+    clipped = np.zeros((iterations, n), dtype=bool)
+    step = max(1, BLOCK_ELEMENTS // max(n, 1))
+    for it in range(iterations):
+        dist = row_distances(x, v)
+        clipped[it] = dist > tau
+        scale = np.ones(n, dtype=np.float64)
+        np.divide(tau, dist, out=scale, where=clipped[it])
+        c = w * scale  # v_{l+1} = (1 - sum c) v_l + sum_i c_i x_i
+        influence = (1.0 - c.sum()) * influence + c
+        history *= 1.0 - c.sum()
+        for start in range(0, d, step):
+            block = x[:, start:start + step].astype(np.float64)
+            block -= v[start:start + step]
+            v[start:start + step] += c @ block
+    return CenteredClip(v, influence, history, clipped)
+
+
+def centered_clip(x: np.ndarray, weights: Sequence[float] | np.ndarray, center: np.ndarray,
+                  tau: float, iterations: int) -> np.ndarray:
+    """The vector v_L of `centered_clipping` (rows: deltas with the center a previous delta,
+    or models with the center base + previous delta)."""
+    return centered_clipping(x, weights, center, tau, iterations).vector

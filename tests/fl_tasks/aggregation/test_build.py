@@ -15,7 +15,8 @@ from fl_tasks.aggregation.strategies import REGISTRY
 
 def test_names_in_order():
     assert STRATEGY_NAMES == ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-                              "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+                              "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+                              "weighted_median", "weighted_trimmed_mean", "weighted_multi_krum", "centered_clipping")
     assert tuple(STRATEGY_PARAMS) == STRATEGY_NAMES
     assert tuple(REGISTRY) == STRATEGY_NAMES
 
@@ -48,7 +49,7 @@ def test_unknown_parameters_name_the_allowed_ones():
         build("fedadam", momentum=0.9)
 
 
-DEFAULT_OK = {"krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1}}
+DEFAULT_OK = {"krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1}, "weighted_multi_krum": {"f": 1}}
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
@@ -76,12 +77,18 @@ def test_default_parameters():
     assert build("trimmed_mean").beta == 0.1
     assert build("krum").f == 1 and build("bulyan").f == 1
     assert build("multi_krum").f == 1 and build("multi_krum").m is None
+    assert build("weighted_trimmed_mean").beta == 0.1
+    assert build("weighted_multi_krum").f == 1 and build("weighted_multi_krum").m is None
+    clipping = build("centered_clipping")
+    assert (clipping.tau, clipping.tau_ratio, clipping.iterations) == (0.0, 1.0, 3) and clipping.stateful
 
 
 @pytest.mark.parametrize("name,params,expected", [
     ("fedavg", {}, 1), ("fedadam", {}, 1), ("median", {}, 1), ("trimmed_mean", {"beta": 0.4}, 1),
     ("krum", {"f": 0}, 3), ("krum", {"f": 2}, 7), ("multi_krum", {"f": 1}, 5), ("multi_krum", {"f": 1, "m": 6}, 7),
     ("bulyan", {"f": 0}, 3), ("bulyan", {"f": 2}, 11),
+    ("weighted_median", {}, 1), ("weighted_trimmed_mean", {"beta": 0.4}, 1), ("weighted_multi_krum", {"f": 1}, 5),
+    ("weighted_multi_krum", {"f": 1, "m": 6}, 7), ("centered_clipping", {}, 1),
 ])
 def test_min_updates_is_exactly_the_threshold(name, params, expected):
     strategy = build(name, **params)

@@ -1,0 +1,122 @@
+"""Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from History for Byzantine Robust
+Optimization", ICML): a stateful, example-weighted robust rule (maths in `robust.centered_clipping`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from fl_tasks.aggregation import Outcome, robust
+from fl_tasks.aggregation.checks import fraction_param, integer_param, positive_param
+from fl_tasks.aggregation.base import WeightedRobustStrategy
+from fl_tasks.aggregation.flat import Layout, StateDict, assemble
+
+
+def _center_dtype(value: np.ndarray) -> np.dtype:
+    return np.promote_types(np.asarray(value).dtype, np.float32)
+
+
+def _indices(flags: np.ndarray) -> str:
+    return "[" + ", ".join(str(int(i)) for i in np.flatnonzero(flags)) + "]"
+
+
+class CenteredClipping(WeightedRobustStrategy):
+    """Centered clipping on the deltas x_i = client_i - base (floating tensors), weights the
+    updates' example weights normalised to sum 1 (w_i):
+
+        v_0 = the previous round's aggregated delta (zeros in the first round, or when the saved
+              center does not match the model's floating tensors and shapes)
+        v_{l+1} = v_l + sum_i w_i (x_i - v_l) min(1, tau / ||x_i - v_l||),   l = 0 .. iterations-1
+        result = base + v_L;  v_L is the new state.
+
+    Radius: `tau` > 0 fixes it; `tau` = 0 (default) makes it adaptive, tau_ratio x the
+    (unweighted) median over the updates of ||x_i - v_0||, so about half the updates are
+    clipped in the first iteration with tau_ratio 1. An update further than tau from the center
+    moves it by at most w_i * tau per iteration, whatever its size. Default 3 iterations, as in
+    the paper's experiments.
+
+    State: 'v/<tensor>' for each floating tensor (the center, in the tensor's dtype, at least
+    float32), kept by the caller between rounds like the server optimisers' moments; {} starts
+    from zeros. Outcome: `influence` is each update's effective coefficient e_i in
+    v_L = (1 - sum e) v_0 + sum_i e_i x_i (its share of the result; the previous center keeps
+    the rest, named in `rule`); `rule` also gives the radius and which updates were clipped.
+    After `aggregate`, `radius` is tau as used and `clipped` says, per update, whether it was
+    clipped in any iteration. Integer tensors: rounded unweighted coordinate median.
+    """
+
+    name = "centered_clipping"
+    stateful = True
+
+    def __init__(self, tau: float = 0.0, tau_ratio: float = 1.0, iterations: int = 3) -> None:
+        self.tau = fraction_param(self.name, "tau", tau, math.inf)
+        self.tau_ratio = positive_param(self.name, "tau_ratio", tau_ratio)
+        self.iterations = integer_param(self.name, "iterations", iterations, 1)
+        self._state: dict[str, np.ndarray] = {}
+        self.radius: float | None = None
+        self.clipped: tuple[bool, ...] | None = None
+
+    # --- state ------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The center after the last aggregate (or as set), 'v/<tensor>' -> array; {} when fresh."""
+        return dict(self._state)
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continue from a saved center; {} means start from zeros. A center that does not fit
+        the next base model (names, shapes) is dropped there for zeros, and `rule` says so."""
+        bad = sorted(key for key in state if not key.startswith("v/"))
+        if bad:
+            raise ValueError(f"{self.name} state has unknown entries {bad}; expected 'v/<tensor>'")
+        self._state = {key: np.array(value, copy=True) for key, value in state.items()}
+
+    def _previous(self, layout: Layout) -> tuple[np.ndarray, str]:
+        """v_0 as a float64 vector in the layout's order, and where it came from."""
+        center = np.zeros(layout.size, dtype=np.float64)
+        if not self._state:
+            return center, "from zero (no previous center)"
+        expected = {f"v/{name}": layout.shapes[name] for name in layout.names}
+        fits = set(self._state) == set(expected) and all(
+            np.shape(self._state[key]) == shape for key, shape in expected.items())
+        if not fits:
+            return center, "from zero (the saved center did not match the model)"
+        for name in layout.names:
+            center[layout.slices[name]] = np.asarray(self._state[f"v/{name}"], dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(center)):
+            return np.zeros(layout.size, dtype=np.float64), "from zero (the saved center was not finite)"
+        return center, "from the previous round's delta"
+
+    # --- aggregation ----------------------------------------------------------------------------
+    def aggregate(self, base: Mapping[str, np.ndarray],
+                  updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> StateDict:
+        stacked = self.stack(base, updates)
+        layout, matrix = stacked.layout, stacked.matrix
+        base_vector = np.empty(layout.size, dtype=np.float64)
+        layout.flatten(base, out=base_vector)
+        previous, origin = self._previous(layout)
+        # The rule commutes with translation: clip the client models around base + v_0 instead
+        # of building an (n, d) matrix of deltas.
+        center = base_vector + previous
+        del previous
+        if self.tau > 0:
+            tau, how = self.tau, "fixed"
+        else:
+            tau = self.tau_ratio * float(np.median(robust.row_distances(matrix, center)))
+            how = f"adaptive: {self.tau_ratio:g} x the median distance to the center"
+        result = robust.centered_clipping(matrix, self.weights, center, tau, self.iterations)
+        delta = result.vector - base_vector
+        new_state = {f"v/{name}": delta[layout.slices[name]].reshape(layout.shapes[name])
+                     .astype(_center_dtype(base[name])) for name in layout.names}
+        del delta
+        out = assemble(stacked, result.vector)
+        n = matrix.shape[0]
+        anywhere = result.clipped.any(axis=0)
+        self.radius, self.clipped = float(tau), tuple(bool(c) for c in anywhere)
+        self.outcome = Outcome(
+            f"centered clipping (tau={self.tau:g}, tau_ratio={self.tau_ratio:g}, iterations={self.iterations}) of "
+            f"{n} updates, example-weighted, {origin}: radius {tau:.6g} ({how}); clipped in the first iteration "
+            f"{_indices(result.clipped[0])}, in any {_indices(anywhere)}; the previous center keeps share "
+            f"{result.history_share:.3g}", tuple(float(e) for e in result.influence))
+        self._state = new_state  # only once everything succeeded
+        return out
