@@ -32,9 +32,11 @@ sys.path.insert(0, str(REPO))
 STRATEGIES = {  # name -> params beyond the strategy's defaults, for at most one attacker
     "fedavg": {}, "fedavgm": {}, "fedadam": {}, "fedyogi": {}, "fedadagrad": {},
     "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1},
-    # FedAvg behind the coordinator's default screening and weight cap (banks.yaml's settings):
-    # what a round does when nobody configured a defence.
-    "fedavg+defaults": {},
+    "weighted_median": {}, "weighted_trimmed_mean": {"beta": 0.2}, "weighted_multi_krum": {"f": 1},
+    "centered_clipping": {},
+    # Behind the coordinator's default screening and weight cap (banks.yaml's settings): FedAvg,
+    # and the default strategy, what a round does when nobody configured a defence.
+    "fedavg+defaults": {}, "weighted_median+defaults": {},
 }
 
 

@@ -553,7 +553,7 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     _require(not dupes, source, "clients", f"duplicate client ids {dupes}", "give every client a unique id")
 
     aggregation, aggregation_params, clip_norm, max_weight_share, min_updates = _parse_aggregation(
-        raw.get("aggregation", "fedavg"), source)
+        raw.get("aggregation", default("aggregation.strategy")), source)
     _require(min_updates <= len(clients), source, "aggregation.params",
              f"{aggregation} with {aggregation_params} needs at least {min_updates} client updates, "
              f"but the federation has {len(clients)} clients", "lower f (or m), or add clients")
@@ -562,8 +562,8 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
              "expected a cron expression or preset", "e.g. '@daily' or '0 3 * * *', or leave it out")
 
     dates = {}
-    for key, default in (("start_date", "2013-09-01"), ("end_date", None)):
-        value = raw.get(key, default)
+    for key, fallback in (("start_date", "2013-09-01"), ("end_date", None)):
+        value = raw.get(key, fallback)
         if isinstance(value, (datetime, date)):
             value = value.isoformat()
         if value is not None:
@@ -623,7 +623,7 @@ def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, 
     _require(isinstance(raw, dict) and set(raw) <= {"strategy", "params", "clip_norm", "max_weight_share"}, source,
              "aggregation", "expected a strategy name or a mapping with strategy, params, clip_norm, max_weight_share",
              "e.g. 'aggregation: {strategy: krum, params: {f: 1}}'")
-    name, params, clip = raw.get("strategy", "fedavg"), raw.get("params") or {}, raw.get("clip_norm")
+    name, params, clip = raw.get("strategy", default("aggregation.strategy")), raw.get("params") or {}, raw.get("clip_norm")
     share = raw.get("max_weight_share", 0.5)
     _require(share is None or (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1),
              source, "aggregation.max_weight_share", f"{share!r} is not a share in (0, 1]",
@@ -924,7 +924,7 @@ def _validate_privacy(spec: FederationSpec, p: PrivacySpec, source: str) -> None
              "use accountant: rdp, or sampling: poisson")
     _require(spec.aggregation in PRIVATE_STRATEGIES, source, "aggregation.strategy",
              f"{spec.aggregation} does not average the updates, so the privacy section cannot bound a silo's share",
-             f"use one of {', '.join(PRIVATE_STRATEGIES)} with privacy")
+             f"set aggregation: fedavg (or one of {', '.join(PRIVATE_STRATEGIES[1:])}) with privacy")
     expected = p.expected_silos(n)
     _require(expected >= spec.quorum.min_clients, source, "privacy.sample_rate" if p.sampling == "poisson"
              else "privacy.sample_size", f"samples {expected:g} silos a round on average, fewer than "

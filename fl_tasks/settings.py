@@ -83,7 +83,9 @@ class RoundSetting:
 
 
 ROUND_SETTINGS: tuple[RoundSetting, ...] = (
-    RoundSetting("aggregator", "aggregation.strategy", "string", "fedavg", "Aggregation strategy for this round",
+    # The default defence (benchmarks/quality.py): nearly free on unequal silos, robust to one attacker of five.
+    RoundSetting("aggregator", "aggregation.strategy", "string", "weighted_median",
+                 "Aggregation strategy for this round",
                  enum=STRATEGY_NAMES),
     RoundSetting("aggregator_params", "aggregation.params", "object", None,
                  "Strategy parameters, e.g. {\"f\": 1} for krum; empty: the federation file's (for its own strategy)",

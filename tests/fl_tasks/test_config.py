@@ -140,7 +140,7 @@ def test_defaults_and_derived_names():
     assert spec.dag_id == "fl_round__banks_eu"
     assert spec.model_name == "banks-eu-global"
     assert spec.experiment_name == "fl/banks-eu"
-    assert spec.aggregation == "fedavg"
+    assert spec.aggregation == "weighted_median"  # the default defence (benchmarks/quality.py)
     assert spec.training.codec == "fp32" and spec.training.window == "interval"
     assert spec.task == TaskSpec()  # the built-in fraud task, no params, seed 0, no warm start
     assert spec.simulation == SimulationSpec(source="synthetic", rows=20000, seed=0)

@@ -41,7 +41,7 @@ def test_every_default_is_allowed_by_its_own_bounds():
 def test_default_looks_up_by_path():
     assert default("quorum.min_clients") == 1
     assert default("training.learning_rate") == 0.001
-    assert default("aggregation.strategy") == "fedavg"
+    assert default("aggregation.strategy") == "weighted_median"
     assert default("quorum.min_fraction") is None
     with pytest.raises(KeyError):
         default("quorum.min_client")
@@ -111,7 +111,7 @@ def test_resolve_takes_the_run_param_else_the_files_value():
     assert set(values) == {s.name for s in ROUND_SETTINGS}
     assert values["learning_rate"] == 0.01  # the run's param
     assert values["min_clients"] == 2  # null in the form: the file's value
-    assert values["aggregator"] == "fedavg" and values["gate_thresholds"] == {}
+    assert values["aggregator"] == "weighted_median" and values["gate_thresholds"] == {}
 
 
 def test_resolve_ignores_params_that_are_not_settings():
