@@ -270,9 +270,12 @@ class PersonalizationSpec:
 
     strategy: str = "finetune"  # finetune | fedbn | ditto
     layers: str = "all"  # finetune: all | head
-    epochs: int = 1  # finetune: epochs on the silo's training rows per evaluation; ditto: per round
+    # finetune: epochs on the silo's training rows per evaluation; ditto: per round. Defaults from
+    # benchmarks/quality.py (one epoch barely moves a small bank's model).
+    epochs: int = 5
     learning_rate: float | None = None  # None: training.learning_rate
-    ditto_lambda: float = 0.1  # ditto: strength of the pull towards the global model
+    batch_size: int = 64  # the personal model's batches: small silos need steps
+    ditto_lambda: float = 1.0  # ditto: strength of the pull towards the global model
     local_only: bool = True  # each silo also trains a model on its rows alone, the baseline to beat
     share_weights: bool = False
 
@@ -888,6 +891,7 @@ def _validate_personalization(spec: FederationSpec, p: PersonalizationSpec, sour
     _require(1 <= p.epochs <= 100, source, "personalization.epochs", "must be in 1..100", "e.g. 1")
     _require(p.learning_rate is None or 0 < p.learning_rate < 1, source, "personalization.learning_rate",
              "must be in (0, 1)", "e.g. 0.001, or leave it out for training.learning_rate")
+    _require(p.batch_size >= 1, source, "personalization.batch_size", "must be at least 1", "e.g. 64")
     _require(p.ditto_lambda >= 0, source, "personalization.ditto_lambda", "must not be negative", "e.g. 0.1")
     _require(spec.evaluation.federated is not None, source, "personalization",
              "personal models are scored in the federated evaluation, which is off",

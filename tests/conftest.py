@@ -97,6 +97,8 @@ def federation_doc(num_clients: int = 3, **overrides) -> dict:
         "coordinator": {"bucket": f"coord-{n}"},
         "clients": [{"id": f"silo-{i}", "bucket": f"s3://silo-{n}-{i}"} for i in range(num_clients)],
         "quorum": {"min_clients": 2, "round_timeout_minutes": 2, "poll_interval_seconds": 0.5},
+        # The rounds' tests check FedAvg's formula; the default rule (weighted_median) has its own.
+        "aggregation": "fedavg",
         "task": {"entrypoint": "fl_tasks.tasks.fraud:FraudTask", "params": {"hidden": [16, 8]}, "seed": 3},
         "training": {"local_epochs": 2, "learning_rate": 0.01, "batch_size": 128},
         "gates": {"thresholds": {"roc_auc": 0.6}, "max_regression": 0.05},

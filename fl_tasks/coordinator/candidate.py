@@ -15,7 +15,7 @@ from fl_tasks.coordinator.bucket import CoordinatorBucket
 from fl_tasks.coordinator.intake import Intake
 from fl_tasks.coordinator.plan import RoundPlan, required_clients
 from fl_tasks.protocol import ManifestError, UpdateManifest, sha256_hex
-from fl_tasks.protocol.codec import Codec, CodecError, decode_state, decode_update, encode_state
+from fl_tasks.protocol.codec import Codec, CodecError, Packing, decode_state, decode_update, encode_state
 
 StateDict = dict[str, np.ndarray]
 HISTORY_ROUNDS = 5  # a client's recent accepted example counts that its next count is held against
@@ -111,14 +111,48 @@ class CandidateBuilder:
             raise ValueError(f"the snapshot of {manifest.client_id}'s update is gone from the coordinator's bucket")
         return self.decode(manifest, payload, base)
 
+    def local_tensors(self) -> frozenset[str]:
+        """The tensors the silos keep and never send (fedbn: the batch-norm tensors); empty otherwise."""
+        return frozenset((self.plan.personalization or {}).get("local_tensors") or ())
+
     def decode(self, manifest: UpdateManifest, payload: bytes, base: StateDict) -> StateDict:
         """The update's full weights (a compressed codec sends the change from `base`, and the
         task's bounded tensors as they are), when it uses the round's codec: decoding another
-        one against this base would misread it."""
+        one against this base would misread it.
+
+        Under fedbn the silos send every tensor but the local ones (and encode against the base
+        without them): the update must leave exactly those out, and they are filled from the
+        base, so that screening and aggregation see no change there and the candidate keeps
+        the base's values."""
         codec, expected = Codec.parse(manifest.codec), self.plan.training["codec"]
         if codec != Codec.parse(expected):
             raise CodecError(f"codec {manifest.codec!r} is not the round's codec {expected!r}")
-        return decode_update(payload, codec, base, exact=self.task.tensor_ranges)
+        exact = self.task.tensor_ranges
+        local = self.local_tensors()
+        if not local:
+            return decode_update(payload, codec, base, exact=exact)
+        leaked = sorted(local & payload_tensor_names(payload))
+        if leaked:
+            raise ValueError(leak_reason(leaked))
+        shared = {name: value for name, value in base.items() if name not in local}
+        if codec.sends_change:
+            # The floating local tensors would travel inside the change vector, not by name.
+            vector = _header(payload).get("q" if codec.name == "int8" else "delta", {}).get("shape")
+            extra = vector[0] - Packing(shared, exact).size if isinstance(vector, list) and len(vector) == 1 \
+                and isinstance(vector[0], int) else 0
+            if extra > 0:
+                raise ValueError(f"carries local tensors that fedbn keeps at the silo: its change holds {extra} "
+                                 "values more than the base without its local tensors")
+        try:
+            state = decode_update(payload, codec, shared, exact=exact)
+        except CodecError as exc:
+            raise CodecError(f"{exc} (fedbn: the update leaves out the {len(local)} local tensors, and a change is "
+                             "encoded against the base without them)") from None
+        filled = {name: np.array(base[name], copy=True) if name in local else state[name]
+                  for name in base if name in local or name in state}
+        # Tensors the base does not have stay in: check_structure names them.
+        filled.update({name: value for name, value in state.items() if name not in filled})
+        return filled
 
     # --- the round --------------------------------------------------------------------------
     def screen(self, committed: dict[str, dict[str, Any]], base: StateDict) -> dict[str, ScreenedUpdate]:
@@ -196,9 +230,12 @@ class CandidateBuilder:
                 yield self.snapshot_state(update.manifest, base), weight
 
         try:
-            candidate = encode_state(strategy.aggregate(base, updates()))
+            aggregated = dict(strategy.aggregate(base, updates()))
         except ValueError as exc:
             raise ValueError(f"{strategy.name}: {exc}") from exc
+        # fedbn: the local tensors are the base's, whatever the rule did (noise, a server optimiser).
+        aggregated.update({name: np.array(base[name], copy=True) for name in self.local_tensors() if name in base})
+        candidate = encode_state(aggregated)
         raw_total = sum(u.weight for u in accepted.values())
         outcome = strategy.outcome
         ids = list(accepted)
@@ -218,6 +255,8 @@ class CandidateBuilder:
                           "payload_sha256": u.manifest.payload_sha256, "metrics": u.manifest.metrics}
                          for i, u in enumerate(accepted.values())],
             "candidate_sha256": sha256_hex(candidate)}
+        if self.local_tensors():  # fedbn: kept at the silos, the base's values in the candidate
+            summary["local_tensors"] = sorted(self.local_tensors())
         if any(a["influence"] is not None and not math.isfinite(a["influence"]) for a in summary["accepted"]):
             raise ValueError(f"{strategy.name}: non-finite aggregation weights")
         return Candidate(summary, candidate, strategy.get_state() if stateful else None)
@@ -236,6 +275,35 @@ class CandidateBuilder:
         stddev = full * math.sqrt(max(0.0, 1.0 - accepted / len(p["sampled"]))) if at_silos else full
         return DPFedAvg(strategy, float(p["clip_norm"]), float(p["denominator"]), stddev, noise_seed,
                         clip=not at_silos, ranges=self.task.tensor_ranges)
+
+
+def _header(payload: bytes) -> dict[str, Any]:
+    """A safetensors payload's header ({name: {dtype, shape, data_offsets}}); {} when it does
+    not parse (decoding then names the problem)."""
+    import json
+
+    if len(payload) < 8:
+        return {}
+    size = int.from_bytes(payload[:8], "little")
+    try:
+        header = json.loads(bytes(payload[8:8 + size])) if 0 < size <= len(payload) - 8 else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    if not isinstance(header, dict):
+        return {}
+    return {name: info for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
+
+
+def payload_tensor_names(payload: bytes) -> set[str]:
+    """The model tensors a safetensors payload names: its tensors (fp32), or the `raw/<name>`
+    ones of a change codec."""
+    return {name.removeprefix("raw/") for name in _header(payload)}
+
+
+def leak_reason(leaked: list[str]) -> str:
+    more = f" (and {len(leaked) - 1} more: {', '.join(leaked[1:6])}{', ...' if len(leaked) > 6 else ''})" \
+        if len(leaked) > 1 else ""
+    return f"carries local tensor '{leaked[0]}' that fedbn keeps at the silo{more}"
 
 
 def aggregate_events(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ In the coordinator's bucket, for round (or evaluation) R:
     <F>/rounds/<R>/evaluation/request.json           the request every silo gets (its sha256 binds the answers)
     <F>/rounds/<R>/evaluation/quorum.json            who answered when the evaluation closed
     <F>/rounds/<R>/evaluation/results/<client>.json  each answer as the close read it
+    <F>/rounds/<R>/evaluation/personal/<client>.safetensors  a silo's shared personal weights (share_weights)
     <F>/rounds/<R>/evaluation/report.json            an evaluation-only run's result
 """
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,8 +38,10 @@ from fl_tasks.aggregation.mean import cap_shares
 from fl_tasks.coordinator import quorum
 from fl_tasks.coordinator.bucket import now
 from fl_tasks.coordinator.intake import STORAGE_ERRORS, Answer, answer_record, storage_reason
-from fl_tasks.coordinator.plan import RoundFailed
+from fl_tasks.config import ConfigError
+from fl_tasks.coordinator.plan import RoundFailed, personalization_settings
 from fl_tasks.protocol import EVALUATIONS, EvaluationManifest, EvaluationRequest, ManifestError, sha256_hex
+from fl_tasks.protocol.personalization import PersonalizationSchemaError, PersonalReport
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class EvaluationPlan:
     require_signatures: bool
     request_sha256: str
     created_at: str
+    # What the request asked of the silos' personal models (PersonalizationSettings as a dict); empty: nothing.
+    personalization: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: bytes) -> "EvaluationPlan":
@@ -113,23 +118,69 @@ def screen_evaluation(manifest: EvaluationManifest, labels: Sequence[str], metri
     `metrics`: the task's Metric objects; `trained_examples`: the examples of this silo's
     accepted update this round (its training share); `max_examples`: the silo's declared size.
     """
-    if sorted(manifest.scores) != sorted(labels):
-        return f"scores models {sorted(manifest.scores)}, the request asked for {sorted(labels)}"
-    names = sorted(m.name for m in metrics)
-    for label, values in manifest.scores.items():
-        if sorted(values) != names:
-            return f"scores.{label} reports metrics {sorted(values)}, the task's are {names}"
-        for metric in metrics:
-            value = values[metric.name]
-            if not (metric.low <= value <= metric.high):
-                return f"scores.{label}.{metric.name} {value!r} is outside the metric's range " \
-                       f"[{metric.low:g}, {metric.high:g}]"
+    reason = screen_scores(manifest.scores, labels, metrics)
+    if reason:
+        return reason
     if trained_examples is not None and trained_examples + manifest.num_examples > manifest.rows_held:
         return (f"num_examples {manifest.num_examples} plus the {trained_examples} examples it trained on this "
                 f"round exceed the {manifest.rows_held} rows it says it holds")
     if max_examples is not None and manifest.rows_held > max_examples:
         return f"rows_held {manifest.rows_held} is over the client's declared max_examples {max_examples}"
     return None
+
+
+def screen_scores(scores: Mapping[str, Mapping[str, float]], labels: Sequence[str], metrics: Sequence,
+                  where: str = "scores", asked: str = "the request asked for") -> str | None:
+    """Why `scores` ({label: {metric: value}}) cannot count: other models than `labels`, other
+    metrics than the task's, or a value outside its metric's range; None when they can."""
+    if sorted(scores) != sorted(labels):
+        return f"{where} models {sorted(scores)}, {asked} {sorted(labels)}"
+    names = sorted(m.name for m in metrics)
+    for label, values in scores.items():
+        if sorted(values) != names:
+            return f"{where}.{label} reports metrics {sorted(values)}, the task's are {names}"
+        for metric in metrics:
+            value = values[metric.name]
+            if not (metric.low <= value <= metric.high):
+                return f"{where}.{label}.{metric.name} {value!r} is outside the metric's range " \
+                       f"[{metric.low:g}, {metric.high:g}]"
+    return None
+
+
+def screen_personal(block: Mapping[str, Any], settings: Mapping[str, Any], metrics: Sequence,
+                    known_sha256: Mapping[str, str]) -> tuple[PersonalReport | None, str | None]:
+    """(the report, None) when a silo's `personal` block can count, else (None, why).
+
+    `settings`: what the request asked (PersonalizationSettings as a dict; empty: nothing);
+    `known_sha256`: sha256 -> the model it names (the request's models, the round's base),
+    the only models a personal one may come from. The block is checked again here: its
+    strategy must be the round's, its scores the task's metrics within their ranges (personal,
+    and local_only exactly when asked for), and its shared weights must match the setting."""
+    if not settings:
+        return (None, "a personal block, but the request asked for no personalization") if block else (None, None)
+    strategy = settings["strategy"]
+    if not block:
+        return None, f"no personal block, though the request asked for personalization ({strategy})"
+    try:
+        report = PersonalReport.from_dict(dict(block))
+    except PersonalizationSchemaError as exc:
+        return None, str(exc)
+    if report.strategy != strategy:
+        return None, f"personal.strategy {report.strategy!r} is not the round's {strategy!r}"
+    labels = ["personal"] + (["local_only"] if settings.get("local_only") else [])
+    reason = screen_scores(report.scores, labels, metrics, "personal.scores", "personalization.local_only asks for")
+    if reason:
+        return None, reason
+    if report.global_sha256 not in known_sha256:
+        return None, (f"personal.global_sha256 {report.global_sha256[:12]}... names no model of this evaluation "
+                      f"(its models and the round's base: {', '.join(sorted(set(known_sha256.values())))})")
+    if settings.get("share_weights") and report.weights_bytes <= 0:
+        return None, ("personal.weights_bytes is 0: no personal weights shared, though "
+                      "personalization.share_weights is on")
+    if not settings.get("share_weights") and report.weights_bytes > 0:
+        return None, (f"personal.weights_bytes is {report.weights_bytes}, but personalization.share_weights is off: "
+                      "the personal weights stay at the silo")
+    return report, None
 
 
 def silo_regressions(results: Mapping[str, Mapping[str, Any]], metric, limit: float) -> dict[str, float]:
@@ -183,6 +234,11 @@ def federated_gates(results: Mapping[str, Mapping[str, Any]], figures: Mapping[s
     return gates
 
 
+def personal_weights_name(client_id: str) -> str:
+    """Where the coordinator keeps a silo's shared personal weights, under its round."""
+    return f"evaluation/personal/{client_id}.safetensors"
+
+
 # --- the steps -----------------------------------------------------------------------------
 
 class FederatedEvaluation:
@@ -217,13 +273,15 @@ class FederatedEvaluation:
         return self._plan(round_id, plan.run_id, "round", [a["client_id"] for a in summary["accepted"]], models,
                           plan.task, plan.contract, plan.data_window, plan.require_signatures, plan.settings,
                           # The share the silos kept out of this round's training.
-                          float(plan.training["holdout_fraction"]))
+                          float(plan.training["holdout_fraction"]), plan.personalization)
 
     def _plan(self, round_id: str, run_id: str, purpose: str, clients: list[str], models: dict[str, dict[str, Any]],
               task: dict[str, Any], contract: dict[str, Any], window: dict[str, Any],
-              require_signatures: bool, settings: dict[str, Any], holdout_fraction: float) -> EvaluationPlan:
+              require_signatures: bool, settings: dict[str, Any], holdout_fraction: float,
+              personalization: dict[str, Any]) -> EvaluationPlan:
         """Write the request and the plan (once: a re-run finds them). `settings`: the round's
-        (or, for an evaluation-only run, the federation file's) per-round settings."""
+        (or, for an evaluation-only run, the federation file's) per-round settings;
+        `personalization`: what the silos do for their personal models (empty: nothing)."""
         existing = self.stored_plan(round_id)
         if existing is not None:
             return existing
@@ -238,13 +296,14 @@ class FederatedEvaluation:
             federation=self.spec.federation, round_id=round_id, model_name=self.spec.model_name,
             models={label: {k: m[k] for k in ("version", "sha256", "bytes")} for label, m in models.items()},
             task=task, contract=contract, holdout_fraction=holdout_fraction, data_window=window,
-            deadline=deadline.isoformat(), created_at=now().isoformat()).to_json()
+            deadline=deadline.isoformat(), created_at=now().isoformat(), personalization=personalization).to_json()
         self.records.put(round_id, "evaluation/request.json", request)
         plan = EvaluationPlan(
             federation=self.spec.federation, round_id=round_id, run_id=run_id, purpose=purpose, clients=clients,
             models=models, required=int(settings["min_evaluating_silos"]), deadline=deadline.isoformat(),
             statistic=settings["evaluation_statistic"], max_weight_share=self.spec.max_weight_share,
-            require_signatures=require_signatures, request_sha256=sha256_hex(request), created_at=now().isoformat())
+            require_signatures=require_signatures, request_sha256=sha256_hex(request), created_at=now().isoformat(),
+            personalization=personalization)
         self.records.put_json(round_id, "evaluation/plan.json", asdict(plan))  # written last
         return plan
 
@@ -267,6 +326,11 @@ class FederatedEvaluation:
         if not models:
             raise RoundFailed(f"{self.spec.model_name} has no champion yet and no version was named; "
                               "give the param 'version', or run a round first")
+        defaults = self.spec.round_defaults()
+        try:
+            personalization = personalization_settings(self.spec, float(defaults["learning_rate"]), self.c.task)
+        except ConfigError as exc:
+            raise RoundFailed(str(exc)) from None
         # Its own claim namespace: a round's DAG run may carry the same run id.
         claim_id = f"evaluate:{run_id}"
         claim = self.records.claim(claim_id)
@@ -280,7 +344,7 @@ class FederatedEvaluation:
                                          "application/json")
         self._plan(round_id, run_id, "check", [c.id for c in self.spec.clients], models, self.c.task_identity(),
                    self.spec.contract.as_dict(), {"start": None, "end": None}, self.spec.security.require_signatures,
-                   self.spec.round_defaults(), self.spec.evaluation.federated.holdout_fraction)
+                   defaults, self.spec.evaluation.federated.holdout_fraction, personalization)
         self.records.audit.append(round_id, "prepare", [{"event": "evaluation_planned", "run_id": run_id,
                                                          "models": {k: v["version"] for k, v in models.items()}}])
         return round_id
@@ -373,8 +437,10 @@ class FederatedEvaluation:
         return record
 
     def results(self, round_id: str) -> dict[str, Any]:
-        """The screened evaluations: {"accepted": {client: {num_examples, rows_held, scores}},
-        "rejected": {client: reason}, "closed": the close's record, "plan": the plan}."""
+        """The screened evaluations: {"accepted": {client: {num_examples, rows_held, scores, and
+        `personal` when its personal block counted}}, "rejected": {client: reason}, "closed":
+        the close's record, "plan": the plan, "figures", "personal_rejected": {client: why its
+        personal block did not count (its global scores still do)}}."""
         plan = self.load_plan(round_id)
         closed = self.records.get_json(round_id, "evaluation/quorum.json")
         if closed is None:
@@ -385,7 +451,8 @@ class FederatedEvaluation:
             summary = self.records.get_json(round_id, "candidate/manifest.json") or {"accepted": []}
             trained = {a["client_id"]: a["num_examples"] for a in summary["accepted"]}
         metrics = self.c.task.metrics
-        accepted, rejected = {}, {}
+        known = self.known_models(plan)
+        accepted, rejected, personal_rejected = {}, {}, {}
         for client_id in closed["committed"]:
             kept = self.records.get(round_id, f"evaluation/results/{client_id}.json",
                                     sha256=closed["answers"][client_id]["manifest_sha256"])
@@ -403,19 +470,116 @@ class FederatedEvaluation:
                 continue
             accepted[client_id] = {"num_examples": manifest.num_examples, "rows_held": manifest.rows_held,
                                    "scores": manifest.scores}
+            # A bad personal block costs the silo its personal figures, never its global scores.
+            personal, why = screen_personal(manifest.personal, plan.personalization, metrics, known)
+            if personal is not None and personal.weights_bytes:
+                try:
+                    weights = self.personal_weights(plan, client_id, personal)
+                except ValueError as exc:
+                    personal, why = None, f"personal weights: {exc}"
+            else:
+                weights = None
+            if personal is not None:
+                accepted[client_id]["personal"] = {**personal.as_dict(), "global_model": known[personal.global_sha256],
+                                                   "weights": weights}
+            elif why:
+                personal_rejected[client_id] = why
         not_counted = {**{c: f"declined: {r}" for c, r in closed["declined"].items()},
                        **{c: f"rejected: {r}" for c, r in closed["unreadable"].items()},
                        **{c: f"rejected: {r}" for c, r in rejected.items()},
                        **{c: "no answer by the deadline" for c in closed["missing"]}}
         return {"accepted": accepted, "rejected": rejected, "closed": {**closed, "not_counted": not_counted},
-                "plan": plan, "figures": federated_figures(accepted, plan.max_weight_share)}
+                "plan": plan, "figures": federated_figures(accepted, plan.max_weight_share),
+                "personal_rejected": personal_rejected}
+
+    def known_models(self, plan: EvaluationPlan) -> dict[str, str]:
+        """sha256 -> label of every model a personal one may come from: the request's models,
+        and a round's base (ditto pulls its personal model towards the base)."""
+        known = {m["sha256"]: label for label, m in plan.models.items()}
+        if plan.purpose == "round":
+            known.setdefault(self.c.load_plan(plan.round_id).base_sha256, "base")
+        return known
+
+    def personal_weights(self, plan: EvaluationPlan, client_id: str, personal: PersonalReport) -> dict[str, Any]:
+        """A silo's shared personal weights (share_weights), read once from its bucket with
+        the size its report declares, checked against its personal_sha256 and the task's
+        model, and kept in the coordinator's bucket (a re-run finds the snapshot). Returns
+        {uri, key, bytes, sha256}; ValueError naming the problem."""
+        from fl_tasks.coordinator.screening import check_structure
+        from fl_tasks.protocol.codec import CodecError, decode_state
+
+        name = personal_weights_name(client_id)
+        kept = self.records.get(plan.round_id, name, sha256=personal.personal_sha256)
+        if kept is None:
+            reference = next(iter(plan.models.values()))
+            limit = 2 * int(reference["bytes"]) + 4096
+            if personal.weights_bytes > limit:
+                raise ValueError(f"weights_bytes {personal.weights_bytes} is over the limit {limit} (twice the "
+                                 "global model)")
+            client = self.spec.client(client_id)
+            key = protocol.personal_weights_key(client.prefix, plan.federation, plan.round_id)
+            try:
+                payload = self.c.buckets.client(client_id).get_bytes(client.bucket_name, key,
+                                                                     max_bytes=personal.weights_bytes)
+            except (*STORAGE_ERRORS, ValueError) as exc:
+                raise ValueError(f"unreadable at {key}: {storage_reason(exc)}") from None
+            if payload is None:
+                raise ValueError(f"missing at {key}")
+            if len(payload) != personal.weights_bytes or sha256_hex(payload) != personal.personal_sha256:
+                raise ValueError(f"{len(payload)} bytes at {key} do not match weights_bytes {personal.weights_bytes} "
+                                 "and personal_sha256")
+            try:
+                check_structure(decode_state(payload), decode_state(
+                    self.records.store.get_bytes(self.records.bucket, reference["key"])))
+            except (CodecError, ValueError) as exc:
+                raise ValueError(f"not a model of the task: {exc}") from None
+            self.records.put(plan.round_id, name, payload)
+            kept = payload
+        return {"uri": self.records.uri(plan.round_id, name), "key": self.records.key(plan.round_id, name),
+                "bytes": len(kept), "sha256": personal.personal_sha256}
+
+    def personalization(self, results: Mapping[str, Any], global_label: str) -> dict[str, Any] | None:
+        """The per-silo personalization table of screened results (report.personalization_table);
+        None when the evaluation asked for no personalization."""
+        from fl_tasks.coordinator.report import personalization_table
+
+        plan = results["plan"]
+        versions = {label: str(m["version"]) for label, m in plan.models.items()}
+        if plan.purpose == "round":
+            versions["base"] = self.c.load_plan(plan.round_id).base_version
+        return personalization_table(plan.personalization, results["accepted"], results.get("personal_rejected", {}),
+                                     self.c.task.primary_metric, global_label, versions)
+
+    def log_personalization(self, round_id: str, run_id: str, table: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """The table in the MLflow run `run_id` (personalization.json, tags) and, for the silos
+        that shared their personal weights, those weights as artifacts and model versions of
+        <model_name>-personal-<client>. Returns client -> {model, version}."""
+        from fl_tasks.coordinator import registry
+
+        weights = {}
+        for client_id, entry in table["silos"].items():
+            if entry["weights"]:
+                payload = self.records.get(round_id, personal_weights_name(client_id),
+                                           sha256=entry["lineage"]["personal_sha256"])
+                if payload is None:
+                    raise self.records.fail(round_id, "register", f"the kept personal weights of {client_id} at "
+                                                                  f"{entry['weights']['uri']} are gone or changed")
+                weights[client_id] = payload
+        return registry.log_personalization(self.spec, run_id, round_id, table, weights)
 
     def audit_results(self, round_id: str, results: Mapping[str, Any]) -> None:
         self.records.audit.append(round_id, "evaluation_screening", [
             *({"event": "evaluation_accepted", "client_id": c, "num_examples": r["num_examples"],
                "scores": r["scores"]} for c, r in sorted(results["accepted"].items())),
             *({"event": "evaluation_rejected", "client_id": c, "reason": why}
-              for c, why in sorted(results["rejected"].items()))])
+              for c, why in sorted(results["rejected"].items())),
+            *({"event": "personal_accepted", "client_id": c, "strategy": r["personal"]["strategy"],
+               "serving": r["personal"]["serving"], "global_sha256": r["personal"]["global_sha256"],
+               "personal_sha256": r["personal"]["personal_sha256"], "scores": r["personal"]["scores"],
+               "weights": (r["personal"]["weights"] or {}).get("uri")}
+              for c, r in sorted(results["accepted"].items()) if r.get("personal")),
+            *({"event": "personal_rejected", "client_id": c, "reason": why}
+              for c, why in sorted(results.get("personal_rejected", {}).items()))])
 
     def report_check(self, round_id: str) -> dict[str, Any]:
         """An evaluation-only run's result: per silo and overall, in report.json and MLflow."""
@@ -431,8 +595,13 @@ class FederatedEvaluation:
                         "statistic": plan.statistic, "per_silo": results["accepted"],
                         "not_counted": results["closed"]["not_counted"], "figures": results["figures"],
                         "enough_silos": len(results["accepted"]) >= plan.required, "required": plan.required,
-                        "audit_log": f"s3://{self.records.bucket}/{self.records.audit.prefix(round_id)}"}
+                        "audit_log": f"s3://{self.records.bucket}/{self.records.audit.prefix(round_id)}",
+                        "personalization": self.personalization(
+                            results, CHAMPION if CHAMPION in plan.models else next(iter(plan.models)))}
             existing["mlflow_run_id"] = registry.log_evaluation(self.spec, round_id, existing)
+            if existing["personalization"]:
+                registered = self.log_personalization(round_id, existing["mlflow_run_id"], existing["personalization"])
+                existing["personalization"] = report.with_versions(existing["personalization"], None, registered)
             self.records.put_json(round_id, "evaluation/report.json", existing)
             champion = existing["figures"].get(plan.statistic, {}).get(CHAMPION)
             if existing["enough_silos"] and champion:  # what the monitoring DAG reads of the champion now

@@ -58,6 +58,10 @@ class RoundPlan:
     # the silos this round sampled (`clients` holds the same), the mean's fixed denominator,
     # and the noise each silo adds when the silos add it.
     privacy: dict[str, Any] = field(default_factory=dict)
+    # Personal models at the silos (fl_tasks.protocol.personalization.PersonalizationSettings
+    # as a dict; empty: off): what the global manifest and the evaluation request carry, and
+    # under fedbn the tensors the silos keep (`local_tensors`), never sent nor averaged.
+    personalization: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: bytes) -> "RoundPlan":
@@ -112,6 +116,37 @@ def sample_silos(spec: FederationSpec) -> tuple[list[str], dict[str, Any]]:
     silo_noise = p.noise_multiplier * p.clip_norm / math.sqrt(len(sampled)) if p.noise == "silos" and sampled else 0.0
     return sampled, {**asdict(p), "population": len(clients), "sampled": sampled,
                      "denominator": p.expected_silos(len(clients)), "silo_noise_stddev": silo_noise}
+
+
+def personalization_settings(spec: FederationSpec, learning_rate: float, task) -> dict[str, Any]:
+    """The round's personalization block (PersonalizationSettings.as_dict()), {} when the
+    federation has none: the learning rate defaults to the round's, and under fedbn
+    `local_tensors` names the task model's batch-norm tensors. Raises ConfigError naming the
+    field when fedbn meets a model without batch norm, or a value does not fit the protocol."""
+    p = spec.personalization
+    if p is None:
+        return {}
+    from fl_tasks.config import ConfigError
+    from fl_tasks.protocol.personalization import PersonalizationSchemaError, PersonalizationSettings
+
+    local: tuple[str, ...] = ()
+    if p.strategy == "fedbn":
+        local = tuple(task.normalization_tensors(task.build_model()))
+        if not local:
+            raise ConfigError(spec.source, "personalization.strategy",
+                              "fedbn needs batch-norm tensors, the task's model has none",
+                              "set task.params.batch_norm: true or choose finetune or ditto")
+    rate = float(p.learning_rate if p.learning_rate is not None else learning_rate)
+    settings = PersonalizationSettings(strategy=p.strategy, layers=p.layers, epochs=int(p.epochs), learning_rate=rate,
+                                       batch_size=int(p.batch_size),
+                                       ditto_lambda=float(p.ditto_lambda), local_only=bool(p.local_only),
+                                       share_weights=bool(p.share_weights), local_tensors=local).as_dict()
+    try:
+        PersonalizationSettings.from_dict(settings)
+    except PersonalizationSchemaError as exc:  # e.g. the round's learning rate, as personalization's default
+        raise ConfigError(spec.source, "personalization.learning_rate" if "learning_rate" in str(exc)
+                          else "personalization", str(exc), "set personalization.learning_rate in (0, 1)") from None
+    return settings
 
 
 def grace_period(plan: RoundPlan) -> timedelta | None:

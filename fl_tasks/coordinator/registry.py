@@ -89,14 +89,15 @@ def _client(spec: FederationSpec):
     return MlflowClient()
 
 
-def _ensure_registered_model(client, name: str) -> None:
+def _ensure_registered_model(client, name: str,
+                             description: str = "Global model of a federation, one version per round") -> None:
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
     except MlflowException:
         try:
-            client.create_registered_model(name, description="Global model of a federation, one version per round")
+            client.create_registered_model(name, description=description)
         except MlflowException:
             client.get_registered_model(name)  # created concurrently: fine if it exists now
 
@@ -293,6 +294,70 @@ def log_round_record(spec: FederationSpec, round_id: str, files: dict[str, str],
     for start in range(0, len(fresh), 1000):  # MLflow's batch limit
         client.log_batch(run_id, metrics=fresh[start:start + 1000])
     return run_id
+
+
+def personal_model_name(spec: FederationSpec, client_id: str) -> str:
+    """The registered model that holds one silo's personal models (share_weights)."""
+    return f"{spec.model_name}-personal-{client_id}"
+
+
+def log_personalization(spec: FederationSpec, run_id: str, round_id: str, table: dict[str, Any],
+                        weights: dict[str, bytes]) -> dict[str, dict[str, str]]:
+    """The round's (or evaluation's) personalization in its MLflow run: the table with its
+    lineage as `personalization.json`, the per-silo metrics the run does not hold yet, tags;
+    and for each silo in `weights` (its shared personal weights, safetensors) the weights as
+    artifacts under `personal/<client>/` and a version of `<model_name>-personal-<client>`
+    from them, tagged with the lineage (found again by its fl.round_id tag on a retry).
+    Without shared weights only metrics, hashes and lineage reach MLflow. Returns
+    client -> {model, version}."""
+    from mlflow.entities import Metric
+
+    from fl_tasks.coordinator.report import personalization_metrics, personalization_tags, with_versions
+
+    client = _client(spec)
+    run = client.get_run(run_id)
+    for key, value in personalization_tags(table).items():
+        client.set_tag(run_id, key, value)
+    stamp = int(time.time() * 1000)
+    fresh = [Metric(k, v, stamp, 0) for k, v in sorted(personalization_metrics(table).items())
+             if k not in run.data.metrics]
+    for start in range(0, len(fresh), 1000):
+        client.log_batch(run_id, metrics=fresh[start:start + 1000])
+    registered = {}
+    for client_id, payload in sorted(weights.items()):
+        entry = table["silos"][client_id]
+        lineage = entry["lineage"]
+        path = f"personal/{client_id}"
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "model.safetensors").write_bytes(payload)
+            (Path(tmp) / "lineage.json").write_text(json.dumps(
+                {"client_id": client_id, "round_id": round_id, "serving": entry["serving"], **lineage,
+                 "scores": entry["scores"], "weights": entry["weights"]}, indent=2, sort_keys=True))
+            client.log_artifacts(run_id, tmp, path)
+        name = personal_model_name(spec, client_id)
+        _ensure_registered_model(client, name, f"Personal models of silo {client_id} in federation {spec.federation}, "
+                                               "one version per round")
+        found = sorted(client.search_model_versions(f"name = '{name}' and tag.`{TAG}round_id` = '{round_id}'"),
+                       key=lambda v: int(v.version))
+        if found:
+            version = found[0]
+        else:
+            version = client.create_model_version(
+                name, source=f"{run.info.artifact_uri.rstrip('/')}/{path}", run_id=run_id,
+                description=f"Personal model ({lineage['strategy']}) of {client_id}, round {round_id} of "
+                            f"{spec.federation}",
+                tags={f"{TAG}federation": spec.federation, f"{TAG}round_id": round_id, f"{TAG}client_id": client_id,
+                      f"{TAG}strategy": lineage["strategy"], f"{TAG}serving": entry["serving"],
+                      f"{TAG}global_model": lineage["global_model"],
+                      f"{TAG}global_version": str(lineage["global_version"] or ""),
+                      f"{TAG}global_sha256": lineage["global_sha256"],
+                      f"{TAG}weights_sha256": lineage["personal_sha256"],
+                      f"{TAG}weights_uri": (entry["weights"] or {}).get("uri", "")})
+        registered[client_id] = {"model": name, "version": str(version.version)}
+    # Last: the table as report.json will hold it, each silo's registered version in it.
+    client.log_text(run_id, json.dumps(with_versions(table, None, registered), indent=2, sort_keys=True),
+                    "personalization.json")
+    return registered
 
 
 def warm_start_weights(spec: FederationSpec, store, task) -> bytes:

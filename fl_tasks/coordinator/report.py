@@ -18,8 +18,10 @@ log = logging.getLogger("fl_tasks.coordinator")
 def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | None, result: dict[str, Any] | None,
                  decision: dict[str, Any] | None, failure: dict[str, Any] | None, *, late: list[dict[str, str]],
                  audit_log: str, metrics: RoundMetrics | None = None, drift: DriftTable | None = None,
-                 report_html: str = "", privacy: dict[str, Any] | None = None) -> dict[str, Any]:
-    """report.json: what the round did, from the records its steps stored."""
+                 report_html: str = "", privacy: dict[str, Any] | None = None,
+                 personalization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """report.json: what the round did, from the records its steps stored. `personalization`:
+    the per-silo personalization table (`personalization_table`), None when the round had none."""
     refused = bool((failure or {}).get("refused"))
     return {
         "federation": plan.federation, "round_id": plan.round_id, "run_id": plan.run_id, "run_type": plan.run_type,
@@ -52,6 +54,8 @@ def build_report(plan, closed: dict[str, Any] | None, summary: dict[str, Any] | 
         "report_html": report_html,
         # Differential privacy: epsilon at delta of every round the federation released so far.
         "privacy": privacy,
+        # Personal models: each silo's global, personal and local-only scores, what it serves, the lineage.
+        "personalization": personalization,
     }
 
 
@@ -154,11 +158,136 @@ def validation_account(result: dict[str, Any]) -> str:
         parts.append(f"coordinator rows ({coord['rows']}):\n" + table(
             ["metric", "candidate", "champion"], [[name, coord["candidate"].get(name), (coord["champion"] or {}).get(
                 name)] for name in sorted(coord["candidate"])]))
+    if result.get("personalization"):
+        parts.append(personalization_account(result["personalization"]))
     gates = result.get("gates") or []
     if gates:
         parts.append(table(["gate", "source", "passed", "detail"],
                            [[g["name"], g.get("source", "coordinator"), g["passed"], g["detail"]] for g in gates]))
     return "\n\n".join(parts)
+
+
+# --- personalization ---------------------------------------------------------------------------
+PERSONAL_MODELS = ("global", "personal", "local_only")
+
+
+def personalization_table(settings: dict[str, Any], per_silo: dict[str, Any], rejected: dict[str, str], primary: str,
+                          global_label: str, versions: dict[str, str]) -> dict[str, Any] | None:
+    """The per-silo personalization table (report.json and MLflow's personalization.json), from
+    the screened evaluations: for each silo whose personal block counted, the scores of the
+    global model (`global_label`: the round's candidate, or an evaluation-only run's champion),
+    its personal model and its local-only model (every metric, and the primary one apart),
+    which of global and personal it serves, and the lineage: the strategy, the global model its
+    personal one came from (label, version, sha256) and the personal weights' sha256. None
+    when the evaluation asked for no personalization. `versions`: model label -> version."""
+    if not settings:
+        return None
+    silos: dict[str, Any] = {}
+    for client, r in sorted(per_silo.items()):
+        p = r.get("personal")
+        if not p:
+            continue
+        scores = {"global": dict(r["scores"].get(global_label) or {}), "personal": dict(p["scores"]["personal"]),
+                  "local_only": dict(p["scores"]["local_only"]) if "local_only" in p["scores"] else None}
+        silos[client] = {
+            "serving": p["serving"],
+            "scores": scores,
+            "primary": {kind: (values or {}).get(primary) for kind, values in scores.items()},
+            "lineage": {"strategy": p["strategy"], "global_model": p["global_model"],
+                        "global_version": versions.get(p["global_model"]), "global_sha256": p["global_sha256"],
+                        "personal_sha256": p["personal_sha256"]},
+            "weights": p.get("weights"),
+            "registered": None,
+        }
+    mean: dict[str, dict[str, float]] = {}
+    for kind in PERSONAL_MODELS:
+        rows = [s["scores"][kind] for s in silos.values() if s["scores"][kind]]
+        names = sorted(set.intersection(*(set(row) for row in rows))) if rows else []
+        mean[kind] = {name: float(sum(row[name] for row in rows) / len(rows)) for name in names}
+    return {"strategy": settings["strategy"], "settings": dict(settings), "primary_metric": primary,
+            "global_model": global_label, "silos": silos, "rejected": dict(sorted(rejected.items())),
+            "serving": {served: sorted(c for c, s in silos.items() if s["serving"] == served)
+                        for served in ("personal", "global")},
+            "mean": mean}
+
+
+def with_versions(personal: dict[str, Any] | None, candidate_version: str | None,
+                  registered: dict[str, dict[str, str]] | None = None) -> dict[str, Any] | None:
+    """The table once the round's candidate is a registered version (its global_version), and
+    each silo's personal weights registered in MLflow (`registered`: client -> {model, version})."""
+    if not personal:
+        return personal
+    silos = {}
+    for client, entry in personal["silos"].items():
+        lineage = dict(entry["lineage"])
+        if lineage["global_model"] == "candidate" and candidate_version:
+            lineage["global_version"] = str(candidate_version)
+        silos[client] = {**entry, "lineage": lineage, "registered": (registered or {}).get(client, entry["registered"])}
+    return {**personal, "silos": silos}
+
+
+def personalization_metrics(personal: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of the table: global.<client>.<metric>, personal.<client>.<metric>,
+    local_only.<client>.<metric>, serving_personal.<client> (1 or 0), and
+    personalization.mean.<model>.<metric> and personalization.serving_personal (a count)."""
+    metrics: dict[str, float] = {}
+    for client, entry in personal["silos"].items():
+        for kind in PERSONAL_MODELS:
+            metrics.update({f"{kind}.{client}.{k}": float(v) for k, v in (entry["scores"][kind] or {}).items()})
+        metrics[f"serving_personal.{client}"] = float(entry["serving"] == "personal")
+    for kind, values in personal["mean"].items():
+        metrics.update({f"personalization.mean.{kind}.{k}": float(v) for k, v in values.items()})
+    metrics["personalization.serving_personal"] = float(len(personal["serving"]["personal"]))
+    metrics["personalization.silos"] = float(len(personal["silos"]))
+    return metrics
+
+
+def personalization_tags(personal: dict[str, Any], lineage: bool = True) -> dict[str, str]:
+    """The round run's tags: the strategy, what each silo serves and (`lineage`) each silo's
+    lineage in one line, fl.personal.<client>; the candidate version gets the first two."""
+    tags = {"fl.personalization": personal["strategy"],
+            "fl.personal_serving": "; ".join(f"{c} {s['serving']}" for c, s in personal["silos"].items())[:4000]
+            or "no silo counted"}
+    for client, entry in personal["silos"].items() if lineage else ():
+        line = entry["lineage"]
+        tags[f"fl.personal.{client}"] = (
+            f"serving {entry['serving']}; {line['strategy']} from {_model(line)} (sha256 {line['global_sha256']}); "
+            f"personal sha256 {line['personal_sha256']}")
+    if personal["rejected"]:
+        tags["fl.personal_rejected"] = "; ".join(f"{c}: {w}" for c, w in personal["rejected"].items())[:4000]
+    return tags
+
+
+def _model(lineage: dict[str, Any]) -> str:
+    """The global model a personal one came from, in words: 'candidate', 'candidate version 4'."""
+    label, version = lineage["global_model"], lineage["global_version"]
+    return label if version in (None, "", label) else f"{label} version {version}"
+
+
+def personalization_account(personal: dict[str, Any]) -> str:
+    """The log's personalization tables: each silo's global, personal and local-only scores per
+    metric, then what it serves and where its personal model came from."""
+    primary = personal["primary_metric"]
+    silos = personal["silos"]
+    lines = [f"personalization ({personal['strategy']}): {len(personal['serving']['personal'])} of {len(silos)} silos "
+             f"serve their personal model (by {primary}; global = {personal['global_model']})"]
+    if silos:
+        rows = []
+        for client, entry in silos.items():
+            names = [primary] + sorted((set(entry["scores"]["global"]) | set(entry["scores"]["personal"])) - {primary})
+            for name in names:
+                rows.append([client, name, *((entry["scores"][kind] or {}).get(name) for kind in PERSONAL_MODELS)])
+        lines.append(table(["silo", "metric", "global", "personal", "local only"], rows))
+        lines.append(table(["silo", "serving", "strategy", "from", "global sha256", "personal sha256", "weights"], [
+            [client, entry["serving"], entry["lineage"]["strategy"],
+             _model(entry["lineage"]),
+             entry["lineage"]["global_sha256"][:16], entry["lineage"]["personal_sha256"][:16],
+             (entry["registered"] or {}).get("version") and
+             f"{entry['registered']['model']} v{entry['registered']['version']}"
+             or ("kept" if entry["weights"] else "at the silo")]
+            for client, entry in silos.items()]))
+    lines += [f"personal not counted {c}: {why}" for c, why in personal["rejected"].items()]
+    return "\n".join(lines)
 
 
 def evaluation_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -223,6 +352,8 @@ def evaluation_account(report: dict[str, Any]) -> str:
                 for label in labels))
     for client, why in sorted(report["not_counted"].items()):
         parts.append(f"not counted {client}: {why}")
+    if report.get("personalization"):
+        parts.append(personalization_account(report["personalization"]))
     if not report["enough_silos"]:
         parts.append(f"only {len(report['per_silo'])} silos evaluated; {report['required']} were asked for")
     return "\n\n".join(parts)

@@ -28,8 +28,8 @@ from fl_tasks.coordinator.drift import DriftTable, build_drift_table, drift_gate
 from fl_tasks.coordinator.evaluation import FederatedEvaluation
 from fl_tasks.coordinator.history import FederationHistory, RoundRecord
 from fl_tasks.coordinator.intake import Answer, Intake, STORAGE_ERRORS, answer_record, storage_reason
-from fl_tasks.coordinator.plan import (RoundFailed, RoundPlan, RunContext, grace_period, required_clients,
-                                       round_settings, sample_silos)
+from fl_tasks.coordinator.plan import (RoundFailed, RoundPlan, RunContext, grace_period, personalization_settings,
+                                       required_clients, round_settings, sample_silos)
 from fl_tasks.coordinator.privacy import PrivacyLedger, epsilon, round_event
 from fl_tasks.protocol import GlobalManifest, ManifestError, UpdateManifest, sha256_hex
 from fl_tasks.protocol import signing
@@ -103,6 +103,7 @@ class Coordinator:
         try:
             task = self.task
             settings = round_settings(self.spec, ctx.params, task)
+            personalization = personalization_settings(self.spec, float(settings["learning_rate"]), task)
         except ConfigError as exc:
             raise RoundFailed(str(exc)) from None
         if ctx.params.get("reset_circuit_breaker"):
@@ -140,7 +141,7 @@ class Coordinator:
             task=self.task_identity(),
             contract=self.spec.contract.as_dict(), require_signatures=self.spec.security.require_signatures,
             drift=self.spec.drift.settings(self.spec.contract).as_dict() if self.spec.drift else {},
-            privacy=privacy,
+            privacy=privacy, personalization=personalization,
         )
         self.records.put_json(round_id, "plan.json", asdict(plan))
         self._audit_plan(plan)
@@ -217,6 +218,7 @@ class Coordinator:
             data_window=plan.data_window, deadline=plan.deadline, created_at=plan.created_at, drift=plan.drift,
             privacy={"clip_norm": plan.privacy["clip_norm"], "noise_stddev": plan.privacy["silo_noise_stddev"]}
             if plan.privacy.get("noise") == "silos" else {},
+            personalization=plan.personalization,
         ).to_json()
         events, reached = [], []
         for client in (c for c in self.spec.clients if c.id in plan.clients):
@@ -527,7 +529,8 @@ class Coordinator:
         settings = plan.settings
         sources = self.spec.evaluation.sources
         result: dict[str, Any] = {"primary_metric": self.task.primary_metric, "sources": list(sources), "gates": [],
-                                  "federated_evaluation": None, "coordinator_evaluation": None}
+                                  "federated_evaluation": None, "coordinator_evaluation": None,
+                                  "personalization": None}
         if "federated" in sources:
             from fl_tasks.coordinator.evaluation import CANDIDATE, CHAMPION, federated_gates
 
@@ -542,6 +545,7 @@ class Coordinator:
                                                settings["max_regression"], settings["max_silo_regression"], self.task)
             deciding = figures[statistic]
             result["candidate"], result["champion"] = deciding.get(CANDIDATE), deciding.get(CHAMPION)
+            result["personalization"] = self.evaluation.personalization(evaluated, CANDIDATE)
         if "coordinator" in sources:
             measured = self._coordinator_figures(round_id, plan)
             result["coordinator_evaluation"] = {k: measured[k] for k in ("candidate", "champion", "rows", "data")}
@@ -623,6 +627,11 @@ class Coordinator:
                   "influence": summary["rule"], "task": plan.task["entrypoint"], "task_version": plan.task["version"],
                   "base_version": plan.base_version, "base_origin": plan.base_origin, "round_id": round_id,
                   **{f"privacy_{k}": v for k, v in plan.privacy.items() if k != "sampled"}}
+        personal = result.get("personalization")
+        if personal:
+            metrics.update(report.personalization_metrics(personal))
+            tags.update(report.personalization_tags(personal, lineage=False))
+            params.update({f"personalization_{k}": v for k, v in plan.personalization.items() if k != "local_tensors"})
         key = self.round_key(round_id, "candidate/model.safetensors")
         registered = registry.register_candidate(
             self.spec, model, round_id=round_id, airflow_run_id=plan.run_id, base_version=plan.base_version,
@@ -630,7 +639,13 @@ class Coordinator:
             weights_sha256=summary["candidate_sha256"], params=params, metrics=metrics,
             tags=tags, report={"plan": asdict(plan), "aggregation": summary, "validation": result, "quorum": closed},
         )
-        self.records.put_json(round_id, "registration.json", asdict(registered))
+        record = asdict(registered)
+        if personal:
+            # The lineage names the candidate's version; with share_weights, each silo's personal
+            # weights become a version of <model_name>-personal-<client>.
+            record["personal_versions"] = self.evaluation.log_personalization(
+                round_id, registered.run_id, report.with_versions(personal, registered.version))
+        self.records.put_json(round_id, "registration.json", record)
         self._audit_registration(round_id, registered.version)
         return registered.version
 
@@ -721,11 +736,14 @@ class Coordinator:
         privacy = self.privacy_figures(plan)
         if privacy is not None and privacy["round_released"]:
             metrics = replace(metrics, dp_epsilon=privacy["epsilon"])
+        registration = self.registration(round_id)
+        personal = report.with_versions((result or {}).get("personalization"), registration.get("version"),
+                                        registration.get("personal_versions"))
         built = report.build_report(plan, closed, summary, result, decision, failure,
                                     late=self.late_updates(round_id, closed),
                                     audit_log=f"s3://{self.bucket}/{self.audit.prefix(round_id)}",
                                     metrics=metrics, drift=drift, report_html=f"s3://{self.bucket}/{html_key}",
-                                    privacy=privacy)
+                                    privacy=privacy, personalization=personal)
         history = [r for r in self.history.rounds() if r.round_id != round_id]
         record = RoundRecord(
             round_id=round_id, run_id=plan.run_id, dag_id=self.spec.dag_id, run_type=plan.run_type,

@@ -45,18 +45,21 @@ class PersonalizationSettings:
     """What every silo does for its personal model.
 
     `local_tensors`: the tensors that never leave a silo (fedbn: every batch-norm tensor of the
-    task's model); the coordinator fills them from the base and screens the rest. `epochs` and
-    `learning_rate`: the personal model's training (finetune: once per evaluation; ditto: each
-    round). `local_only`: each silo also keeps training a model on its own rows alone, the
+    task's model); the coordinator fills them from the base and screens the rest. `epochs`,
+    `learning_rate` and `batch_size`: the personal model's training (finetune: once per
+    evaluation; ditto: each round). `local_only`: each silo also keeps training a model on its own rows alone, the
     baseline personalization must beat. `share_weights`: the silos send their personal weights
     with their evaluation, for the coordinator's MLflow.
     """
 
     strategy: str
     layers: str = "all"
-    epochs: int = 1
+    epochs: int = 5
     learning_rate: float = 0.001
-    ditto_lambda: float = 0.1
+    # Small batches: a silo's personal training is a few epochs on its own rows, and a small
+    # silo gets a step or two an epoch at the federation's batch size.
+    batch_size: int = 64
+    ditto_lambda: float = 1.0
     local_only: bool = True
     share_weights: bool = False
     local_tensors: tuple[str, ...] = ()
@@ -74,6 +77,8 @@ class PersonalizationSettings:
         _check(type(body["epochs"]) is int and 1 <= body["epochs"] <= 100, f"{where}.epochs must be in 1..100")
         _check(_number(body["learning_rate"]) and 0 < body["learning_rate"] < 1,
                f"{where}.learning_rate must be in (0, 1)")
+        _check(type(body["batch_size"]) is int and 1 <= body["batch_size"] <= 1_000_000,
+               f"{where}.batch_size must be in 1..1000000")
         _check(_number(body["ditto_lambda"]) and body["ditto_lambda"] >= 0, f"{where}.ditto_lambda must be >= 0")
         for name in ("local_only", "share_weights"):
             _check(isinstance(body[name], bool), f"{where}.{name} must be true or false")

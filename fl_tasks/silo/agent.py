@@ -27,6 +27,13 @@ drawn by row content, `fl_tasks.silo.holdout`) is never trained on. For an evalu
 request the agent scores each named model on that share and commits a signed evaluation
 manifest holding only the metrics and the row counts.
 
+With `personalization` (fl_tasks.silo.personal) the silo also keeps personal models in its
+state directory: under fedbn its batch-norm tensors never leave it (the update carries the
+rest), under ditto it trains a personal model beside the global one each round, and with
+local_only a model on its rows alone. At an evaluation it scores its personal (and local-only)
+model on the same share, serves whichever of personal and global wins, and reports only the
+scores, the choice and the hashes (the weights too, with share_weights).
+
 Subclasses may override `train_rows`, `reported_state` and `reported_evaluation` (the
 simulator's attacks do); the production agent has no other behaviour.
 """
@@ -57,6 +64,8 @@ from fl_tasks.silo.drift import (DriftError, ReferenceStore, default_state_dir, 
                                  prune_reports, report_path)
 from fl_tasks.silo.holdout import silo_salt, split_rows
 from fl_tasks.silo.optimizer_state import OptimizerStateStore, optimizer_folder
+from fl_tasks.silo.personal import (NoPersonalModel, PersonalEvaluation, SiloPersonalization, global_label,
+                                    personal_folder, settings_of)
 from fl_tasks.silo.residual import ResidualStore, residual_folder
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
@@ -223,6 +232,15 @@ class SiloAgent:
         except CodecError as exc:  # a coordinator newer than this agent
             self.decline(round_id, f"this silo cannot send the round's training.codec: {exc}")
             return False
+        personal = self.personalization(manifest.personalization)
+        if personal is not None and personal.local:
+            missing = personal.missing_local(base)
+            if missing:
+                self.decline(round_id, f"personalization.local_tensors names tensors the task's model does not "
+                                       f"have: {missing[:10]}")
+                return False
+            # FedBN: the silo trains with its own normalisation, never with the base's (the seed's).
+            model = load_model_state(model, personal.as_run_here(base))
         global_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         keep_optimizer = t.get("optimizer_state", "reset") == "keep"
         settings = TrainingSettings(local_epochs=int(t["local_epochs"]), learning_rate=float(t["learning_rate"]),
@@ -238,7 +256,10 @@ class SiloAgent:
                  f"from base version {manifest.model_version}"
                  + (f" ({len(held_out)} rows held out for evaluation)" if len(held_out) else ""))
         result = task.train(model, self.train_rows(rows, task.contract), settings, global_state)
-        reported = self.reported_state(model_state(model), base, round_id)
+        trained = model_state(model)
+        reported = self.reported_state(trained, base, round_id)
+        if personal is not None:  # fedbn: no change in the local tensors, for clipping, noise and top-k
+            reported = personal.reported(reported, base)
         if manifest.privacy:  # the federation puts its differential-privacy noise at the silos
             from fl_tasks.silo.privacy import noised_update
 
@@ -247,8 +268,12 @@ class SiloAgent:
         # topk: what earlier rounds did not send is added to this round's change (error feedback).
         # The task's bounded tensors (a variance >= 0) travel exactly: rounded, they could cross the bound.
         exact = task.tensor_ranges
-        residual = self.residuals().load(codec, base, exact) if codec.name == "topk" else None
-        encoded = encode_update(reported, base, codec, residual, exact)
+        # fedbn: the local tensors never leave the silo. The update is encoded against the base
+        # less them (as the coordinator decodes it), and so is the top-k residual kept.
+        shared_base = personal.shared(base) if personal is not None else base
+        residual = self.residuals().load(codec, shared_base, exact) if codec.name == "topk" else None
+        encoded = encode_update(personal.shared(reported) if personal is not None else reported, shared_base, codec,
+                                residual, exact)
         update = encoded.payload
         self.store.put_bytes(self.bucket, self.key(protocol.update_payload_key, round_id), update)
         metrics = {k: float(v) for k, v in result.metrics.items() if k != "train_seconds"}
@@ -273,7 +298,19 @@ class SiloAgent:
             self.keep_residual(round_id, codec, encoded.residual)
         if keep_optimizer and result.optimizer_state:
             self.keep_optimizer_state(round_id, result.optimizer_state)
+        if personal is not None:  # after the commit: the coordinator does not wait on personal models
+            # On the silo's own training share (as drift), not on what a simulated attacker trains on.
+            personal.after_round(task, round_id, trained, base, manifest.payload_sha256, manifest.model_version, rows,
+                                 settings)
         return True
+
+    # --- personalization -----------------------------------------------------------------------
+    def personalization(self, block: dict[str, Any]) -> SiloPersonalization | None:
+        """This federation's personalization at this silo, as the manifest's block asks; None when off."""
+        settings = settings_of(block)
+        if settings is None:
+            return None
+        return SiloPersonalization(settings, personal_folder(self.state_dir, self.federation), self.log)
 
     # --- error feedback (topk) ---------------------------------------------------------------
     def residuals(self) -> ResidualStore:
@@ -392,7 +429,8 @@ class SiloAgent:
     # --- one evaluation request -------------------------------------------------------------
     def evaluate(self, round_id: str) -> bool:
         """Score the requested models on this silo's evaluation share and commit the scores;
-        False when the request is skipped or declined."""
+        False when the request is skipped or declined. With personalization, the personal (and
+        local-only) model is scored too (`personal_evaluation`)."""
         self.evaluated.add(round_id)
         request, raw = self.read_request(round_id, protocol.evaluation_request_key, EvaluationRequest)
         if request is None:
@@ -400,34 +438,89 @@ class SiloAgent:
         try:
             task = self.task_for(request)
             rows = self.read_rows(request, DataContract.from_dict(request.contract))
-            _, held = split_rows(rows, request.holdout_fraction, self.salt)
+            train, held = split_rows(rows, request.holdout_fraction, self.salt)
             if held.empty:
                 raise Decline(f"no rows in this silo's evaluation share ({len(rows)} rows, holdout_fraction "
                               f"{request.holdout_fraction:g})")
-            scores = {label: self.score(task, round_id, label, model, held) for label, model in request.models.items()}
+            personal = self.personalization(request.personalization)
+            states = {label: self.requested_model(round_id, label, model) for label, model in request.models.items()}
+            # fedbn: a FedBN model only runs with a silo's own normalisation, so each model is
+            # scored as this silo would run it (its local tensors in place, once it has some).
+            scores = {label: self.score_state(task, label, personal.as_run_here(state) if personal else state, held)
+                      for label, state in states.items()}
         except Decline as exc:
             self.decline(round_id, str(exc), protocol.evaluation_decline_key)
             return False
+        evaluation = self.personal_evaluation(request, task, personal, states, scores, train, held)
         manifest = self.reported_evaluation(EvaluationManifest(
             client_id=self.client_id, federation=self.federation, round_id=round_id, request_sha256=sha256_hex(raw),
             num_examples=len(held), rows_held=len(rows), scores=scores,
-            created_at=datetime.now(timezone.utc).isoformat()), task)
+            created_at=datetime.now(timezone.utc).isoformat(),
+            personal=evaluation.report.as_dict() if evaluation else {}), task)
         self.commit(round_id, protocol.evaluation_result_key, manifest)
         self.log(f"round {round_id}: evaluation committed ({manifest.num_examples} rows): " + "; ".join(
             f"{label} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             for label, metrics in manifest.scores.items()))
+        if evaluation is not None and manifest.personal:  # the choice is recorded once it was sent
+            try:
+                personal.record_serving(evaluation.record)
+            except OSError as exc:  # a full disk costs the history a line, not the agent its loop
+                self.log(f"round {round_id}: personalization: could not record the serving choice in "
+                         f"{personal.history}: {type(exc).__name__}: {exc}")
         return True
 
-    def score(self, task, round_id: str, label: str, model: dict[str, Any], rows: "pd.DataFrame") -> dict[str, float]:
-        """The task's metrics of one requested model on `rows`; Decline when it cannot be scored."""
-        from fl_tasks.tasks.api import load_model_state
+    def personal_evaluation(self, request: EvaluationRequest, task, personal: SiloPersonalization | None,
+                            states: dict[str, dict[str, "np.ndarray"]], scores: dict[str, dict[str, float]],
+                            train: "pd.DataFrame", held: "pd.DataFrame") -> PersonalEvaluation | None:
+        """The personal block of this evaluation (with `share_weights`, its weights are in the
+        bucket already), or None: personalization off, no personal model yet, or it failed.
+        Whatever goes wrong here is logged, and the global scores are sent without the block."""
+        if personal is None:
+            return None
+        round_id = request.round_id
+        label = global_label(request.models)
+        try:
+            if label is None:
+                raise NoPersonalModel(f"the request names neither of the models a personal one starts from "
+                                      f"(candidate, champion), only {sorted(request.models)}")
+            seed = self.seed + zlib.crc32(round_id.encode()) % 10_000
+            evaluation = personal.evaluate(task, round_id, label, states[label], request.models[label]["sha256"],
+                                           scores[label], train, held, seed)
+            if personal.settings.share_weights:  # before the manifest: it commits what it names
+                self.store.put_bytes(self.bucket, self.key(protocol.personal_weights_key, round_id), evaluation.weights)
+                evaluation = replace(evaluation, report=replace(evaluation.report,
+                                                                weights_bytes=len(evaluation.weights)))
+        except StorageUnavailable:  # S3 away: the evaluation is tried again next poll, as a whole
+            raise
+        except NoPersonalModel as exc:
+            self.log(f"round {round_id}: personalization ({personal.settings.strategy}): no personal scores "
+                     f"sent: {exc}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - personalization never stops the global evaluation
+            self.log(f"round {round_id}: personalization ({personal.settings.strategy}) failed, no personal scores "
+                     f"sent: {type(exc).__name__}: {exc}")
+            return None
+        self.log(f"round {round_id}: {evaluation.summary(task, label, scores[label])}")
+        return evaluation
 
+    def requested_model(self, round_id: str, label: str, model: dict[str, Any]) -> dict[str, "np.ndarray"]:
+        """The weights of one requested model, checked against the request; Decline when they
+        are missing, do not match their sha256 or are not safetensors."""
         payload = self.store.get_bytes(self.bucket, protocol.evaluation_model_key(
             self.prefix, self.federation, round_id, label), max_bytes=int(model["bytes"]))
         if payload is None or sha256_hex(payload) != model["sha256"]:
             raise Decline(f"model '{label}' is missing or does not match its sha256")
         try:
-            loaded = load_model_state(task.build_model(), decode_state(payload))
+            return decode_state(payload)
+        except CodecError as exc:
+            raise Decline(f"model '{label}' is not readable: {exc}") from None
+
+    def score_state(self, task, label: str, state: dict[str, "np.ndarray"], rows: "pd.DataFrame") -> dict[str, float]:
+        """The task's metrics of one model's weights on `rows`; Decline when it cannot be scored."""
+        from fl_tasks.tasks.api import load_model_state
+
+        try:
+            loaded = load_model_state(task.build_model(), state)
             return {name: float(value) for name, value in task.evaluate(loaded, rows).items()}
         except ValueError as exc:  # e.g. a share with a single class: no ROC-AUC
             raise Decline(f"model '{label}' cannot be scored on this silo's evaluation share: {exc}") from None
@@ -493,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file holding this silo's signing key (default: the FL_SIGNING_KEY variable; "
                              "neither: manifests go unsigned)")
     parser.add_argument("--state-dir", default=None,
-                        help="where this silo keeps its drift reference windows and reports and its top-k "
-                             "residual and its optimizer state, never sent anywhere "
+                        help="where this silo keeps its drift reference windows and reports, its top-k "
+                             "residual, its optimizer state and its personal models, never sent anywhere "
                              "(default: the FL_CLIENT_STATE_DIR variable, else ~/.fl-client/<client-id>)")
     parser.add_argument("--keep-drift-reports", type=int, default=30,
                         help="how many of evidently's HTML drift reports (megabytes each) to keep in the state "

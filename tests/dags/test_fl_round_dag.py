@@ -121,7 +121,7 @@ def test_good_trigger_params_pass_with_defaults_from_the_file(dagbag):
     params = copy.deepcopy(dagbag.dags["fl_round__banks"].params)
     params.update({"min_clients": 4, "round_id": "r-7"})
     values = params.validate()
-    assert values["min_clients"] == 4 and values["aggregator"] == "fedavg"
+    assert values["min_clients"] == 4 and values["aggregator"] == "weighted_median"
     assert values["gate_thresholds"] == {"roc_auc": 0.8, "pr_auc": 0.3} and values["max_regression"] == 0.02
     assert values["min_evaluating_silos"] == 3 and values["evaluation_statistic"] == "mean"
     assert values["max_silo_regression"] is None

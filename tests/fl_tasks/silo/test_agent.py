@@ -714,3 +714,78 @@ def test_a_round_without_drift_settings_keeps_no_state(agent, tmp_path):
     assert agent.answer("000001") is True
     assert read_update(agent, "000001").drift == {}
     assert not (tmp_path / "state").exists()
+
+
+# --- evaluation requests, with and without personalization ---------------------------------------------
+
+
+def publish_evaluation(agent, round_id: str, states: dict[str, dict], personalization: dict | None = None):
+    """Commit an evaluation request for `states` (label -> weights): payloads first, request last."""
+    from fl_tasks.protocol import EvaluationRequest
+
+    models = {}
+    for label, state in states.items():
+        payload = encode_state(state)
+        agent.store.put_bytes(agent.bucket, protocol.evaluation_model_key("", "fed", round_id, label), payload)
+        models[label] = {"version": label, "sha256": sha256_hex(payload), "bytes": len(payload)}
+    request = EvaluationRequest(
+        federation="fed", round_id=round_id, model_name="m", models=models, task=task_of(), contract=CONTRACT.as_dict(),
+        holdout_fraction=0.25, data_window={"start": None, "end": None},
+        deadline=(datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat(),
+        created_at=datetime.now(timezone.utc).isoformat(), personalization=personalization or {})
+    agent.store.put_bytes(agent.bucket, protocol.evaluation_request_key("", "fed", round_id), request.to_json())
+
+
+def read_evaluation(agent, round_id):
+    from fl_tasks.protocol import EvaluationManifest
+
+    return EvaluationManifest.from_json(agent.store.get_bytes(agent.bucket, protocol.evaluation_result_key(
+        "", "fed", round_id)))
+
+
+FINETUNE = {"strategy": "finetune", "layers": "all", "epochs": 1, "learning_rate": 0.01, "batch_size": 64,
+            "ditto_lambda": 0.1, "local_only": False, "share_weights": False, "local_tensors": []}
+
+
+def test_an_evaluation_without_personalization_sends_no_personal_block(agent, tmp_path):
+    agent = replace(agent, state_dir=tmp_path / "state")
+    publish_evaluation(agent, "000001", {"candidate": base_state()})
+    assert agent.evaluate("000001") is True
+    evaluation = read_evaluation(agent, "000001")
+    assert set(evaluation.scores) == {"candidate"} and evaluation.personal == {}
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_personalization_failure_still_sends_the_global_scores(agent, tmp_path, monkeypatch, capsys):
+    from fl_tasks.silo.personal import SiloPersonalization
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the personal model's disk is on fire")
+
+    monkeypatch.setattr(SiloPersonalization, "evaluate", broken)
+    agent = replace(agent, state_dir=tmp_path / "state")
+    publish_evaluation(agent, "000001", {"candidate": base_state()}, FINETUNE)
+    assert agent.evaluate("000001") is True
+    evaluation = read_evaluation(agent, "000001")
+    assert set(evaluation.scores) == {"candidate"} and evaluation.personal == {}
+    assert ("round 000001: personalization (finetune) failed, no personal scores sent: RuntimeError: the personal "
+            "model's disk is on fire") in capsys.readouterr().out
+
+
+def test_a_failing_personal_model_does_not_stop_the_update(agent, tmp_path, monkeypatch, capsys):
+    from fl_tasks.silo import personal
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(personal, "ditto_step", broken)
+    agent = replace(agent, state_dir=tmp_path / "state")
+    manifest = publish(agent.store, agent.bucket, "000001")
+    raw = replace(manifest, personalization={**FINETUNE, "strategy": "ditto", "local_only": True}).to_json()
+    agent.store.put_bytes(agent.bucket, protocol.global_manifest_key("", "fed", "000001"), raw)
+    assert agent.answer("000001") is True
+    assert read_update(agent, "000001") is not None
+    out = capsys.readouterr().out
+    assert ("round 000001: personalization: could not train the Ditto personal model: RuntimeError: out of "
+            "memory") in out
+    assert (tmp_path / "state" / "fed" / "personal" / "local_only.json").exists()  # the next step still ran
