@@ -13,6 +13,8 @@ Tables (medians over seeds; each seed redraws the split and the training):
 - `global`: test ROC-AUC and PR-AUC on the pooled test rows (every bank's test rows) of the
   centralized model (trained on every bank's training rows; the best epoch on the pooled
   validation rows, its strongest form) and of each federated setting;
+- `server`: the server optimisers' learning rate `eta` swept on this split, with the pooled
+  validation PR-AUC that would pick it;
 - `defence`: the default screening and aggregation against plain FedAvg, clean, with one
   bank sending its update sign-flipped x10, and with one sending a sign-flipped update scaled
   to the honest updates' median norm (inside every norm screen);
@@ -39,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# Server learning rates swept on this split (10 and 20 rounds of `--epochs` local epochs).
+SERVER_ETAS = {"fedavgm": (0.3, 1.0), "fedadam": (0.003, 0.01, 0.03, 0.1), "fedyogi": (0.003, 0.01, 0.03, 0.1)}
 ATTACKER = "bank-north"  # a small bank: an attacker holding 75% of the data is the federation
 ATTACKS = ("clean", "sign_flip_x10", "sign_flip_in_norm")
 # Aggregation settings compared for the default defence: (strategy, params, screening on).
@@ -173,6 +177,7 @@ def federated(seed: int, rounds: int, epochs: int, strategy: str = "fedavg", par
         except ValueError as exc:  # e.g. Krum with too few updates left after screening
             return {"setting": label or strategy, "seed": seed, "attack": attack, "error": f"round {number}: {exc}"}
     out = {"setting": label or strategy, "seed": seed, "attack": attack, **fed.scores(model, fed.test),
+           "validation_pr_auc": fed.scores(model, fed.validation)["pr_auc"],
            "rejected_updates": rejected, "seconds": time.perf_counter() - started}
     if tracks:
         out["per_silo"] = tracks.finish(model, local_bn)
@@ -293,8 +298,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=3, help="local epochs per round")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", default="global,defence,personal")
-    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--only", default="global,server,defence,personal")
+    parser.add_argument("--output", type=Path, help="also write the JSON here; the tables of the parts not run "
+                                                     "are kept from the file")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     seeds, r, e = range(args.seeds), args.rounds, args.epochs
@@ -316,6 +322,13 @@ def main() -> None:
                                   "label": f"fedadam, {r} rounds x {e} epochs, silos keep Adam"}),
                      (federated, {"seed": seed, "rounds": r, "epochs": e, "strategy": "fedavgm",
                                   "label": f"fedavgm, {r} rounds x {e} epochs, silos keep Adam"})]
+    if "server" in parts:
+        for strategy, etas in SERVER_ETAS.items():
+            for eta in etas:
+                for rounds in (10, 20):
+                    jobs += [(federated, {"seed": seed, "rounds": rounds, "epochs": e, "strategy": strategy,
+                                          "params": {"eta": eta}, "label": f"{strategy} eta {eta}, {rounds} rounds"})
+                             for seed in seeds]
     if "defence" in parts:
         for label, (strategy, params, screening) in DEFENCES.items():
             for attack in ATTACKS:
@@ -332,6 +345,10 @@ def main() -> None:
         "rounds": r, "local_epochs": e, "seeds": args.seeds, "attacker": ATTACKER,
         "personalization": "the federation file's defaults (fl_tasks.config.PersonalizationSpec)",
         "metric": "test rows (pooled: every bank's; per silo: its own), never trained on or picked on"}}
+    if args.output and args.output.exists():
+        kept = json.loads(args.output.read_text())
+        if kept.get("setting") == document["setting"]:
+            document = {**kept, **document}
     document.update(tables(results))
     document["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     text = json.dumps(document, indent=2)
@@ -355,6 +372,10 @@ def tables(results: list[dict]) -> dict:
                 row["roc_points_below_centralized"] = 100 * (reference["median_roc_auc"] - row["median_roc_auc"])
                 row["pr_points_below_centralized"] = 100 * (reference["median_pr_auc"] - row["median_pr_auc"])
                 out["global"][setting] = row
+    server = {setting: runs for (setting, attack), runs in by.items() if " eta " in setting}
+    if server:
+        out["server"] = {setting: {**medians(runs, ("roc_auc", "pr_auc", "validation_pr_auc"))}
+                         for setting, runs in server.items()}
     clean_fedavg = by.get(("fedavg (no screening)", "clean"))
     if clean_fedavg:
         reference = statistics.median(r["roc_auc"] for r in clean_fedavg)
