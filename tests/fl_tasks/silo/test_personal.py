@@ -25,7 +25,6 @@ from fl_tasks.protocol import EvaluationManifest, EvaluationRequest, GlobalManif
 from fl_tasks.protocol.codec import decode_state, decode_update, encode_state
 from fl_tasks.protocol.personalization import PersonalizationSettings, PersonalReport
 from fl_tasks.protocol.storage import ObjectStore
-from fl_tasks.silo import personal as personal_module
 from fl_tasks.silo.agent import SiloAgent
 from fl_tasks.silo.holdout import split_rows
 from fl_tasks.silo.kept import KeptTensors
