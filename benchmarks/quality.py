@@ -137,7 +137,9 @@ def federated(seed: int, rounds: int, epochs: int, strategy: str = "fedavg", par
     round, fine-tune the final global model, and pick what they serve (fl_tasks.silo.personal)."""
     from fl_tasks.aggregation import build
     from fl_tasks.aggregation.mean import cap_shares
+    from fl_tasks.coordinator import screening as screening_rules
     from fl_tasks.tasks.api import load_model_state, model_state
+    from robustness import default_defence
 
     fed = Federation(seed, batch_norm)
     spec, task = fed.spec, fed.task
@@ -166,14 +168,16 @@ def federated(seed: int, rounds: int, epochs: int, strategy: str = "fedavg", par
                 honest.append(trained)
             if tracks:
                 tracks.round(silo, index, number, epochs, base)
-        updates = [(name, attacked(attack, state, base, honest, number) if name == ATTACKER else state, n)
+        updates = [(attacked(attack, state, base, honest, number) if name == ATTACKER else state, n)
                    for name, state, n in updates]
-        kept = screen(spec, task, base, epochs, updates) if screening else updates
-        rejected += len(updates) - len(kept)
-        weights = cap_shares([n for _, _, n in kept], spec.max_weight_share)
+        if screening:
+            weighted, dropped = default_defence(spec, updates, base, epochs, screening_rules, cap_shares, task)
+        else:
+            weighted, dropped = list(zip([s for s, _ in updates], cap_shares([n for _, n in updates],
+                                                                             spec.max_weight_share))), 0
+        rejected += dropped
         try:
-            model = load_model_state(task.build_model(), aggregator.aggregate(
-                base, iter([(state, w) for (_, state, _), w in zip(kept, weights)])))
+            model = load_model_state(task.build_model(), aggregator.aggregate(base, iter(weighted)))
         except ValueError as exc:  # e.g. Krum with too few updates left after screening
             return {"setting": label or strategy, "seed": seed, "attack": attack, "error": f"round {number}: {exc}"}
     out = {"setting": label or strategy, "seed": seed, "attack": attack, **fed.scores(model, fed.test),
@@ -192,26 +196,6 @@ def attacked(attack: str, state, base, honest, number: int):
     if attack == "sign_flip_in_norm":
         return in_norm_sign_flip(state, base, honest)
     return state
-
-
-def screen(spec, task, base, epochs: int, updates: list) -> list:
-    """The coordinator's default screening (banks.yaml's settings): value checks, free riders
-    and the relative-norm screen."""
-    from fl_tasks.coordinator import screening
-
-    rules = spec.screening
-    kept = []
-    for name, state, count in updates:
-        try:
-            screening.check_values(state, base, max_abs=rules.max_abs_value, max_increment=epochs * count,
-                                   ranges=task.tensor_ranges)
-            kept.append((name, state, count))
-        except ValueError:
-            pass
-    norms = {name: screening.update_norm(state, base) for name, state, _ in kept}
-    drop = set(screening.free_riders(norms, rules.min_norm_ratio)) | set(
-        screening.norm_outliers(norms, rules.max_update_norm, rules.max_norm_ratio))
-    return [u for u in kept if u[0] not in drop]
 
 
 class PersonalTracks:

@@ -23,6 +23,7 @@ from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
 from fl_tasks.contract import COLUMN_TYPES, LABEL_TYPES, Column, DataContract
 from fl_tasks.protocol import NAME_PATTERN as ID_PATTERN
 from fl_tasks.protocol.drift import REFERENCES as DRIFT_REFERENCES, DriftSettings
+from fl_tasks.protocol.personalization import PersonalizationSettings
 from fl_tasks.settings import ROUND_SETTINGS, SETTINGS_BY_PATH, default
 
 BUCKET_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/([A-Za-z0-9._/-]*))?$")
@@ -269,15 +270,14 @@ class PersonalizationSpec:
     silo unless `share_weights` opts in (then they are logged to the coordinator's MLflow)."""
 
     strategy: str = "finetune"  # finetune | fedbn | ditto
-    layers: str = "all"  # finetune: all | head
-    # finetune: epochs on the silo's training rows per evaluation; ditto: per round. Defaults from
-    # benchmarks/quality.py (one epoch barely moves a small bank's model).
-    epochs: int = 5
+    # The rest default to the protocol's values (PersonalizationSettings, where they are explained).
+    layers: str = PersonalizationSettings.layers  # finetune: all | head
+    epochs: int = PersonalizationSettings.epochs
     learning_rate: float | None = None  # None: training.learning_rate
-    batch_size: int = 64  # the personal model's batches: small silos need steps
-    ditto_lambda: float = 1.0  # ditto: strength of the pull towards the global model
-    local_only: bool = True  # each silo also trains a model on its rows alone, the baseline to beat
-    share_weights: bool = False
+    batch_size: int = PersonalizationSettings.batch_size
+    ditto_lambda: float = PersonalizationSettings.ditto_lambda
+    local_only: bool = PersonalizationSettings.local_only
+    share_weights: bool = PersonalizationSettings.share_weights
 
 
 DEFAULT_MIN_SILOS = 2  # evaluations a round needs unless the file says otherwise (1 with a single client)

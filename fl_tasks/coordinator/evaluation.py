@@ -41,7 +41,7 @@ from fl_tasks.coordinator.intake import STORAGE_ERRORS, Answer, answer_record, s
 from fl_tasks.config import ConfigError
 from fl_tasks.coordinator.plan import RoundFailed, personalization_settings
 from fl_tasks.protocol import EVALUATIONS, EvaluationManifest, EvaluationRequest, ManifestError, sha256_hex
-from fl_tasks.protocol.personalization import PersonalizationSchemaError, PersonalReport
+from fl_tasks.protocol.personalization import PersonalizationSchemaError, PersonalReport, global_label
 
 log = logging.getLogger(__name__)
 
@@ -538,17 +538,19 @@ class FederatedEvaluation:
         return {"uri": self.records.uri(plan.round_id, name), "key": self.records.key(plan.round_id, name),
                 "bytes": len(kept), "sha256": personal.personal_sha256}
 
-    def personalization(self, results: Mapping[str, Any], global_label: str) -> dict[str, Any] | None:
-        """The per-silo personalization table of screened results (report.personalization_table);
-        None when the evaluation asked for no personalization."""
+    def personalization(self, results: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The per-silo personalization table of screened results (report.personalization_table),
+        against the model the silos personalised (`global_label`: a round's candidate, a check's
+        champion); None when the evaluation asked for no personalization."""
         from fl_tasks.coordinator.report import personalization_table
 
         plan = results["plan"]
+        compared = global_label(plan.models) or next(iter(plan.models))
         versions = {label: str(m["version"]) for label, m in plan.models.items()}
         if plan.purpose == "round":
             versions["base"] = self.c.load_plan(plan.round_id).base_version
         return personalization_table(plan.personalization, results["accepted"], results.get("personal_rejected", {}),
-                                     self.c.task.primary_metric, global_label, versions)
+                                     self.c.task.primary_metric, compared, versions)
 
     def log_personalization(self, round_id: str, run_id: str, table: dict[str, Any]) -> dict[str, dict[str, str]]:
         """The table in the MLflow run `run_id` (personalization.json, tags) and, for the silos
@@ -596,8 +598,7 @@ class FederatedEvaluation:
                         "not_counted": results["closed"]["not_counted"], "figures": results["figures"],
                         "enough_silos": len(results["accepted"]) >= plan.required, "required": plan.required,
                         "audit_log": f"s3://{self.records.bucket}/{self.records.audit.prefix(round_id)}",
-                        "personalization": self.personalization(
-                            results, CHAMPION if CHAMPION in plan.models else next(iter(plan.models)))}
+                        "personalization": self.personalization(results)}
             existing["mlflow_run_id"] = registry.log_evaluation(self.spec, round_id, existing)
             if existing["personalization"]:
                 registered = self.log_personalization(round_id, existing["mlflow_run_id"], existing["personalization"])

@@ -545,7 +545,7 @@ class Coordinator:
                                                settings["max_regression"], settings["max_silo_regression"], self.task)
             deciding = figures[statistic]
             result["candidate"], result["champion"] = deciding.get(CANDIDATE), deciding.get(CHAMPION)
-            result["personalization"] = self.evaluation.personalization(evaluated, CANDIDATE)
+            result["personalization"] = self.evaluation.personalization(evaluated)
         if "coordinator" in sources:
             measured = self._coordinator_figures(round_id, plan)
             result["coordinator_evaluation"] = {k: measured[k] for k in ("candidate", "champion", "rows", "data")}

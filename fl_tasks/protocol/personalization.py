@@ -16,15 +16,24 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 STRATEGIES = ("finetune", "fedbn", "ditto")
 LAYERS = ("all", "head")
 SERVED = ("global", "personal")
+# Which requested model is "the global model" a personal one starts from and is compared with, in order.
+GLOBAL_LABELS = ("candidate", "champion")
 MAX_TENSORS = 4096
 MAX_TEXT = 200
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def global_label(labels: Collection[str]) -> str | None:
+    """The requested model a personal one starts from and is compared with, on both sides: the
+    candidate, else the champion; None when the request names neither."""
+    return next((label for label in GLOBAL_LABELS if label in labels), None)
 
 
 class PersonalizationSchemaError(ValueError):
@@ -54,6 +63,8 @@ class PersonalizationSettings:
 
     strategy: str
     layers: str = "all"
+    # epochs, batch_size and ditto_lambda: from benchmarks/quality.py (one epoch barely moves a
+    # small bank's model, and a weak pull leaves Ditto's model behind the global one).
     epochs: int = 5
     learning_rate: float = 0.001
     # Small batches: a silo's personal training is a few epochs on its own rows, and a small

@@ -59,13 +59,14 @@ from fl_tasks.protocol import (DeclineManifest, EvaluationManifest, EvaluationRe
 from fl_tasks.protocol import signing
 from fl_tasks.protocol.codec import Codec, CodecError, decode_state, encode_update
 from fl_tasks.protocol.drift import DriftSettings
+from fl_tasks.protocol.personalization import global_label
 from fl_tasks.protocol.storage import ObjectStore, StorageUnavailable
 from fl_tasks.silo.drift import (DriftError, ReferenceStore, default_state_dir, drift_folder, measure_drift,
                                  prune_reports, report_path)
 from fl_tasks.silo.holdout import silo_salt, split_rows
 from fl_tasks.silo.optimizer_state import OptimizerStateStore, optimizer_folder
-from fl_tasks.silo.personal import (NoPersonalModel, PersonalEvaluation, SiloPersonalization, global_label,
-                                    personal_folder, settings_of)
+from fl_tasks.silo.personal import (NoPersonalModel, PersonalEvaluation, SiloPersonalization, personal_folder, scored,
+                                    settings_of)
 from fl_tasks.silo.residual import ResidualStore, residual_folder
 from fl_tasks.silo.sources import DataSource, DataSourceError, Window, open_source
 
@@ -517,11 +518,8 @@ class SiloAgent:
 
     def score_state(self, task, label: str, state: dict[str, "np.ndarray"], rows: "pd.DataFrame") -> dict[str, float]:
         """The task's metrics of one model's weights on `rows`; Decline when it cannot be scored."""
-        from fl_tasks.tasks.api import load_model_state
-
         try:
-            loaded = load_model_state(task.build_model(), state)
-            return {name: float(value) for name, value in task.evaluate(loaded, rows).items()}
+            return scored(task, state, rows)
         except ValueError as exc:  # e.g. a share with a single class: no ROC-AUC
             raise Decline(f"model '{label}' cannot be scored on this silo's evaluation share: {exc}") from None
 

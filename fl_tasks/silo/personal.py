@@ -60,9 +60,6 @@ if TYPE_CHECKING:
 
     from fl_tasks.tasks.api import Task, TrainingSettings
 
-# Which requested model is "the global model" a personal one is compared with, in order.
-GLOBAL_LABELS = ("candidate", "champion")
-
 State = dict[str, "np.ndarray"]
 
 
@@ -78,12 +75,6 @@ def personal_folder(state_dir: Path, federation: str) -> Path:
 def settings_of(block: Mapping[str, Any]) -> PersonalizationSettings | None:
     """The manifest's personalization block parsed; None when it is empty (personalization off)."""
     return PersonalizationSettings.from_dict(dict(block)) if block else None
-
-
-def global_label(labels: Collection[str]) -> str | None:
-    """The requested model a personal one starts from and is compared with: the candidate,
-    else the champion; None when the request names neither."""
-    return next((label for label in GLOBAL_LABELS if label in labels), None)
 
 
 def without(state: Mapping[str, "np.ndarray"], names: Collection[str]) -> State:
