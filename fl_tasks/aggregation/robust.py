@@ -6,8 +6,13 @@ client could inflate its own. The example-weighted variants at the end (weighted
 weighted trimmed mean, weighted row mean, centered clipping) take one weight w_i >= 0 per row,
 normalised to sum 1; they keep a big silo's data from being thrown away on unequal splits,
 and lean on the caller to bound each weight (the coordinator caps shares first). Coordinate-wise
-rules run over column blocks, cast to float64, so their temporaries stay O(n * block) instead
-of a second copy of the matrix. Results are float64 vectors of length d.
+rules run over column blocks, so their temporaries stay O(n * block) instead of a second copy
+of the matrix. Results are float64 vectors of length d.
+
+The unweighted median, trimmed mean, Bulyan's coordinate step and the Krum distances run on
+the fast kernels of `kernels.py` (compare-exchange networks on the rows' own dtype, a float64
+Gram product), which give the numpy formulas' results: the median bit for bit, the means up
+to float64 rounding (tests/fl_tasks/aggregation/test_kernels.py checks them against numpy).
 
 References: Yin et al. 2018 (median, trimmed mean); Blanchard et al. 2017 (Krum, Multi-Krum);
 El Mhamdi et al. 2018 (Bulyan); Karimireddy, He & Jaggi 2021, "Learning from History for
@@ -21,7 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Matrix elements per column block (8 MiB of float64).
+from fl_tasks.aggregation import kernels
+
+# Matrix elements per column block (8 MiB of float64); the kernels' chunks are smaller still.
 BLOCK_ELEMENTS = 1 << 20
 
 
@@ -41,8 +48,9 @@ def _by_columns(x: np.ndarray, rule: Callable[[np.ndarray], np.ndarray],
 
 
 def coordinate_median(x: np.ndarray) -> np.ndarray:
-    """Median of each column (mean of the two middle values when n is even)."""
-    return _by_columns(x, lambda block: np.median(block, axis=0))
+    """Median of each column (mean of the two middle values when n is even): np.median of
+    the float64 columns, bit for bit."""
+    return kernels.median(x, limit=BLOCK_ELEMENTS)
 
 
 def trimmed_count(n: int, beta: float) -> int:
@@ -56,16 +64,9 @@ def trimmed_mean(x: np.ndarray, beta: float) -> np.ndarray:
     k = trimmed_count(n, beta)
     if not 0 <= beta < 0.5 or n - 2 * k < 1:
         raise ValueError(f"trimmed mean with beta={beta} and n={n} keeps {n - 2 * k} values per coordinate")
-    if k == 0:
-        return _by_columns(x, lambda block: block.mean(axis=0))
-
-    def rule(block: np.ndarray) -> np.ndarray:
-        # After partitioning around positions k and n-k-1, rows k..n-k-1 hold exactly the
-        # kept values (in some order): no full sort needed.
-        block.partition((k, n - k - 1), axis=0)
-        return block[k:n - k].mean(axis=0)
-
-    return _by_columns(x, rule)
+    # The kept values are selected exactly (a selection network, or a sort for large n) and
+    # added in float64; k = 0 adds the rows in order, as ndarray.mean(axis=0) does.
+    return kernels.middle_mean(x, k, limit=BLOCK_ELEMENTS)
 
 
 def row_mean(x: np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -79,15 +80,10 @@ def pairwise_squared_distances(x: np.ndarray) -> np.ndarray:
     The rows are centred on their column mean first (distances do not change): client models
     are full weights that differ by small updates, and uncentred norms would cancel away the
     digits the distances live in. The Gram product is accumulated over column blocks in
-    float64; the result is symmetrised, clipped at 0, with an exact zero diagonal.
+    float64 (kernels.centred_gram: O(n * block) extra memory); the result is symmetrised,
+    clipped at 0, with an exact zero diagonal.
     """
-    n, d = x.shape
-    gram = np.zeros((n, n), dtype=np.float64)
-    step = max(1, BLOCK_ELEMENTS // max(n, 1))
-    for start in range(0, d, step):
-        block = x[:, start:start + step].astype(np.float64)
-        block -= block.mean(axis=0)
-        gram += block @ block.T
+    gram = kernels.centred_gram(x, limit=BLOCK_ELEMENTS)
     sq_norms = np.diag(gram).copy()
     dist = sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram
     dist = (dist + dist.T) / 2.0
@@ -134,13 +130,11 @@ def bulyan_select(sq_dists: np.ndarray, f: int, theta: int) -> np.ndarray:
 
 def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Per column: the mean of the beta values closest to the column's median. Equal
-    distances go to the earlier row (stable sort), so the result is deterministic."""
-    def rule(block: np.ndarray) -> np.ndarray:
-        median = np.median(block, axis=0)
-        order = np.argsort(np.abs(block - median), axis=0, kind="stable")[:beta]
-        return np.take_along_axis(block, order, axis=0).mean(axis=0)
-
-    return _by_columns(x, rule, rows)
+    distances go to the earlier row (stable sort), so the result is deterministic. When more
+    than half the values are kept (Bulyan) the kernel selects them as a window of the sorted
+    column and recomputes by the stable sort only the columns where two different values tie
+    at the cut."""
+    return kernels.mean_closest_to_median(x, beta, rows, limit=BLOCK_ELEMENTS)
 
 
 def bulyan(x: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:

@@ -173,7 +173,7 @@ def test_integer_buffers_take_the_rounded_median_never_zero():
         assert out["n"].dtype == np.int64 and out["n"].shape == ()
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 10, 16, 17, 33, 100])
 def test_median_matches_reference(n):
     states = random_states(n, seed=n)
     out = aggregate("median", [(s, i + 1) for i, s in enumerate(states)], base_like(states))
@@ -213,7 +213,8 @@ def test_trimmed_mean_ignores_example_counts():
     assert aggregate("trimmed_mean", ups, beta=0.25)["w"][0] == 2.5
 
 
-@pytest.mark.parametrize("n,beta", [(2, 0.0), (3, 0.34), (5, 0.2), (6, 0.3), (8, 0.25), (9, 0.45), (10, 0.1)])
+@pytest.mark.parametrize("n,beta", [(2, 0.0), (3, 0.34), (5, 0.2), (6, 0.3), (8, 0.25), (9, 0.45), (10, 0.1),
+                                    (16, 0.2), (17, 0.1), (33, 0.3), (100, 0.1), (100, 0.49)])
 def test_trimmed_mean_matches_reference(n, beta):
     states = random_states(n, seed=100 + n)
     out = aggregate("trimmed_mean", [(s, 1) for s in states], base_like(states), beta=beta)
@@ -290,7 +291,7 @@ def test_pairwise_distances_over_several_column_blocks(monkeypatch):
     np.testing.assert_allclose(robust.pairwise_squared_distances(x), whole, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,f", [(3, 0), (5, 1), (6, 1), (7, 2), (8, 2), (10, 3)])
+@pytest.mark.parametrize("n,f", [(3, 0), (5, 1), (6, 1), (7, 2), (8, 2), (10, 3), (16, 2), (33, 5)])
 def test_krum_matches_reference(n, f):
     states = random_states(n, seed=200 + n)
     states[-1] = {k: (v * 10 if np.issubdtype(v.dtype, np.floating) else v) for k, v in states[-1].items()}
@@ -355,7 +356,7 @@ def test_mean_closest_to_median_by_hand():
     assert robust.mean_closest_to_median(x, 2, rows=[0, 1, 2, 4, 3])[0] == 2.5
 
 
-@pytest.mark.parametrize("n,f", [(3, 0), (4, 0), (7, 1), (8, 1), (11, 2), (12, 2)])
+@pytest.mark.parametrize("n,f", [(3, 0), (4, 0), (7, 1), (8, 1), (11, 2), (12, 2), (16, 3), (17, 1)])
 def test_bulyan_matches_reference(n, f):
     states = random_states(n, seed=400 + n)
     for i in range(f):  # f attackers far away
