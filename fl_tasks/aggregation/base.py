@@ -34,9 +34,14 @@ class RobustStrategy:
         """The result's floating tensors as one vector; sets `outcome`."""
         raise NotImplementedError
 
+    def stack(self, base: Mapping[str, np.ndarray],
+              updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Stacked:
+        """The updates as rows of one matrix, after the count check."""
+        return stack_updates(base, updates, self.check_count)
+
     def aggregate(self, base: Mapping[str, np.ndarray],
                   updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> StateDict:
-        stacked: Stacked = stack_updates(base, updates, self.check_count)
+        stacked: Stacked = self.stack(base, updates)
         return assemble(stacked, self.combine(stacked.matrix))
 
 

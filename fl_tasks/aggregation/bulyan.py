@@ -35,8 +35,25 @@ class Bulyan(RobustStrategy):
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
         vector, selected = robust.bulyan(matrix, self.f)
-        n = matrix.shape[0]
+        self._picked(matrix.shape[0], selected)
+        return vector
+
+    def _picked(self, n: int, selected: np.ndarray) -> None:
         self.outcome = Outcome(f"bulyan (f={self.f}): {n - 2 * self.f} updates picked by iterated Krum, then per "
                                f"coordinate the mean of the {n - 4 * self.f} picked values closest to their median: "
                                "no update has a weight", None, tuple(sorted(int(i) for i in selected)))
-        return vector
+
+    def select(self, distances: np.ndarray) -> np.ndarray:
+        """Iterated Krum's picks (in the order picked) from the (n, n) squared distances; sets
+        `outcome`. Sharded aggregation passes the distances summed over its shards."""
+        n = distances.shape[0]
+        theta, beta = robust.bulyan_counts(n, self.f)
+        if beta < 1:
+            raise ValueError(f"bulyan with f={self.f} needs at least {4 * self.f + 1} models, got {n}")
+        selected = robust.bulyan_select(distances, self.f, theta)
+        self._picked(n, selected)
+        return selected
+
+    def combine_selected(self, matrix: np.ndarray, selected: np.ndarray) -> np.ndarray:
+        """Bulyan's coordinate step on the picked rows (of all columns, or of one shard's)."""
+        return robust.mean_closest_to_median(matrix, robust.bulyan_counts(matrix.shape[0], self.f)[1], selected)

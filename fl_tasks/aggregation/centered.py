@@ -23,6 +23,19 @@ def _indices(flags: np.ndarray) -> str:
     return "[" + ", ".join(str(int(i)) for i in np.flatnonzero(flags)) + "]"
 
 
+NO_CENTER = "from zero (no previous center)"
+CENTER_MISMATCH = "from zero (the saved center did not match the model)"
+CENTER_NOT_FINITE = "from zero (the saved center was not finite)"
+CENTER_SAVED = "from the previous round's delta"
+
+
+def center_fits(state_shapes: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """A saved center ('v/<tensor>' -> shape) fits a model whose floating tensors have `shapes`."""
+    expected = {f"v/{name}": tuple(shape) for name, shape in shapes.items()}
+    return set(state_shapes) == set(expected) and all(
+        tuple(state_shapes[key]) == shape for key, shape in expected.items())
+
+
 class CenteredClipping(WeightedRobustStrategy):
     """Centered clipping on the deltas x_i = client_i - base (floating tensors), weights the
     updates' example weights normalised to sum 1 (w_i):
@@ -75,17 +88,31 @@ class CenteredClipping(WeightedRobustStrategy):
         """v_0 as a float64 vector in the layout's order, and where it came from."""
         center = np.zeros(layout.size, dtype=np.float64)
         if not self._state:
-            return center, "from zero (no previous center)"
-        expected = {f"v/{name}": layout.shapes[name] for name in layout.names}
-        fits = set(self._state) == set(expected) and all(
-            np.shape(self._state[key]) == shape for key, shape in expected.items())
-        if not fits:
-            return center, "from zero (the saved center did not match the model)"
+            return center, NO_CENTER
+        if not center_fits({key: np.shape(value) for key, value in self._state.items()}, layout.shapes):
+            return center, CENTER_MISMATCH
         for name in layout.names:
             center[layout.slices[name]] = np.asarray(self._state[f"v/{name}"], dtype=np.float64).reshape(-1)
         if not np.all(np.isfinite(center)):
-            return np.zeros(layout.size, dtype=np.float64), "from zero (the saved center was not finite)"
-        return center, "from the previous round's delta"
+            return np.zeros(layout.size, dtype=np.float64), CENTER_NOT_FINITE
+        return center, CENTER_SAVED
+
+    def radius_for(self, first_distances: np.ndarray) -> tuple[float, str]:
+        """tau as used, from ||x_i - v_0|| (adaptive) or fixed, and how it was chosen."""
+        if self.tau > 0:
+            return self.tau, "fixed"
+        return (self.tau_ratio * float(np.median(first_distances)),
+                f"adaptive: {self.tau_ratio:g} x the median distance to the center")
+
+    def record(self, n: int, origin: str, tau: float, how: str, result: robust.CenteredClip) -> None:
+        """Set `radius`, `clipped` and `outcome` from what the rule did."""
+        anywhere = result.clipped.any(axis=0)
+        self.radius, self.clipped = float(tau), tuple(bool(c) for c in anywhere)
+        self.outcome = Outcome(
+            f"centered clipping (tau={self.tau:g}, tau_ratio={self.tau_ratio:g}, iterations={self.iterations}) of "
+            f"{n} updates, example-weighted, {origin}: radius {tau:.6g} ({how}); clipped in the first iteration "
+            f"{_indices(result.clipped[0])}, in any {_indices(anywhere)}; the previous center keeps share "
+            f"{result.history_share:.3g}", tuple(float(e) for e in result.influence))
 
     # --- aggregation ----------------------------------------------------------------------------
     def aggregate(self, base: Mapping[str, np.ndarray],
@@ -99,24 +126,13 @@ class CenteredClipping(WeightedRobustStrategy):
         # of building an (n, d) matrix of deltas.
         center = base_vector + previous
         del previous
-        if self.tau > 0:
-            tau, how = self.tau, "fixed"
-        else:
-            tau = self.tau_ratio * float(np.median(robust.row_distances(matrix, center)))
-            how = f"adaptive: {self.tau_ratio:g} x the median distance to the center"
+        tau, how = self.radius_for(robust.row_distances(matrix, center) if self.tau == 0 else np.zeros(0))
         result = robust.centered_clipping(matrix, self.weights, center, tau, self.iterations)
         delta = result.vector - base_vector
         new_state = {f"v/{name}": delta[layout.slices[name]].reshape(layout.shapes[name])
                      .astype(_center_dtype(base[name])) for name in layout.names}
         del delta
         out = assemble(stacked, result.vector)
-        n = matrix.shape[0]
-        anywhere = result.clipped.any(axis=0)
-        self.radius, self.clipped = float(tau), tuple(bool(c) for c in anywhere)
-        self.outcome = Outcome(
-            f"centered clipping (tau={self.tau:g}, tau_ratio={self.tau_ratio:g}, iterations={self.iterations}) of "
-            f"{n} updates, example-weighted, {origin}: radius {tau:.6g} ({how}); clipped in the first iteration "
-            f"{_indices(result.clipped[0])}, in any {_indices(anywhere)}; the previous center keeps share "
-            f"{result.history_share:.3g}", tuple(float(e) for e in result.influence))
+        self.record(matrix.shape[0], origin, tau, how, result)
         self._state = new_state  # only once everything succeeded
         return out

@@ -32,10 +32,21 @@ def clip_update(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
     norm = update_norm(state, base)
     if not math.isfinite(norm):
         raise ValueError(f"update has a non-finite norm ({norm}); it cannot be clipped")
+    return scale_update(state, base, clip_scale(norm, max_norm))
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor min(1, max_norm / norm) that clipping applies to an update of that norm."""
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
+def scale_update(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], scale: float) -> StateDict:
+    """base + (state - base) * scale on the floating tensors, in the base's dtypes (the others
+    unchanged); scale 1 gives the same arrays in a new dict. Sharded aggregation applies the
+    scale of the whole update (from its norm over every shard) to one shard's slices."""
     out = dict(state)
-    if norm <= max_norm:
+    if scale == 1.0:
         return out
-    scale = max_norm / norm
     for name in floating_names(base):
         ref = np.asarray(base[name])
         delta = np.asarray(state[name], dtype=np.float64) - ref

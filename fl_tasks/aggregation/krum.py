@@ -45,11 +45,19 @@ class Krum(RobustStrategy):
         require_krum_count(self.name, self.f, n)
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
-        distances = robust.pairwise_squared_distances(matrix)
+        return self.combine_selected(matrix, self.select(robust.pairwise_squared_distances(matrix)))
+
+    def select(self, distances: np.ndarray) -> np.ndarray:
+        """The picked rows from the (n, n) squared distances (sets `outcome`); sharded
+        aggregation passes the distances summed over its shards."""
         best = robust.krum_select(distances, self.f, 1)
         self.outcome = selection_outcome(f"krum (f={self.f}): the one update with the lowest score",
                                          distances, self.f, best)
-        return matrix[int(best[0])].astype(np.float64)
+        return best
+
+    def combine_selected(self, matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        """The result vector from the rows `select` picked (of all n rows, or of one shard's columns)."""
+        return matrix[int(chosen[0])].astype(np.float64)
 
 
 class MultiKrum(RobustStrategy):
@@ -80,12 +88,16 @@ class MultiKrum(RobustStrategy):
                              f"(n={n} client updates)")
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
-        n = matrix.shape[0]
-        distances = robust.pairwise_squared_distances(matrix)
-        m = self.selected_count(n)
+        return self.combine_selected(matrix, self.select(robust.pairwise_squared_distances(matrix)))
+
+    def select(self, distances: np.ndarray) -> np.ndarray:
+        m = self.selected_count(distances.shape[0])
         chosen = robust.krum_select(distances, self.f, m)
         self.outcome = selection_outcome(f"multi_krum (f={self.f}, m={m}): unweighted mean of the {m} updates "
                                          "with the lowest scores", distances, self.f, chosen)
+        return chosen
+
+    def combine_selected(self, matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
         return robust.row_mean(matrix, np.sort(chosen))
 
 
@@ -100,9 +112,8 @@ class WeightedMultiKrum(WeightedRobustStrategy, MultiKrum):
 
     name = "weighted_multi_krum"
 
-    def combine(self, matrix: np.ndarray) -> np.ndarray:
-        n = matrix.shape[0]
-        distances = robust.pairwise_squared_distances(matrix)
+    def select(self, distances: np.ndarray) -> np.ndarray:
+        n = distances.shape[0]
         m = self.selected_count(n)
         chosen = np.sort(robust.krum_select(distances, self.f, m))
         picked = self.weights[chosen]
@@ -114,4 +125,7 @@ class WeightedMultiKrum(WeightedRobustStrategy, MultiKrum):
                                "with the lowest scores", tuple(float(s) for s in shares),
                                tuple(int(i) for i in chosen),
                                tuple(float(s) for s in robust.krum_scores(distances, self.f)))
-        return robust.weighted_row_mean(matrix, chosen, picked)
+        return chosen
+
+    def combine_selected(self, matrix: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        return robust.weighted_row_mean(matrix, chosen, self.weights[chosen])

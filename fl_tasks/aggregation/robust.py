@@ -83,7 +83,14 @@ def pairwise_squared_distances(x: np.ndarray) -> np.ndarray:
     float64 (kernels.centred_gram: O(n * block) extra memory); the result is symmetrised,
     clipped at 0, with an exact zero diagonal.
     """
-    gram = kernels.centred_gram(x, limit=BLOCK_ELEMENTS)
+    return distances_from_gram(kernels.centred_gram(x, limit=BLOCK_ELEMENTS))
+
+
+def distances_from_gram(gram: np.ndarray) -> np.ndarray:
+    """(n, n) squared distances ||x_i - x_j||^2 = G_ii + G_jj - 2 G_ij from a Gram matrix of
+    the rows (of any translate of them: deltas from a base, centred rows), symmetrised,
+    clipped at 0, with an exact zero diagonal. Sharded aggregation sums the Gram over shards."""
+    gram = np.asarray(gram, dtype=np.float64)
     sq_norms = np.diag(gram).copy()
     dist = sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram
     dist = (dist + dist.T) / 2.0
@@ -148,6 +155,12 @@ def bulyan(x: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"bulyan with f={f} needs at least {4 * f + 1} models, got {n}")
     selected = bulyan_select(pairwise_squared_distances(x), f, theta)
     return mean_closest_to_median(x, beta, selected), selected
+
+
+def bulyan_counts(n: int, f: int) -> tuple[int, int]:
+    """Bulyan's theta = n - 2f (models picked by iterated Krum) and beta = theta - 2f (values
+    kept per coordinate)."""
+    return n - 2 * f, n - 4 * f
 
 
 # --- example-weighted rules ------------------------------------------------------------------------
@@ -286,10 +299,7 @@ def centered_clipping(x: np.ndarray, weights: Sequence[float] | np.ndarray, cent
     step = max(1, BLOCK_ELEMENTS // max(n, 1))
     for it in range(iterations):
         dist = row_distances(x, v)
-        clipped[it] = dist > tau
-        scale = np.ones(n, dtype=np.float64)
-        np.divide(tau, dist, out=scale, where=clipped[it])
-        c = w * scale  # v_{l+1} = (1 - sum c) v_l + sum_i c_i x_i
+        c, clipped[it] = clip_coefficients(dist, w, tau)
         influence = (1.0 - c.sum()) * influence + c
         history *= 1.0 - c.sum()
         for start in range(0, d, step):
@@ -297,6 +307,48 @@ def centered_clipping(x: np.ndarray, weights: Sequence[float] | np.ndarray, cent
             block -= v[start:start + step]
             v[start:start + step] += c @ block
     return CenteredClip(v, influence, history, clipped)
+
+
+def clip_coefficients(dist: np.ndarray, w: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """One centered-clipping step's coefficients c_i = w_i min(1, tau / dist_i), with
+    v_{l+1} = (1 - sum c) v_l + sum_i c_i x_i, and which rows were clipped (dist_i > tau)."""
+    clipped = dist > tau
+    scale = np.ones(dist.shape[0], dtype=np.float64)
+    np.divide(tau, dist, out=scale, where=clipped)
+    return w * scale, clipped
+
+
+def gram_distances(gram: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """||z_i - v|| for the rows z_1..z_n of a set {z_0 .. z_n} with Gram matrix `gram` and
+    v = sum_k coefficients_k z_k: ||z_i||^2 - 2 (G a)_i + a.G.a, clipped at 0."""
+    a = np.asarray(coefficients, dtype=np.float64)
+    ga = gram @ a
+    squared = np.diag(gram)[1:] - 2.0 * ga[1:] + float(a @ ga)
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def centered_clipping_gram(gram: np.ndarray, weights: Sequence[float] | np.ndarray, tau: float,
+                           iterations: int) -> CenteredClip:
+    """`centered_clipping` from the Gram matrix of {v_0, x_1 .. x_n} alone (deltas: the center
+    and the updates minus any common point): v_l stays the affine combination
+    a_0 v_0 + sum_i a_i x_i, so every distance follows from the Gram matrix. `vector` is the
+    final coefficient vector a (length n + 1, a_0 the center's share); applying it to the
+    rows, shard by shard, gives v_L."""
+    gram = np.asarray(gram, dtype=np.float64)
+    n = gram.shape[0] - 1
+    w = normalised_weights(weights, n)
+    if not (np.isfinite(tau) and tau >= 0):
+        raise ValueError(f"centered clipping needs a finite radius tau >= 0, got {tau}")
+    if iterations < 1:
+        raise ValueError(f"centered clipping needs iterations >= 1, got {iterations}")
+    a = np.zeros(n + 1, dtype=np.float64)
+    a[0] = 1.0
+    clipped = np.zeros((iterations, n), dtype=bool)
+    for it in range(iterations):
+        c, clipped[it] = clip_coefficients(gram_distances(gram, a), w, tau)
+        a *= 1.0 - c.sum()
+        a[1:] += c
+    return CenteredClip(a, a[1:].copy(), float(a[0]), clipped)
 
 
 def centered_clip(x: np.ndarray, weights: Sequence[float] | np.ndarray, center: np.ndarray,
