@@ -129,6 +129,27 @@ def _step(federation_file: str, step: str, round_id: str) -> Any:
     return run_step(coordinator_for(federation_file), step, round_id)
 
 
+def _shard_step(federation_file: str, step: str, round_id: str, shard: int | None = None) -> Any:
+    """A sharded round's step (fl_tasks.coordinator.shards), for one shard when `shard` is given."""
+    from fl_airflow.steps import coordinator_for
+
+    from fl_tasks.config import ConfigError
+    from fl_tasks.coordinator import RoundFailed
+
+    coordinator = coordinator_for(federation_file)
+    try:
+        return getattr(coordinator, step)(round_id) if shard is None else getattr(coordinator, step)(round_id, shard)
+    except (RoundFailed, ConfigError) as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def _aggregator_text(spec: FederationSpec) -> str:
+    if spec.shards <= 1:
+        return spec.aggregation
+    return (f"{spec.aggregation}, in {spec.shards} shards: **shard_statistics** and **aggregate_shard** mapped over "
+            "the shards, each reading only its byte ranges of every update, then **assemble_candidate**")
+
+
 def _quorum_text(spec: FederationSpec) -> str:
     q = spec.quorum
     text = f"{q.min_clients} of {len(spec.clients)} clients"
@@ -158,7 +179,7 @@ def build_round_dag(spec: FederationSpec):
         max_active_runs=1,
         params=round_params(spec),
         tags=["federated-learning", spec.federation],
-        doc_md=DOC.format(federation=spec.federation, description=spec.description, aggregator=spec.aggregation,
+        doc_md=DOC.format(federation=spec.federation, description=spec.description, aggregator=_aggregator_text(spec),
                           model_name=spec.model_name, clients=", ".join(c.id for c in spec.clients),
                           quorum=_quorum_text(spec), source=spec.source, gates=_gates_text(spec),
                           evaluation=EVALUATION_STEPS.format(min_silos=fed.min_silos, timeout=fed.timeout_minutes)
@@ -206,6 +227,20 @@ def build_round_dag(spec: FederationSpec):
         def aggregate(round_id: str) -> dict[str, Any]:
             summary = _step(federation_file, "aggregate", round_id)
             return {"accepted": [a["client_id"] for a in summary["accepted"]], "rejected": summary["rejected"]}
+
+        # Sharded rounds (aggregation.shards > 1): `aggregate` screens; these aggregate.
+        @task(show_return_value_in_logs=False)
+        def shard_statistics(round_id: str, shard: int) -> dict[str, Any]:
+            return _shard_step(federation_file, "shard_statistics", round_id, shard)
+
+        @task(show_return_value_in_logs=False)
+        def aggregate_shard(round_id: str, shard: int) -> dict[str, Any]:
+            return _shard_step(federation_file, "aggregate_shard", round_id, shard)
+
+        @task(show_return_value_in_logs=False)
+        def assemble_candidate(round_id: str) -> dict[str, Any]:
+            summary = _shard_step(federation_file, "assemble_candidate", round_id)
+            return {"accepted": [a["client_id"] for a in summary["accepted"]], "candidate": summary["candidate_sha256"]}
 
         @task
         def request_evaluation(round_id: str) -> list[str]:
@@ -258,7 +293,15 @@ def build_round_dag(spec: FederationSpec):
             evaluation = [request_evaluation(round_id), QuorumSensor(
                 task_id="wait_for_evaluations", federation_file=federation_file, round_id=round_id,
                 answers="evaluation")]
-        chain(dispatch(round_id), wait, aggregate(round_id), *evaluation, validate(round_id), register,
+        sharded = []
+        if spec.shards > 1:
+            # Mapped over the shards known when the file is parsed. The statistics tasks always run:
+            # a round's trigger form may pick a strategy that needs them; for one that does not,
+            # each returns at once without reading anything.
+            shards = list(range(spec.shards))
+            sharded = [shard_statistics.partial(round_id=round_id).expand(shard=shards),
+                       aggregate_shard.partial(round_id=round_id).expand(shard=shards), assemble_candidate(round_id)]
+        chain(dispatch(round_id), wait, aggregate(round_id), *sharded, *evaluation, validate(round_id), register,
               promote_or_rollback(round_id), [promote, rollback], summary())
 
     return fl_round()

@@ -329,6 +329,9 @@ class FederationSpec:
     clip_norm: float | None = None  # server-side clipping of ||update - base|| before the strategy
     # No silo's share of a weighted strategy's weights above this; the excess goes to the others.
     max_weight_share: float | None = 0.5
+    # Sharded aggregation (fl_tasks.aggregation.sharded): the round's model is aggregated in this
+    # many slices by mapped tasks, each reading only its byte ranges of every update; 1: one task.
+    shards: int = 1
     screening: ScreeningSpec = field(default_factory=ScreeningSpec)
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
@@ -555,7 +558,7 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     _require(not dupes, source, "clients", f"duplicate client ids {dupes}", "give every client a unique id")
 
-    aggregation, aggregation_params, clip_norm, max_weight_share, min_updates = _parse_aggregation(
+    aggregation, aggregation_params, clip_norm, max_weight_share, min_updates, shards = _parse_aggregation(
         raw.get("aggregation", default("aggregation.strategy")), source)
     _require(min_updates <= len(clients), source, "aggregation.params",
              f"{aggregation} with {aggregation_params} needs at least {min_updates} client updates, "
@@ -595,6 +598,7 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
         aggregation_params=aggregation_params,
         clip_norm=clip_norm,
         max_weight_share=max_weight_share,
+        shards=shards,
         screening=_section(ScreeningSpec, raw.get("screening"), source, "screening"),
         quorum=_section(QuorumSpec, raw.get("quorum"), source, "quorum"),
         staleness=_section(StalenessSpec, raw.get("staleness"), source, "staleness"),
@@ -618,16 +622,21 @@ def parse_federation(raw: Any, source: str = "<federation>") -> FederationSpec:
     return spec
 
 
-def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, float | None, int]:
-    """`aggregation: krum`, or a mapping {strategy, params, clip_norm, max_weight_share}."""
+def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, float | None, int, int]:
+    """`aggregation: krum`, or a mapping {strategy, params, clip_norm, max_weight_share, shards}."""
     where = "aggregation" if isinstance(raw, str) else "aggregation.strategy"
     if isinstance(raw, str):
         raw = {"strategy": raw}
-    _require(isinstance(raw, dict) and set(raw) <= {"strategy", "params", "clip_norm", "max_weight_share"}, source,
-             "aggregation", "expected a strategy name or a mapping with strategy, params, clip_norm, max_weight_share",
+    _require(isinstance(raw, dict) and set(raw) <= {"strategy", "params", "clip_norm", "max_weight_share", "shards"},
+             source, "aggregation",
+             "expected a strategy name or a mapping with strategy, params, clip_norm, max_weight_share, shards",
              "e.g. 'aggregation: {strategy: krum, params: {f: 1}}'")
     name, params, clip = raw.get("strategy", default("aggregation.strategy")), raw.get("params") or {}, raw.get("clip_norm")
     share = raw.get("max_weight_share", 0.5)
+    shards = raw.get("shards", 1)
+    _require(isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1, source, "aggregation.shards",
+             f"{shards!r} is not a whole number >= 1",
+             "e.g. 4 to aggregate a large model in 4 mapped tasks, or 1 (the default) for one task")
     _require(share is None or (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1),
              source, "aggregation.max_weight_share", f"{share!r} is not a share in (0, 1]",
              "e.g. 0.5, or null to let example counts alone decide the weights")
@@ -649,7 +658,7 @@ def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, 
     except ValueError as exc:
         raise ConfigError(source, "aggregation.params", str(exc), "fix the parameter values") from None
     return (name, dict(params), None if clip is None else float(clip), None if share is None else float(share),
-            strategy.min_updates)
+            strategy.min_updates, shards)
 
 
 def _parse_evaluation(raw: Any, source: str, num_clients: int) -> EvaluationSpec:
@@ -788,6 +797,15 @@ def _validate_values(spec: FederationSpec, source: str) -> None:
     _require(t.batch_size >= 1, source, "training.batch_size", "must be at least 1", "e.g. 512")
     _require(t.proximal_mu >= 0, source, "training.proximal_mu", "must not be negative", "0 disables it")
     _check_codec(t.codec, source)
+    if spec.shards > 1:
+        _require(t.codec == "fp32", source, "aggregation.shards",
+                 f"sharded aggregation reads byte ranges of full-weight updates, and training.codec is {t.codec!r}",
+                 "set training.codec: fp32, or aggregation.shards: 1")
+        _require(spec.privacy is None, source, "aggregation.shards", "private rounds (the privacy section) are not "
+                 "sharded", "remove aggregation.shards (or set it to 1), or remove the privacy section")
+        _require(spec.personalization is None or spec.personalization.strategy != "fedbn", source,
+                 "aggregation.shards", "fedbn updates leave out the silos' local tensors, which sharded "
+                 "aggregation reads by byte range", "set aggregation.shards: 1 with personalization.strategy: fedbn")
     from fl_tasks.tasks.api import LR_SCHEDULES
 
     _require(t.lr_schedule in LR_SCHEDULES, source, "training.lr_schedule", f"unknown schedule {t.lr_schedule!r}",

@@ -10,6 +10,7 @@ connection's, else FL_S3_ENDPOINT_URL, else the federation's `storage.endpoint_u
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from fl_tasks.config import FederationSpec
@@ -24,23 +25,27 @@ def default_access(aws_conn_id: str | None) -> S3Access:
 
 
 class BucketAccess:
-    """One ObjectStore per (connection, endpoint), made on first use."""
+    """One ObjectStore per (connection, endpoint), made on first use (under a lock: the
+    coordinator's thread pools ask for them concurrently, and boto3 makes clients from its
+    default session, which is not thread-safe)."""
 
     def __init__(self, spec: FederationSpec, resolve: AccessResolver | None = None,
                  store: ObjectStore | None = None):
         """`store`: one store for every bucket (tests, a single-account setup)."""
         self.spec, self.resolve, self.shared = spec, resolve or default_access, store
         self._stores: dict[tuple[str | None, str | None], ObjectStore] = {}
+        self._lock = threading.Lock()
 
     def _store(self, aws_conn_id: str | None, endpoint_url: str | None) -> ObjectStore:
         if self.shared is not None:
             return self.shared
         key = (aws_conn_id, endpoint_url)
-        if key not in self._stores:
-            access = self.resolve(aws_conn_id)
-            self._stores[key] = ObjectStore(endpoint_url or access.endpoint_url or self.spec.endpoint_url,
-                                            access=access)
-        return self._stores[key]
+        with self._lock:
+            if key not in self._stores:
+                access = self.resolve(aws_conn_id)
+                self._stores[key] = ObjectStore(endpoint_url or access.endpoint_url or self.spec.endpoint_url,
+                                                access=access)
+            return self._stores[key]
 
     @property
     def coordinator(self) -> ObjectStore:

@@ -8,6 +8,7 @@ For round R of federation F:
     <F>/rounds/<R>/quorum.json                 who committed and who declined when the round closed
     <F>/rounds/<R>/updates/<client>/...        each accepted update as the round read it (one snapshot)
     <F>/rounds/<R>/candidate/model.safetensors, candidate/manifest.json
+    <F>/rounds/<R>/shards/...                  sharded rounds' screening, statistics and slices (coordinator.shards)
     <F>/rounds/<R>/evaluation/...              federated evaluation (fl_tasks.coordinator.evaluation)
     <F>/rounds/<R>/validation.json, registration.json, decision.json, failure.json
     <F>/rounds/<R>/dispatch.json               when each silo was sent the round (update latency)

@@ -1,16 +1,31 @@
 """Building the candidate: screen the round's update snapshots, then stream the accepted
-ones into the strategy. Reads only what the close and the intake kept; writes nothing."""
+ones into the strategy. Reads only what the close and the intake kept; writes nothing.
+
+Updates are fetched and decoded by a bounded pool ahead of their use
+(`fl_tasks.coordinator.pools.read_ahead`, `pools.READ_AHEAD` at a time): screening (fetch
+from the silo, snapshot, decode, checks, norm) and the strategy's stream both take them in
+the round's fixed order (the close's committed order, then the accepted ones in that order),
+never in arrival order. The float32 running mean of FedAvg and the server optimisers
+(`fl_tasks.aggregation.mean`) rounds once per client, so another order gives another
+candidate at the ulp level: folding in a fixed order makes a re-run of the step, and a
+replay, give the same candidate sha256 as the sequential code did, at the cost of waiting
+for a slow fetch while later ones wait decoded (at most READ_AHEAD of them). Memory while
+streaming: the READ_AHEAD decoded updates ahead, the one being folded, and the aggregate:
+about (READ_AHEAD + 2) x one model, whatever the number of clients. The robust strategies
+hold every update anyway (they stack an n x d matrix).
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fl_tasks.coordinator import screening, staleness
+from fl_tasks.coordinator import pools, screening, staleness
 from fl_tasks.coordinator.bucket import CoordinatorBucket
 from fl_tasks.coordinator.intake import Intake
 from fl_tasks.coordinator.plan import RoundPlan, required_clients
@@ -47,10 +62,20 @@ class CandidateBuilder:
         """`fetch=False` (a replay): read only the snapshots the round kept, never a silo's bucket."""
         self.plan, self.bucket, self.intake, self.task = plan, bucket, intake, task
         self.fetch = fetch
-        self.version_sha256, self.history, self.declared = version_sha256, history, declared_sizes
+        self.history, self.declared = history, declared_sizes
+        # Asked from the read-ahead threads: each version's sha256 once, one lookup at a time.
+        self._versions: dict[str, str | None] = {}
+        self._versions_lock = threading.Lock()
+        self._version_sha256 = version_sha256
         self.max_weight_share = max_weight_share
         self.rejected: list[dict[str, Any]] = []
         self.seen: dict[str, dict[str, Any]] = {}
+
+    def version_sha256(self, version: str) -> str | None:
+        with self._versions_lock:
+            if version not in self._versions:
+                self._versions[version] = self._version_sha256(version)
+            return self._versions[version]
 
     def reject(self, client_id: str, reason: str) -> None:
         self.rejected.append({"client_id": client_id, "reason": reason})
@@ -155,25 +180,39 @@ class CandidateBuilder:
         return filled
 
     # --- the round --------------------------------------------------------------------------
+    def screen_one(self, client_id: str, record: dict[str, Any], base: StateDict
+                   ) -> tuple[dict[str, Any] | None, ScreenedUpdate | None, float | None, str | None]:
+        """(what was seen, the update if it passed, its norm, else why not) for one committed
+        update; runs in a read-ahead thread, records nothing itself."""
+        seen = None
+        try:
+            manifest = self.manifest(client_id, record)
+            seen = {"payload_sha256": manifest.payload_sha256, "num_examples": manifest.num_examples,
+                    "base_model_version": manifest.base_model_version,
+                    "manifest_sha256": sha256_hex(manifest.to_json())}
+            behind = self.staleness_of(manifest)
+            norm = screening.update_norm(self.state(manifest, base), base)
+            seen["update_norm"] = norm
+            exponent = self.plan.staleness["exponent"]
+            weight = manifest.num_examples * (staleness.staleness_weight(behind, exponent) if behind else 1.0)
+            return seen, ScreenedUpdate(manifest, behind, weight), norm, None
+        except (ValueError, ManifestError, CodecError) as exc:
+            return seen, None, None, str(exc)
+
     def screen(self, committed: dict[str, dict[str, Any]], base: StateDict) -> dict[str, ScreenedUpdate]:
         accepted: dict[str, ScreenedUpdate] = {}
         norms: dict[str, float] = {}
         rules = self.plan.screening
-        exponent = self.plan.staleness["exponent"]
-        for client_id, record in committed.items():
-            try:
-                manifest = self.manifest(client_id, record)
-                self.seen[client_id] = {"payload_sha256": manifest.payload_sha256,
-                                        "num_examples": manifest.num_examples,
-                                        "base_model_version": manifest.base_model_version,
-                                        "manifest_sha256": sha256_hex(manifest.to_json())}
-                behind = self.staleness_of(manifest)
-                norms[client_id] = screening.update_norm(self.state(manifest, base), base)
-                self.seen[client_id]["update_norm"] = norms[client_id]
-                weight = manifest.num_examples * (staleness.staleness_weight(behind, exponent) if behind else 1.0)
-                accepted[client_id] = ScreenedUpdate(manifest, behind, weight)
-            except (ValueError, ManifestError, CodecError) as exc:
-                self.reject(client_id, str(exc))
+        # Fetched and checked READ_AHEAD at a time; recorded in the committed order.
+        screened = pools.read_ahead(lambda item: self.screen_one(item[0], item[1], base), committed.items())
+        for client_id, (seen, update, norm, problem) in zip(committed, screened):
+            if seen is not None:
+                self.seen[client_id] = seen
+            if problem is not None:
+                self.reject(client_id, problem)
+                continue
+            norms[client_id] = norm
+            accepted[client_id] = update
         counts = {c: u.manifest.num_examples for c, u in accepted.items()}
         round_checks = [
             screening.implausible_counts(counts, self.declared, self.history, rules.get("max_example_growth")),
@@ -191,11 +230,14 @@ class CandidateBuilder:
         return accepted
 
     def cosine_screen(self, accepted: dict[str, ScreenedUpdate], base: StateDict, min_cosine: float) -> None:
-        # Two more reads of each snapshot keep memory at O(one model): the sum, then each cosine.
-        total = sum(screening.delta_vector(self.snapshot_state(u.manifest, base), base) for u in accepted.values())
+        # Two more reads of each snapshot keep memory at O(READ_AHEAD models): the sum, then each cosine.
+        def change(update: ScreenedUpdate) -> np.ndarray:
+            return screening.delta_vector(self.snapshot_state(update.manifest, base), base)
+
+        updates = list(accepted.values())
+        total = sum(pools.read_ahead(change, updates))
         count = len(accepted)
-        for client_id, update in list(accepted.items()):
-            delta = screening.delta_vector(self.snapshot_state(update.manifest, base), base)
+        for (client_id, update), delta in zip(list(accepted.items()), pools.read_ahead(change, updates)):
             cosine = screening.leave_one_out_cosine(delta, total, count)
             if cosine < min_cosine:
                 self.reject(client_id, f"cosine {cosine:.3f} to the mean of the other updates is below {min_cosine}")
@@ -226,8 +268,9 @@ class CandidateBuilder:
         weights = cap_shares([u.weight for u in accepted.values()], settings.get("max_weight_share"))
 
         def updates() -> Iterator[tuple[StateDict, float]]:
-            for update, weight in zip(accepted.values(), weights):
-                yield self.snapshot_state(update.manifest, base), weight
+            # Decoded READ_AHEAD at a time, folded in the accepted order (see the module's docstring).
+            states = pools.read_ahead(lambda update: self.snapshot_state(update.manifest, base), accepted.values())
+            yield from zip(states, weights)
 
         try:
             aggregated = dict(strategy.aggregate(base, updates()))
@@ -236,29 +279,10 @@ class CandidateBuilder:
         # fedbn: the local tensors are the base's, whatever the rule did (noise, a server optimiser).
         aggregated.update({name: np.array(base[name], copy=True) for name in self.local_tensors() if name in base})
         candidate = encode_state(aggregated)
-        raw_total = sum(u.weight for u in accepted.values())
-        outcome = strategy.outcome
-        ids = list(accepted)
-        summary = {
-            "round_id": self.plan.round_id, "aggregator": strategy.name, "params": settings["params"],
-            "clip_norm": settings["clip_norm"], "max_weight_share": settings.get("max_weight_share"),
-            "rejected": self.rejected, "seen": self.seen,
-            "total_examples": sum(u.manifest.num_examples for u in accepted.values()),
-            # What the rule did: `influence` is an update's share of the candidate under this
-            # rule (None where the rule gives no update a weight), never its example share.
-            "rule": outcome.rule,
-            "selected": None if outcome.selected is None else [ids[i] for i in outcome.selected],
-            "accepted": [{"client_id": u.manifest.client_id, "num_examples": u.manifest.num_examples,
-                          "staleness": u.staleness, "example_share": u.weight / raw_total,
-                          "influence": None if outcome.influence is None else outcome.influence[i],
-                          "krum_score": None if outcome.scores is None else outcome.scores[i],
-                          "payload_sha256": u.manifest.payload_sha256, "metrics": u.manifest.metrics}
-                         for i, u in enumerate(accepted.values())],
-            "candidate_sha256": sha256_hex(candidate)}
+        summary = candidate_summary(self.plan, strategy.name, self.rejected, self.seen, list(accepted.values()),
+                                    strategy.outcome, candidate)
         if self.local_tensors():  # fedbn: kept at the silos, the base's values in the candidate
             summary["local_tensors"] = sorted(self.local_tensors())
-        if any(a["influence"] is not None and not math.isfinite(a["influence"]) for a in summary["accepted"]):
-            raise ValueError(f"{strategy.name}: non-finite aggregation weights")
         return Candidate(summary, candidate, strategy.get_state() if stateful else None)
 
     def dp_strategy(self, strategy, accepted: int, noise_seed: int | None):
@@ -275,6 +299,34 @@ class CandidateBuilder:
         stddev = full * math.sqrt(max(0.0, 1.0 - accepted / len(p["sampled"]))) if at_silos else full
         return DPFedAvg(strategy, float(p["clip_norm"]), float(p["denominator"]), stddev, noise_seed,
                         clip=not at_silos, ranges=self.task.tensor_ranges)
+
+
+def candidate_summary(plan: RoundPlan, aggregator: str, rejected: list[dict[str, Any]], seen: dict[str, Any],
+                      accepted: list[ScreenedUpdate], outcome, candidate: bytes) -> dict[str, Any]:
+    """candidate/manifest.json: who was accepted and rejected, and what the rule did. Raises
+    ValueError on non-finite aggregation weights."""
+    settings = plan.aggregation
+    raw_total = sum(u.weight for u in accepted)
+    ids = [u.manifest.client_id for u in accepted]
+    summary = {
+        "round_id": plan.round_id, "aggregator": aggregator, "params": settings["params"],
+        "clip_norm": settings["clip_norm"], "max_weight_share": settings.get("max_weight_share"),
+        "rejected": rejected, "seen": seen,
+        "total_examples": sum(u.manifest.num_examples for u in accepted),
+        # What the rule did: `influence` is an update's share of the candidate under this
+        # rule (None where the rule gives no update a weight), never its example share.
+        "rule": outcome.rule,
+        "selected": None if outcome.selected is None else [ids[i] for i in outcome.selected],
+        "accepted": [{"client_id": u.manifest.client_id, "num_examples": u.manifest.num_examples,
+                      "staleness": u.staleness, "example_share": u.weight / raw_total,
+                      "influence": None if outcome.influence is None else outcome.influence[i],
+                      "krum_score": None if outcome.scores is None else outcome.scores[i],
+                      "payload_sha256": u.manifest.payload_sha256, "metrics": u.manifest.metrics}
+                     for i, u in enumerate(accepted)],
+        "candidate_sha256": sha256_hex(candidate)}
+    if any(a["influence"] is not None and not math.isfinite(a["influence"]) for a in summary["accepted"]):
+        raise ValueError(f"{aggregator}: non-finite aggregation weights")
+    return summary
 
 
 def _header(payload: bytes) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from fl_tasks import protocol
 from fl_tasks.aggregation.mean import cap_shares
-from fl_tasks.coordinator import quorum
+from fl_tasks.coordinator import pools, quorum
 from fl_tasks.coordinator.bucket import now
 from fl_tasks.coordinator.intake import STORAGE_ERRORS, Answer, answer_record, storage_reason
 from fl_tasks.config import ConfigError
@@ -395,12 +395,10 @@ class FederatedEvaluation:
         return reached
 
     def answers(self, plan: EvaluationPlan) -> dict[str, Answer | str]:
-        found = {}
-        for client_id in plan.clients:
-            answer = self.c.intake.read_answer(plan, client_id, EVALUATIONS, {"request_sha256": plan.request_sha256})
-            if answer is not None:
-                found[client_id] = answer
-        return found
+        # Many silos at once (pools.SILO_WORKERS), the answers in the plan's client order.
+        read = pools.per_silo(lambda client_id: self.c.intake.read_answer(
+            plan, client_id, EVALUATIONS, {"request_sha256": plan.request_sha256}), plan.clients)
+        return {client_id: answer for client_id, answer in zip(plan.clients, read) if answer is not None}
 
     def check(self, round_id: str, now_: datetime | None = None) -> quorum.QuorumDecision:
         plan = self.load_plan(round_id)

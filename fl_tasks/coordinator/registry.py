@@ -143,10 +143,8 @@ def log_evaluation(spec: FederationSpec, evaluation_id: str, report: dict[str, A
               f"{TAG}airflow_run_id": report["run_id"]}).info.run_id
     from fl_tasks.coordinator.report import federated_metrics
 
-    for key, value in federated_metrics(report).items():
-        client.log_metric(run_id, key, value)
-    for label, version in report["models"].items():
-        client.log_param(run_id, f"model_{label}", version)
+    log_batch(client, run_id, params={f"model_{label}": version for label, version in report["models"].items()},
+              metrics=federated_metrics(report))
     client.log_text(run_id, json.dumps(report, indent=2, sort_keys=True), "evaluation_report.json")
     client.set_terminated(run_id, "FINISHED")
     statistic = report["statistic"]
@@ -219,6 +217,60 @@ def _ready_model(experiment_id: str, run_id: str):
     return min(ready, key=lambda m: m.creation_timestamp) if ready else None
 
 
+# MLflow's batch limits (mlflow/utils/validation.py): per log_batch request.
+MAX_BATCH_PARAMS, MAX_BATCH_ENTRIES = 100, 1000
+
+
+def batches(params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, str] | None = None, step: int = 0, stamp: int | None = None) -> list[dict[str, list]]:
+    """The keyword arguments of as few `MlflowClient.log_batch` calls as MLflow's limits allow
+    (at most 100 params and 1000 entries in all per call), in sorted order within each kind."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    stamp = int(time.time() * 1000) if stamp is None else stamp
+    entries = [("params", Param(k, str(v))) for k, v in sorted((params or {}).items())]
+    entries += [("metrics", Metric(k, float(v), stamp, step)) for k, v in sorted((metrics or {}).items())]
+    entries += [("tags", RunTag(k, str(v))) for k, v in sorted((tags or {}).items())]
+    calls: list[dict[str, list]] = []
+    for kind, entry in entries:
+        call = calls[-1] if calls else None
+        if call is None or sum(map(len, call.values())) >= MAX_BATCH_ENTRIES or (
+                kind == "params" and len(call["params"]) >= MAX_BATCH_PARAMS):
+            call = {"params": [], "metrics": [], "tags": []}
+            calls.append(call)
+        call[kind].append(entry)
+    return calls
+
+
+def log_batch(client, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+              tags: dict[str, str] | None = None) -> int:
+    """Params, metrics and tags in as few requests as MLflow allows; returns the requests made."""
+    calls = batches(params, metrics, tags)
+    for call in calls:
+        client.log_batch(run_id, **call)
+    return len(calls)
+
+
+class _no_requirement_scan:
+    """Skip MLflow's check of a logged model's pip requirements against this environment (a
+    warning only, for requirements we pin ourselves): it maps every installed distribution
+    to its modules first, about a second per process. Where MLflow has no such check, nothing
+    changes."""
+
+    def __enter__(self):
+        from mlflow.utils import environment
+
+        self._module = environment
+        self._saved = getattr(environment, "warn_dependency_requirement_mismatches", None)
+        if self._saved is not None:
+            environment.warn_dependency_requirement_mismatches = lambda requirements: None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            self._module.warn_dependency_requirement_mismatches = self._saved
+
+
 def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_run_id: str, base_version: str,
                        weights_uri: str, weights_sha256: str, params: dict[str, Any], metrics: dict[str, float],
                        report: dict[str, Any], base_origin: str = "",
@@ -244,8 +296,9 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
     with mlflow.start_run(run_id=earlier[0].info.run_id) if earlier else mlflow.start_run(
             experiment_id=experiment_id, run_name=f"round-{round_id}", tags=tags) as run:
         logged = {k: str(v)[:500] for k, v in params.items()}
-        mlflow.log_params({k: v for k, v in logged.items() if k not in run.data.params})
-        mlflow.log_metrics(metrics)
+        # One request for the params and the metrics (two with the fluent calls).
+        log_batch(client, run.info.run_id, params={k: v for k, v in logged.items() if k not in run.data.params},
+                  metrics=metrics)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "round_report.json"
             path.write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -258,8 +311,10 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
             # example through a model in train mode would move batch-norm statistics (the
             # registered model must stay the candidate that passed the gates, fl.weights_sha256).
             # Loading it needs the task's package installed (the model's class is pickled).
-            info = mlflow.pytorch.log_model(copy.deepcopy(model).eval(), name="model", serialization_format="pickle",
-                                            pip_requirements=["torch==2.13.0", "numpy==2.4.6"])
+            with _no_requirement_scan():
+                info = mlflow.pytorch.log_model(copy.deepcopy(model).eval(), name="model",
+                                                serialization_format="pickle",
+                                                pip_requirements=["torch==2.13.0", "numpy==2.4.6"])
             model_id, model_uri = info.model_id, info.model_uri
     client.create_model_version(
         spec.model_name, source=model_uri, run_id=run.info.run_id, model_id=model_id,

@@ -19,7 +19,7 @@ from typing import Any
 
 from fl_tasks import protocol
 from fl_tasks.config import ConfigError, FederationSpec
-from fl_tasks.coordinator import quorum, report
+from fl_tasks.coordinator import pools, quorum, report, shards
 from fl_tasks.coordinator.access import AccessResolver, BucketAccess
 from fl_tasks.coordinator.breaker import REFUSED, CircuitBreaker
 from fl_tasks.coordinator.bucket import CoordinatorBucket, dump, now
@@ -127,7 +127,8 @@ class Coordinator:
             base_sha256=sha256_hex(payload), base_bytes=len(payload), deadline=deadline.isoformat(),
             clients=clients, settings=settings,
             aggregation={"strategy": settings["aggregator"], "params": settings["aggregator_params"],
-                         "clip_norm": self.spec.clip_norm, "max_weight_share": self.spec.max_weight_share},
+                         "clip_norm": self.spec.clip_norm, "max_weight_share": self.spec.max_weight_share,
+                         **({"shards": self.spec.shards} if self.spec.shards > 1 else {})},
             screening=asdict(self.spec.screening), base_round_id=base_round_id,
             training={"local_epochs": int(settings["local_epochs"]), "learning_rate": float(settings["learning_rate"]),
                       "batch_size": t.batch_size, "proximal_mu": t.proximal_mu, "codec": t.codec,
@@ -220,11 +221,13 @@ class Coordinator:
             if plan.privacy.get("noise") == "silos" else {},
             personalization=plan.personalization,
         ).to_json()
-        events, reached = [], []
-        for client in (c for c in self.spec.clients if c.id in plan.clients):
+        manifest_sha256 = sha256_hex(manifest)
+
+        def send(client) -> tuple[dict[str, Any], str | None]:
+            """(its audit event, when it was reached or None), payload first, manifest last."""
             manifest_key = protocol.global_manifest_key(client.prefix, plan.federation, round_id)
             event = {"event": "model_dispatched", "client_id": client.id, "bucket": client.bucket_name,
-                     "manifest_key": manifest_key, "manifest_sha256": sha256_hex(manifest),
+                     "manifest_key": manifest_key, "manifest_sha256": manifest_sha256,
                      "payload_sha256": plan.base_sha256, "model_version": plan.base_version}
             try:
                 store = self.buckets.client(client.id)
@@ -232,12 +235,19 @@ class Coordinator:
                     store.put_bytes(client.bucket_name, protocol.global_model_key(client.prefix, plan.federation,
                                                                                   round_id), payload)
                     store.put_bytes(client.bucket_name, manifest_key, manifest, "application/json")
-                reached.append(client.id)
-                dispatched.setdefault(client.id, now().isoformat())
+                return event, now().isoformat()
             except (*STORAGE_ERRORS, ValueError) as exc:  # ValueError: its S3 connection cannot be resolved
                 event = {**event, "event": "dispatch_failed", "reason": storage_reason(exc)}
                 log.warning("round %s: not dispatched to %s: %s", round_id, client.id, event["reason"])
+                return event, None
+
+        # Many silos at once (pools.SILO_WORKERS); the events and dispatch times in client order.
+        events, reached = [], []
+        for event, sent_at in pools.per_silo(send, [c for c in self.spec.clients if c.id in plan.clients]):
             events.append(event)
+            if sent_at is not None:
+                reached.append(event["client_id"])
+                dispatched.setdefault(event["client_id"], sent_at)
         if not reached and all(e.get("reason", "").startswith("storage error StorageUnavailable") for e in events):
             raise StorageUnavailable(f"round {round_id}: no silo bucket could be written: {events[0]['reason']}")
         # When each silo got the round: its update latency runs from here (the first send counts).
@@ -294,12 +304,9 @@ class Coordinator:
     def answers(self, round_id: str, plan: RoundPlan | None = None) -> dict[str, Answer | str]:
         """Each client's verified answer, or why what it wrote is not one (absent: nothing yet)."""
         plan = plan or self.load_plan(round_id)
-        found = {}
-        for client_id in plan.clients:
-            answer = self.intake.read_answer(plan, client_id)
-            if answer is not None:
-                found[client_id] = answer
-        return found
+        # Many silos at once (pools.SILO_WORKERS), the answers in the plan's client order.
+        read = pools.per_silo(lambda client_id: self.intake.read_answer(plan, client_id), plan.clients)
+        return {client_id: answer for client_id, answer in zip(plan.clients, read) if answer is not None}
 
     def check_quorum(self, round_id: str, now_: datetime | None = None) -> quorum.QuorumDecision:
         plan = self.load_plan(round_id)
@@ -387,6 +394,8 @@ class Coordinator:
             raise self.records.fail(round_id, "aggregate", "the round has not closed yet; run the quorum step first")
         if closed["state"] != quorum.MET:
             raise RoundFailed(closed["reason"])
+        if shards.shard_count(plan) > 1:  # screening only: the mapped shard tasks aggregate
+            return shards.ShardedRound(self).screen(round_id, plan, closed)
         summary = self.records.get_json(round_id, "candidate/manifest.json")
         if summary is None:
             committed = {c: closed["answers"][c] for c in closed["committed"]}
@@ -410,6 +419,19 @@ class Coordinator:
         self.audit.append(round_id, "aggregate", aggregate_events(summary))
         report.log_lines(f"round {round_id} aggregated", report.aggregate_account(summary, plan.screening))
         return summary
+
+    # Sharded rounds (aggregation.shards > 1; fl_tasks.coordinator.shards): after `aggregate` screened.
+    def shard_statistics(self, round_id: str, shard: int) -> dict[str, Any]:
+        """Shard `shard`'s partial Gram matrix, when the round's rule needs one."""
+        return shards.ShardedRound(self).shard_statistics(round_id, int(shard))
+
+    def aggregate_shard(self, round_id: str, shard: int) -> dict[str, Any]:
+        """Shard `shard`'s slice of the candidate, from its byte ranges of every accepted update."""
+        return shards.ShardedRound(self).aggregate_shard(round_id, int(shard))
+
+    def assemble_candidate(self, round_id: str) -> dict[str, Any]:
+        """The candidate from the shards' slices: the unsharded aggregate step's outputs."""
+        return shards.ShardedRound(self).assemble_candidate(round_id)
 
     def _noise_seed(self, plan: RoundPlan, create: bool = True) -> int | None:
         """A private round's noise seed, kept with the round (never in the audit log or MLflow):
@@ -808,6 +830,12 @@ def run_round(spec: FederationSpec, ctx: RunContext, store: ObjectStore | None =
     coordinator.close_round(round_id, decision)
     try:
         coordinator.aggregate(round_id)
+        count = shards.shard_count(coordinator.load_plan(round_id))
+        if count > 1:  # what the DAG's mapped tasks do, one after another
+            for step in (coordinator.shard_statistics, coordinator.aggregate_shard):
+                for shard in range(count):
+                    step(round_id, shard)
+            coordinator.assemble_candidate(round_id)
         if spec.evaluation.federated is not None:
             coordinator.request_evaluation(round_id)
             while (decision := coordinator.check_evaluations(round_id)).state == quorum.WAITING:

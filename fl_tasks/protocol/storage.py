@@ -43,6 +43,10 @@ _BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, C
 MAX_ATTEMPTS = 5  # per call, first try included (botocore standard mode)
 CONNECT_TIMEOUT = 5.0  # seconds
 READ_TIMEOUT = 30.0  # seconds without a byte from S3
+# Connections one client keeps open: as many as the requests it serves at once (the
+# coordinator's per-silo thread pools, the quorum trigger's concurrent reads), so that none
+# waits for a free connection or opens one it then discards.
+MAX_POOL_CONNECTIONS = 32
 
 
 class ObjectTooLarge(ValueError):
@@ -80,6 +84,7 @@ def _client_config(config_class, max_attempts: int, endpoint_url: str | None, co
     return config_class(retries={"total_max_attempts": max_attempts, "mode": "standard"},
                         connect_timeout=connect_timeout or _env_number("FL_S3_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
                         read_timeout=read_timeout or _env_number("FL_S3_READ_TIMEOUT", READ_TIMEOUT),
+                        max_pool_connections=MAX_POOL_CONNECTIONS,
                         s3={"addressing_style": "path"} if endpoint_url else None)
 
 
@@ -174,6 +179,42 @@ class ObjectStore:
                     if attempt == self.max_attempts:
                         raise
                 time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
+        raise AssertionError("unreachable")
+
+    def get_range(self, bucket: str, key: str, start: int, stop: int) -> bytes | None:
+        """Bytes [start, stop) of the object (an HTTP Range GET), or None when it does not
+        exist; never a part of the range: a range past the object's end is a ValueError, and a
+        body cut off mid-way is read again, as in get_bytes."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad byte range [{start}, {stop}) of s3://{bucket}/{key}")
+        if start == stop:
+            return b""
+        for attempt in range(1, self.max_attempts + 1):
+            with self._call("GET (range)", bucket, key):
+                try:
+                    response = self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+                except ClientError as exc:
+                    if _is_missing(exc):
+                        return None
+                    if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                        raise ValueError(f"s3://{bucket}/{key} has no bytes [{start}, {stop})") from None
+                    raise
+                body = response["Body"]
+                try:
+                    data = body.read()
+                    length = response.get("ContentLength")
+                    if length is not None and len(data) != length:
+                        raise IncompleteReadError(actual_bytes=len(data), expected_bytes=length)
+                except _BODY_ERRORS:
+                    body.close()
+                    if attempt == self.max_attempts:
+                        raise
+                    time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
+                    continue
+                if len(data) != stop - start:
+                    raise ValueError(f"s3://{bucket}/{key} ends before byte {stop} ({len(data)} of the "
+                                     f"{stop - start} bytes from {start})")
+                return data
         raise AssertionError("unreachable")
 
     def exists(self, bucket: str, key: str) -> bool:
@@ -292,6 +333,27 @@ class AsyncObjectStore:
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLarge(f"s3://{bucket}/{key} is {len(data)} bytes, over the {max_bytes} limit")
         return data
+
+    async def list_objects(self, bucket: str, prefix: str,
+                           max_pages: int | None = None) -> dict[str, tuple[str, datetime]] | None:
+        """{key: (ETag, LastModified)} of every object under `prefix`, by ListObjectsV2 pages
+        of 1,000 keys (one request each, in sequence: each page names the next). None when
+        the listing would take more than `max_pages` requests (what is listed so far is
+        dropped). LastModified is cut to whole seconds, as HEAD's Last-Modified header gives
+        it, so that a listing and a HEAD name the same commit time; other errors raise."""
+        found: dict[str, tuple[str, datetime]] = {}
+        token, pages = None, 0
+        while True:
+            if max_pages is not None and pages >= max_pages:
+                return None
+            page = await self._client.list_objects_v2(
+                Bucket=bucket, Prefix=prefix, MaxKeys=1000, **({"ContinuationToken": token} if token else {}))
+            pages += 1
+            for item in page.get("Contents", []):
+                found[item["Key"]] = (item.get("ETag", ""), item["LastModified"].replace(microsecond=0))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return found
 
 
 def is_transient_async(exc: BaseException) -> bool:

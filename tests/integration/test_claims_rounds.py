@@ -3,20 +3,27 @@ another model shape, categorical inputs, three classes and a primary metric wher
 better (log-loss). One insurer reads its claims from PostgreSQL, the others from Parquet;
 one more insurer's rows lack a column of the data contract, so it declines every round. The
 coordinator reaches S3 only through the Airflow connection the federation file names
-(`storage.aws_conn_id`): its environment has no S3 endpoint and no AWS keys."""
+(`storage.aws_conn_id`): its environment has no S3 endpoint and no AWS keys. It aggregates in
+3 shards (`aggregation.shards`): the round DAG maps shard_statistics and aggregate_shard over
+them (dynamic task mapping), each reading only its byte ranges of every update."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from devstack.embedded import airflow, create_buckets, service_env
+from fl_tasks import aggregation
+from fl_tasks.aggregation.mean import cap_shares
 from fl_tasks.config import load_federation
+from fl_tasks.coordinator import Coordinator
+from fl_tasks.protocol.codec import decode_state
 from fl_tasks.protocol.storage import ObjectStore
 from fl_tasks.simulation.simulate import SiloProcesses, prepare_silos, publish_validation
 from tests.conftest import REPO, _names
@@ -37,6 +44,7 @@ def claims(s3_server, postgres_server, tmp_path_factory):
                 "simulation": {"source": "synthetic", "rows": 6000, "seed": 11},
                 "training": {"local_epochs": 3, "learning_rate": 0.01, "batch_size": 64},
                 "mlflow": {"model_name": f"claims-{n}"}, "storage": {"aws_conn_id": "aws_claims"},
+                "aggregation": {"strategy": "weighted_median", "shards": 3},
                 "evaluation": {**doc["evaluation"],
                                "coordinator_data": f"s3://claims-coord-{n}/itest-claims/holdout/validation.parquet"}})
     (federations / "itest-claims.yaml").write_text(yaml.safe_dump(doc))
@@ -117,3 +125,22 @@ def test_claims_rounds_train_on_postgres_and_parquet_and_record_the_decline(clai
     assert run.data.params["declined_clients"] == "insurer-3"
     assert run.data.params["task"] == "claims_triage.task:ClaimsTriageTask" and run.data.params["task_version"] == "1"
     assert version.tags["fl.task"] == "claims_triage.task:ClaimsTriageTask"
+
+
+def test_the_sharded_candidate_equals_the_unsharded_aggregation_of_the_same_updates(claims):
+    """After the round above: three mapped tasks of each kind wrote their slices, and the
+    assembled candidate is the unsharded weighted median of the round's snapshots, bit for bit."""
+    spec, store = claims["spec"], claims["store"]
+    records = Coordinator(spec, store).records
+    summary = records.get_json("000001", "candidate/manifest.json")
+    assert summary is not None and summary["shards"] == 3 and summary["aggregator"] == "weighted_median"
+    assert all(records.get_json("000001", f"shards/results/{k}/done.json") for k in range(3))
+    base = decode_state(records.get("000001", "base/model.safetensors"))
+    updates = [(decode_state(records.get("000001", f"updates/{a['client_id']}/update.safetensors",
+                                         sha256=a["payload_sha256"])), a["num_examples"]) for a in summary["accepted"]]
+    weights = cap_shares([n for _, n in updates], spec.max_weight_share)
+    expected = aggregation.build("weighted_median").aggregate(base, [(u, w) for (u, _), w in zip(updates, weights)])
+    candidate = decode_state(records.get("000001", "candidate/model.safetensors", sha256=summary["candidate_sha256"]))
+    assert set(candidate) == set(expected)
+    for name, value in expected.items():
+        assert candidate[name].dtype == value.dtype and np.array_equal(candidate[name], value), name

@@ -138,3 +138,18 @@ def test_round_records_go_to_the_rounds_run_or_a_failed_one_and_a_retry_logs_no_
     orphan = registry.log_round_record(spec, "000008", {"audit/audit.jsonl": "{}\n"}, {})
     assert orphan != run_id and client.get_run(orphan).info.status == "FAILED"
     assert client.get_run(orphan).data.tags["fl.round_id"] == "000008"
+
+
+def test_batches_fit_mlflows_limits_in_as_few_requests_as_they_allow():
+    """register logs its params, metrics and tags in one log_batch where MLflow's limits allow
+    (100 params, 1000 entries per request), and splits only where they do not."""
+    one = registry.batches(params={"a": 1, "b": "x"}, metrics={"m": 0.5}, tags={"t": "v"}, stamp=7)
+    assert len(one) == 1
+    assert [p.key for p in one[0]["params"]] == ["a", "b"] and one[0]["params"][0].value == "1"
+    assert [(m.key, m.value, m.timestamp, m.step) for m in one[0]["metrics"]] == [("m", 0.5, 7, 0)]
+    assert [(t.key, t.value) for t in one[0]["tags"]] == [("t", "v")]
+    many = registry.batches(params={f"p{i:03d}": i for i in range(250)}, metrics={f"m{i:04d}": i for i in range(1500)})
+    assert [len(c["params"]) for c in many] == [100, 100, 50, 0]
+    assert all(len(c["params"]) + len(c["metrics"]) + len(c["tags"]) <= 1000 for c in many)
+    assert sum(len(c["metrics"]) for c in many) == 1500 and len(many) == 4
+    assert registry.batches() == []
