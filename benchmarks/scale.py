@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -151,7 +152,6 @@ class InstantSilos:
 
     def __init__(self, spec, endpoint_url: str, keys: dict[str, str] | None, poll_seconds: float = 0.2):
         from fl_tasks.protocol.storage import ObjectStore
-        from fl_tasks.silo.sources import FileSource  # noqa: F401 - the agents' source is unused
 
         cls = _instant_agent_class()
         task = spec.load_task()
@@ -440,6 +440,9 @@ def _summarise(runs: list[dict], key: str, target: float | None) -> dict:
                                                                            if t in ROUND_TASKS else 0, t))
     return {"rounds": runs, "first_round_seconds": runs[0][key],
             "later_rounds_median_seconds": statistics.median(r[key] for r in later),
+            # The DAG run alone (its first task's start to its last task's end, from the metadata
+            # DB): under `dags test`, without the CLI's own start-up and DAG parse.
+            "later_rounds_run_median_seconds": statistics.median(r["run_seconds"] for r in later),
             "later_rounds_task_median_seconds": {t: statistics.median(r["tasks"].get(t, 0.0) for r in later)
                                                  for t in tasks},
             "all_succeeded": all(r["state"] == "success" for r in runs),
@@ -475,6 +478,57 @@ def round_overhead(rounds: int = 3, modes: tuple[str, ...] = ("dags_test", "floo
 
 # --- main -----------------------------------------------------------------------------------
 
+def rss_mb() -> float:
+    """This process's resident memory now (MB), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeakRss:
+    """The highest RSS sampled (every 20 ms) while a block runs."""
+
+    def __init__(self) -> None:
+        self.value, self.stop = 0.0, threading.Event()
+
+    def __enter__(self) -> "PeakRss":
+        self.value = rss_mb()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.02):
+            self.value = max(self.value, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.value = max(self.value, rss_mb())
+
+
+class StepClock:
+    """Each step's wall time, its peak RSS and that peak's growth over the RSS it started with."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.seconds: dict[str, float] = {}
+        self.peak_rss: dict[str, float] = {}
+        self.growth: dict[str, float] = {}
+
+    def step(self, name: str, work):
+        with PeakRss() as peak:
+            before = peak.value
+            started = time.perf_counter()
+            result = work()
+            self.seconds[name] = round(time.perf_counter() - started, 3)
+        self.peak_rss[name], self.growth[name] = round(peak.value, 1), round(peak.value - before, 1)
+        print(f"[scale] {self.part}: {name} {self.seconds[name]} s, peak RSS {self.peak_rss[name]} MB "
+              f"(+{self.growth[name]})", flush=True)
+        return result
+
+
 def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bool = True,
                state_dir: Path | None = None) -> dict:
     """One round's dispatch -> quorum polls -> close -> screening and FedAvg for `silos` fake
@@ -491,7 +545,6 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
     (MOTO_S3_DEFAULT_KEY_BUFFER_SIZE): the full size writes about 3 x silos x model bytes.
     """
     import asyncio
-    import math
     import resource
     from collections import Counter
 
@@ -499,45 +552,9 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
 
     from devstack.embedded import S3Server, create_buckets
 
-    def rss_mb() -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    class Peak:
-        """The highest RSS sampled (every 20 ms) while a step runs."""
-
-        def __init__(self):
-            self.value, self.stop = 0.0, threading.Event()
-
-        def __enter__(self):
-            self.value = rss_mb()
-            self.thread = threading.Thread(target=self.sample, daemon=True)
-            self.thread.start()
-            return self
-
-        def sample(self):
-            while not self.stop.wait(0.02):
-                self.value = max(self.value, rss_mb())
-
-        def __exit__(self, *exc):
-            self.stop.set()
-            self.thread.join()
-            self.value = max(self.value, rss_mb())
-
-    seconds, peak_rss, growth, requests = {}, {}, {}, {}
-
-    def step(name: str, work):
-        with Peak() as peak:
-            before = peak.value
-            started = time.perf_counter()
-            result = work()
-            seconds[name] = round(time.perf_counter() - started, 3)
-        peak_rss[name], growth[name] = round(peak.value, 1), round(peak.value - before, 1)
-        print(f"[scale] many_silos: {name} {seconds[name]} s, peak RSS {peak_rss[name]} MB (+{growth[name]})",
-              flush=True)
-        return result
+    clock = StepClock("many_silos")
+    seconds, peak_rss, growth, requests = clock.seconds, clock.peak_rss, clock.growth, {}
+    step = clock.step
 
     folder = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fl-many-silos-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -646,6 +663,86 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def large_model(silos: int = 10, parameters: int = 100_000_000, shards: int = 4, strategy: str = "weighted_median",
+                state_dir: Path | None = None) -> dict:
+    """One round of `silos` updates of a model of about `parameters` float32 parameters
+    against a loopback moto S3 server, aggregated in `shards` shards and unsharded, through
+    the real coordinator code. Sharded: the aggregate step (fetch each update from its silo,
+    keep the snapshot, screen, one at a time), then shard_statistics and aggregate_shard for
+    each shard one after another, as the mapped tasks would run, each reading its byte ranges
+    of every snapshot, then assemble_candidate. Unsharded: the same screening and aggregation
+    as the unsharded aggregate step (`CandidateBuilder.build`), over the snapshots the round
+    kept (their fetch from the silos is in the sharded figures). Returns each step's wall time
+    and peak RSS (and its growth over the step's start, also in models), and whether the two
+    candidates are the same bytes."""
+    import yaml
+
+    from devstack.embedded import S3Server, create_buckets
+
+    clock = StepClock("large")
+    step = clock.step
+    folder = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fl-large-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("FL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
+                                            "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE")}
+    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 20)
+    width = int((-32 + math.sqrt(32 ** 2 + 4 * max(parameters - 1, 1))) / 2)  # h^2 + 32h + 1 parameters
+    try:
+        with S3Server(folder / "moto.log") as server:
+            os.environ.update({"FL_S3_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "bench",
+                               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                               "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
+            from fl_tasks.config import load_federation
+            from fl_tasks.coordinator import Coordinator, RunContext
+            from tests.conftest import federation_doc
+            from tests.fl_tasks.coordinator.test_many_silos import fake_updates
+
+            doc = federation_doc(silos, federation="large", aggregation={"strategy": strategy, "shards": shards},
+                                 task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
+                                       "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
+                                 quorum={"min_clients": 2, "round_timeout_minutes": 60})
+            doc["coordinator"] = {"bucket": "large-coordinator"}
+            doc["clients"] = [{"id": f"silo-{i:02d}", "bucket": f"s3://large-silos/silo-{i:02d}"} for i in range(silos)]
+            doc["evaluation"]["coordinator_data"] = "s3://large-coordinator/large/holdout/validation.parquet"
+            path = folder / "large.yaml"
+            path.write_text(yaml.safe_dump(doc))
+            spec = load_federation(path)
+            coordinator = Coordinator(spec)
+            step("create_buckets", lambda: create_buckets(spec, coordinator.store))
+            round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="large")))
+            step("dispatch", lambda: coordinator.dispatch(round_id))
+            step("silos_publish_updates", lambda: fake_updates(coordinator, spec, round_id, workers=2))
+            decision = coordinator.check_quorum(round_id)
+            closed = step("close_round", lambda: coordinator.close_round(round_id, decision))
+            step("sharded.aggregate_screens", lambda: coordinator.aggregate(round_id))
+            for k in range(shards):
+                step(f"sharded.shard_statistics.{k}", lambda: coordinator.shard_statistics(round_id, k))
+            for k in range(shards):
+                step(f"sharded.aggregate_shard.{k}", lambda: coordinator.aggregate_shard(round_id, k))
+            sharded = step("sharded.assemble_candidate", lambda: coordinator.assemble_candidate(round_id))
+            plan = coordinator.load_plan(round_id)
+            committed = {c: closed["answers"][c] for c in closed["committed"]}
+            unsharded = step("unsharded.aggregate_from_snapshots", lambda: coordinator._builder(
+                plan, closed["history"]).build(committed, None)).summary
+            model_mb = plan.base_bytes / 2 ** 20
+            return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_mb, 1),
+                    "strategy": strategy, "shards": shards, "seconds": clock.seconds, "peak_rss_mb": clock.peak_rss,
+                    "peak_rss_growth_mb": clock.growth,
+                    "peak_rss_growth_in_models": {k: round(v / model_mb, 2) for k, v in clock.growth.items()},
+                    "accepted": len(sharded["accepted"]),
+                    "candidate_sha256": {"sharded": sharded["candidate_sha256"],
+                                         "unsharded": unsharded["candidate_sha256"]},
+                    "same_candidate": sharded["candidate_sha256"] == unsharded["candidate_sha256"]}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not state_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
 PARTS = ("parse", "overhead", "many_silos", "large")
 
 
@@ -673,11 +770,9 @@ def main(argv: list[str] | None = None) -> int:
                "overhead": lambda: round_overhead(args.rounds, tuple(m.strip() for m in args.modes.split(",")),
                                                   profile=Path(args.profile) if args.profile else None,
                                                   state_dir=Path(args.state_dir) if args.state_dir else None),
-               "many_silos": globals().get("many_silos"), "large": globals().get("large_model")}
+               "many_silos": many_silos, "large": large_model}
     for part in parts:
         runner = runners[part]
-        if runner is None:
-            parser.error(f"part {part!r} is not in this version of the script")
         print(f"[scale] {part}", flush=True)
         figures = runner()
         if part == "overhead" and isinstance(results.get("overhead"), dict):

@@ -232,6 +232,9 @@ class LocalStack:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            # A round is a chain of short tasks: the scheduler's idle sleep (1 s by default) comes
+            # between every task and the next (benchmarks/scale.py, overhead).
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             # Backfilled rounds follow each other within seconds on a local stack.
             "FL_PREVIOUS_ROUND_POKE_SECONDS": "3",
         })

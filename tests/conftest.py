@@ -22,12 +22,15 @@ _names = itertools.count(1)
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(items) -> None:
-    """Under `pytest -n 2 --dist loadgroup` (make test), the tests that run DAGs or the stack
-    share one worker and run one after another: each starts Airflow processes and silos of
-    its own, and two at once on two cores would starve each other's deadlines."""
+    """Under `pytest -n 2 --dist loadgroup` (make test), the DAG-run tests run one after
+    another on one worker, and the stack tests one after another on the other; the unit tests
+    fill in around them. Each group starts Airflow processes and silos of its own: one DAG run
+    beside one stack leaves the deadlines room on two cores, two of either would not."""
     for item in items:
-        if item.get_closest_marker("integration") or item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group("services"))
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("stack"))
+        elif item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.xdist_group("dag-runs"))
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,19 @@ from fl_tasks.aggregation.checks import check_update, floating_names, positive_p
 from fl_tasks.aggregation.mean import StateDict
 
 
+# Elements per step of the float64 norm: its temporaries stay cache-sized, never a float64
+# copy of a whole (possibly 100M-parameter) tensor.
+NORM_BLOCK = 1 << 18
+
+
 def update_norm(state: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of state - base over the floating tensors, in float64."""
+    """L2 norm of state - base over the floating tensors, in float64, block by block."""
     total = 0.0
     for name in floating_names(base):
-        delta = np.asarray(state[name], dtype=np.float64) - np.asarray(base[name], dtype=np.float64)
-        total += float(np.dot(delta.reshape(-1), delta.reshape(-1)))
+        value, ref = np.asarray(state[name]).reshape(-1), np.asarray(base[name]).reshape(-1)
+        for start in range(0, value.size, NORM_BLOCK):
+            delta = value[start:start + NORM_BLOCK].astype(np.float64) - ref[start:start + NORM_BLOCK]
+            total += float(np.dot(delta, delta))
     return math.sqrt(total)
 
 

@@ -2,16 +2,17 @@
 ones into the strategy. Reads only what the close and the intake kept; writes nothing.
 
 Updates are fetched and decoded by a bounded pool ahead of their use
-(`fl_tasks.coordinator.pools.read_ahead`, `pools.READ_AHEAD` at a time): screening (fetch
-from the silo, snapshot, decode, checks, norm) and the strategy's stream both take them in
+(`fl_tasks.coordinator.pools.read_ahead`, the window `pools.window_for(model bytes)` at a
+time): screening (fetch from the silo, snapshot, decode, checks, norm) and the strategy's
+stream both take them in
 the round's fixed order (the close's committed order, then the accepted ones in that order),
 never in arrival order. The float32 running mean of FedAvg and the server optimisers
 (`fl_tasks.aggregation.mean`) rounds once per client, so another order gives another
 candidate at the ulp level: folding in a fixed order makes a re-run of the step, and a
 replay, give the same candidate sha256 as the sequential code did, at the cost of waiting
-for a slow fetch while later ones wait decoded (at most READ_AHEAD of them). Memory while
-streaming: the READ_AHEAD decoded updates ahead, the one being folded, and the aggregate:
-about (READ_AHEAD + 2) x one model, whatever the number of clients. The robust strategies
+for a slow fetch while later ones wait decoded (at most the window of them). Memory while
+streaming: the window's decoded updates ahead, the one being folded, and the aggregate:
+about (window + 2) x one model, whatever the number of clients. The robust strategies
 hold every update anyway (they stack an n x d matrix).
 """
 
@@ -68,6 +69,7 @@ class CandidateBuilder:
         self._versions_lock = threading.Lock()
         self._version_sha256 = version_sha256
         self.max_weight_share = max_weight_share
+        self.window = pools.window_for(plan.base_bytes)  # updates read ahead (fewer for a large model)
         self.rejected: list[dict[str, Any]] = []
         self.seen: dict[str, dict[str, Any]] = {}
 
@@ -204,7 +206,8 @@ class CandidateBuilder:
         norms: dict[str, float] = {}
         rules = self.plan.screening
         # Fetched and checked READ_AHEAD at a time; recorded in the committed order.
-        screened = pools.read_ahead(lambda item: self.screen_one(item[0], item[1], base), committed.items())
+        screened = pools.read_ahead(lambda item: self.screen_one(item[0], item[1], base), committed.items(),
+                                    self.window)
         for client_id, (seen, update, norm, problem) in zip(committed, screened):
             if seen is not None:
                 self.seen[client_id] = seen
@@ -235,9 +238,9 @@ class CandidateBuilder:
             return screening.delta_vector(self.snapshot_state(update.manifest, base), base)
 
         updates = list(accepted.values())
-        total = sum(pools.read_ahead(change, updates))
+        total = sum(pools.read_ahead(change, updates, self.window))
         count = len(accepted)
-        for (client_id, update), delta in zip(list(accepted.items()), pools.read_ahead(change, updates)):
+        for (client_id, update), delta in zip(list(accepted.items()), pools.read_ahead(change, updates, self.window)):
             cosine = screening.leave_one_out_cosine(delta, total, count)
             if cosine < min_cosine:
                 self.reject(client_id, f"cosine {cosine:.3f} to the mean of the other updates is below {min_cosine}")
@@ -269,7 +272,8 @@ class CandidateBuilder:
 
         def updates() -> Iterator[tuple[StateDict, float]]:
             # Decoded READ_AHEAD at a time, folded in the accepted order (see the module's docstring).
-            states = pools.read_ahead(lambda update: self.snapshot_state(update.manifest, base), accepted.values())
+            states = pools.read_ahead(lambda update: self.snapshot_state(update.manifest, base), accepted.values(),
+                                      self.window)
             yield from zip(states, weights)
 
         try:

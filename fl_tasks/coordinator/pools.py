@@ -7,8 +7,10 @@ The settings live here, once:
   network, so threads overlap them; boto3 clients are thread-safe, and each keeps
   `fl_tasks.protocol.storage.MAX_POOL_CONNECTIONS` connections open for them.
 - READ_AHEAD: updates fetched and decoded ahead of screening and aggregation
-  (`fl_tasks.coordinator.candidate`); each holds one model in memory, so peak memory stays
-  near (READ_AHEAD + 2) x one model for a streaming strategy.
+  (`fl_tasks.coordinator.candidate`), and READ_AHEAD_BYTES: at most that many bytes of
+  them (`window_for`: 4 updates of a 4 MB model, 2 of a 400 MB one). Each holds about one
+  model in memory, so peak memory stays near (window + 2) x one model for a streaming
+  strategy.
 
 `per_silo` keeps the order of its input in its results, so what a step records (events,
 dispatch times, answers) is in client order whatever order the requests finish in.
@@ -22,6 +24,8 @@ from typing import TypeVar
 
 SILO_WORKERS = 32
 READ_AHEAD = 4
+# ... and at most this many bytes of them: large models are read fewer at a time.
+READ_AHEAD_BYTES = 1 << 30
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,6 +41,12 @@ def per_silo(work: Callable[[T], R], items: Iterable[T], workers: int | None = N
     with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="fl-silo") as pool:
         futures = [pool.submit(work, item) for item in items]
     return [future.result() for future in futures]
+
+
+def window_for(model_bytes: int) -> int:
+    """How many updates of `model_bytes` each to read ahead: READ_AHEAD, fewer for large
+    models (READ_AHEAD_BYTES in all), at least one."""
+    return max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(int(model_bytes), 1)))
 
 
 def read_ahead(work: Callable[[T], R], items: Iterable[T], window: int | None = None) -> Iterator[R]:

@@ -425,12 +425,12 @@ def decode_update(data: bytes, codec: "Codec | str", base: Mapping[str, "np.ndar
     base + the decoded change (fp32: the payload's own tensors, as `decode_state`); `exact`
     as the encoder's. CodecError names what is wrong with a payload that does not fit `codec`
     and `base`."""
-    import numpy as np
-    import torch
-
     codec = as_codec(codec)
     if not codec.sends_change:
         return decode_state(data)
+    import numpy as np
+    import torch  # only for the change codecs: a full-weight update costs no torch import
+
     packing = Packing(base, exact)
     tensors, raw = _decode_change(data, codec, packing)
     out: dict[str, np.ndarray] = {}

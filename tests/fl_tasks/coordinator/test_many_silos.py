@@ -55,7 +55,7 @@ def publish_update(store: ObjectStore, spec, client, round_id: str, plan, state:
                     manifest.to_json(), "application/json")
 
 
-def fake_updates(coordinator, spec, round_id: str, seed: int = 0) -> None:
+def fake_updates(coordinator, spec, round_id: str, seed: int = 0, workers: int = 8) -> None:
     """Every silo answers with base + noise of its own scale and example count."""
     plan = coordinator.load_plan(round_id)
     base = decode_state(coordinator.records.get(round_id, "base/model.safetensors"))
@@ -69,7 +69,7 @@ def fake_updates(coordinator, spec, round_id: str, seed: int = 0) -> None:
         publish_update(coordinator.store, spec, client, round_id, plan, state, int(100 + 10 * i))
 
     rng.shuffle(order := list(enumerate(spec.clients)))  # the silos answer in no particular order
-    pools.per_silo(answer, order, workers=8)
+    pools.per_silo(answer, order, workers=workers)
 
 
 class PutLog:
