@@ -34,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -529,6 +531,40 @@ class StepClock:
         return result
 
 
+@contextmanager
+def loopback_s3(state_dir: Path | None, prefix: str) -> Iterator[Path]:
+    """A moto S3 server on loopback (objects over 1 MiB kept on disk) and a SQLite MLflow
+    store in a work folder (`state_dir`, kept; else a temporary one, removed), with this
+    process's S3 and MLflow settings pointing at them until the block ends."""
+    from devstack.embedded import S3Server
+
+    folder = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ("FL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+             "MLFLOW_TRACKING_URI", "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 20)
+    try:
+        with S3Server(folder / "moto.log") as server:
+            os.environ.update({"FL_S3_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "bench",
+                               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                               "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
+            yield folder
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not state_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def hidden_width(parameters: int) -> int:
+    """The fraud model's hidden width h for about `parameters` parameters (h^2 + 32h + 1)."""
+    return int((-32 + math.sqrt(32 ** 2 + 4 * max(parameters - 1, 1))) / 2)
+
+
 def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bool = True,
                state_dir: Path | None = None) -> dict:
     """One round's dispatch -> quorum polls -> close -> screening and FedAvg for `silos` fake
@@ -550,117 +586,99 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
 
     import yaml
 
-    from devstack.embedded import S3Server, create_buckets
+    from devstack.embedded import create_buckets
 
     clock = StepClock("many_silos")
     seconds, peak_rss, growth, requests = clock.seconds, clock.peak_rss, clock.growth, {}
     step = clock.step
 
-    folder = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fl-many-silos-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("FL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
-                                            "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE")}
-    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 20)
-    width = int((-32 + math.sqrt(32 ** 2 + 4 * max(parameters - 1, 1))) / 2)  # h^2 + 32h + 1 parameters
-    try:
-        with S3Server(folder / "moto.log") as server:
-            os.environ.update({"FL_S3_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "bench",
-                               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                               "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
-            if str(REPO / "plugins") not in sys.path:  # as Airflow puts its plugins folder on the path
-                sys.path.insert(0, str(REPO / "plugins"))
-            from fl_airflow import answers as watcher
-            from fl_airflow.triggers import QuorumTrigger
+    with loopback_s3(state_dir, "fl-many-silos-") as folder:
+        if str(REPO / "plugins") not in sys.path:  # as Airflow puts its plugins folder on the path
+            sys.path.insert(0, str(REPO / "plugins"))
+        from fl_airflow import answers as watcher
+        from fl_airflow.triggers import QuorumTrigger
 
-            from fl_tasks import protocol
-            from fl_tasks.config import load_federation
-            from fl_tasks.coordinator import Coordinator, RunContext, pools
-            from tests.conftest import federation_doc
-            from tests.fl_tasks.coordinator.test_many_silos import fake_updates
+        from fl_tasks import protocol
+        from fl_tasks.config import load_federation
+        from fl_tasks.coordinator import Coordinator, RunContext, pools
+        from tests.conftest import federation_doc
+        from tests.fl_tasks.coordinator.test_many_silos import fake_updates
 
-            doc = federation_doc(silos, federation="many", aggregation="fedavg",
-                                 task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
-                                       "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
-                                 quorum={"min_clients": 2, "round_timeout_minutes": 60, "poll_interval_seconds": 1})
-            doc["coordinator"] = {"bucket": "many-coordinator"}
-            doc["clients"] = [{"id": f"silo-{i:04d}",
-                               "bucket": f"s3://many-silos/silo-{i:04d}" if shared_bucket else f"s3://many-{i:04d}"}
-                              for i in range(silos)]
-            doc["evaluation"]["coordinator_data"] = "s3://many-coordinator/many/holdout/validation.parquet"
-            path = folder / "many.yaml"
-            path.write_text(yaml.safe_dump(doc))
-            spec = load_federation(path)
-            coordinator = Coordinator(spec)
-            step("create_buckets", lambda: create_buckets(spec, coordinator.store))
-            round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="many-silos")))
-            model_bytes = coordinator.load_plan(round_id).base_bytes
-            step("dispatch", lambda: coordinator.dispatch(round_id))
+        width = hidden_width(parameters)
+        doc = federation_doc(silos, federation="many", aggregation="fedavg",
+                             task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
+                                   "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
+                             quorum={"min_clients": 2, "round_timeout_minutes": 60, "poll_interval_seconds": 1})
+        doc["coordinator"] = {"bucket": "many-coordinator"}
+        doc["clients"] = [{"id": f"silo-{i:04d}",
+                           "bucket": f"s3://many-silos/silo-{i:04d}" if shared_bucket else f"s3://many-{i:04d}"}
+                          for i in range(silos)]
+        doc["evaluation"]["coordinator_data"] = "s3://many-coordinator/many/holdout/validation.parquet"
+        path = folder / "many.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        spec = load_federation(path)
+        coordinator = Coordinator(spec)
+        step("create_buckets", lambda: create_buckets(spec, coordinator.store))
+        round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="many-silos")))
+        model_bytes = coordinator.load_plan(round_id).base_bytes
+        step("dispatch", lambda: coordinator.dispatch(round_id))
 
-            kind = protocol.ANSWER_KINDS["update"]
-            clients = {c.id: {"bucket": c.bucket_name,  # as QuorumSensor.execute defers
-                              "answer_key": kind.answer_key(c.prefix, spec.federation, round_id),
-                              "decline_key": kind.decline_key(c.prefix, spec.federation, round_id),
-                              "aws_conn_id": None, "endpoint_url": None,
-                              "federation_endpoint_url": spec.endpoint_url,
-                              "signing_conn_id": spec.security.conn_id(spec.federation, c.id)} for c in spec.clients}
-            awaited = coordinator.awaited(round_id, "update")
-            trigger = QuorumTrigger(round_id=round_id, federation=spec.federation, clients=clients,
-                                    deadline=awaited.deadline, required=awaited.required, poll_interval=1.0)
+        kind = protocol.ANSWER_KINDS["update"]
+        clients = {c.id: {"bucket": c.bucket_name,  # as QuorumSensor.execute defers
+                          "answer_key": kind.answer_key(c.prefix, spec.federation, round_id),
+                          "decline_key": kind.decline_key(c.prefix, spec.federation, round_id),
+                          "aws_conn_id": None, "endpoint_url": None,
+                          "federation_endpoint_url": spec.endpoint_url,
+                          "signing_conn_id": spec.security.conn_id(spec.federation, c.id)} for c in spec.clients}
+        awaited = coordinator.awaited(round_id, "update")
+        trigger = QuorumTrigger(round_id=round_id, federation=spec.federation, clients=clients,
+                                deadline=awaited.deadline, required=awaited.required, poll_interval=1.0)
 
-            async def polls(names: list[str], between=None) -> dict:
-                out = {}
-                async with watcher.AnswerWatcher(trigger) as answers:
-                    sent = Counter()
+        async def polls(names: list[str], between=None) -> dict:
+            out = {}
+            async with watcher.AnswerWatcher(trigger) as answers:
+                sent = Counter()
 
-                    def count(event_name: str, **kwargs) -> None:
-                        sent[event_name.rsplit(".", 1)[-1]] += 1
+                def count(event_name: str, **kwargs) -> None:
+                    sent[event_name.rsplit(".", 1)[-1]] += 1
 
-                    for s3 in answers.stores.values():
-                        s3._client.meta.events.register("before-send.s3", count)
-                    for name in names:
-                        if between and name in between:
-                            await asyncio.to_thread(between[name])
-                        sent.clear()
-                        started = time.perf_counter()
-                        poll = await answers.poll()
-                        out[name] = {"seconds": round(time.perf_counter() - started, 3), "requests": sum(sent.values()),
-                                     **dict(sent), "committed": len(poll.committed), "problems": len(poll.problems)}
-                return out
+                for s3 in answers.stores.values():
+                    s3._client.meta.events.register("before-send.s3", count)
+                for name in names:
+                    if between and name in between:
+                        await asyncio.to_thread(between[name])
+                    sent.clear()
+                    started = time.perf_counter()
+                    poll = await answers.poll()
+                    out[name] = {"seconds": round(time.perf_counter() - started, 3), "requests": sum(sent.values()),
+                                 **dict(sent), "committed": len(poll.committed), "problems": len(poll.problems)}
+            return out
 
-            publish = lambda: fake_updates(coordinator, spec, round_id)  # noqa: E731
-            # The fake silos answer between the first and the second poll (the step's time is theirs).
-            requests.update(step("quorum_polls_and_silos", lambda: asyncio.run(polls(
-                ["poll_before_answers", "poll_all_answered", "poll_nothing_new"],
-                between={"poll_all_answered": lambda: step("silos_publish_updates", publish)}))))
+        publish = lambda: fake_updates(coordinator, spec, round_id)  # noqa: E731
+        # The fake silos answer between the first and the second poll (the step's time is theirs).
+        requests.update(step("quorum_polls_and_silos", lambda: asyncio.run(polls(
+            ["poll_before_answers", "poll_all_answered", "poll_nothing_new"],
+            between={"poll_all_answered": lambda: step("silos_publish_updates", publish)}))))
 
-            async def first_event():
-                async for event in trigger.run():
-                    return event.payload
+        async def first_event():
+            async for event in trigger.run():
+                return event.payload
 
-            event = step("quorum_trigger_to_event", lambda: asyncio.run(first_event()))
-            decision = step("check_quorum", lambda: coordinator.check_quorum(round_id))
-            step("close_round", lambda: coordinator.close_round(round_id, decision))
-            summary = step("aggregate", lambda: coordinator.aggregate(round_id))
-            return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_bytes / 2 ** 20, 2),
-                    "bucket_layout": "shared bucket, one prefix per silo" if shared_bucket else "one bucket per silo",
-                    "aggregator": "fedavg", "seconds": seconds, "requests_per_poll": requests,
-                    "trigger_event": {"state": event["state"], "committed": len(event["committed"])},
-                    "accepted": len(summary["accepted"]), "rejected": len(summary["rejected"]),
-                    "candidate_sha256": summary["candidate_sha256"], "peak_rss_mb": peak_rss,
-                    "peak_rss_growth_mb": growth,  # the step's peak over the RSS it started with
-                    "peak_rss_mb_overall": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                    "settings": {"silo_workers": pools.SILO_WORKERS, "read_ahead": pools.READ_AHEAD,
-                                 "trigger_concurrent_reads": watcher.CONCURRENT_READS,
-                                 "list_saving": watcher.LIST_SAVING}}
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not state_dir:
-            shutil.rmtree(folder, ignore_errors=True)
+        event = step("quorum_trigger_to_event", lambda: asyncio.run(first_event()))
+        decision = step("check_quorum", lambda: coordinator.check_quorum(round_id))
+        step("close_round", lambda: coordinator.close_round(round_id, decision))
+        summary = step("aggregate", lambda: coordinator.aggregate(round_id))
+        return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_bytes / 2 ** 20, 2),
+                "bucket_layout": "shared bucket, one prefix per silo" if shared_bucket else "one bucket per silo",
+                "aggregator": "fedavg", "seconds": seconds, "requests_per_poll": requests,
+                "trigger_event": {"state": event["state"], "committed": len(event["committed"])},
+                "accepted": len(summary["accepted"]), "rejected": len(summary["rejected"]),
+                "candidate_sha256": summary["candidate_sha256"], "peak_rss_mb": peak_rss,
+                "peak_rss_growth_mb": growth,  # the step's peak over the RSS it started with
+                "peak_rss_mb_overall": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "settings": {"silo_workers": pools.SILO_WORKERS, "read_ahead": pools.READ_AHEAD,
+                             "trigger_concurrent_reads": watcher.CONCURRENT_READS,
+                             "list_saving": watcher.LIST_SAVING}}
 
 
 def large_model(silos: int = 10, parameters: int = 100_000_000, shards: int = 4, strategy: str = "weighted_median",
@@ -677,71 +695,53 @@ def large_model(silos: int = 10, parameters: int = 100_000_000, shards: int = 4,
     candidates are the same bytes."""
     import yaml
 
-    from devstack.embedded import S3Server, create_buckets
+    from devstack.embedded import create_buckets
 
     clock = StepClock("large")
     step = clock.step
-    folder = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="fl-large-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("FL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
-                                            "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE")}
-    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 20)
-    width = int((-32 + math.sqrt(32 ** 2 + 4 * max(parameters - 1, 1))) / 2)  # h^2 + 32h + 1 parameters
-    try:
-        with S3Server(folder / "moto.log") as server:
-            os.environ.update({"FL_S3_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "bench",
-                               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                               "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
-            from fl_tasks.config import load_federation
-            from fl_tasks.coordinator import Coordinator, RunContext
-            from tests.conftest import federation_doc
-            from tests.fl_tasks.coordinator.test_many_silos import fake_updates
+    with loopback_s3(state_dir, "fl-large-") as folder:
+        from fl_tasks.config import load_federation
+        from fl_tasks.coordinator import Coordinator, RunContext
+        from tests.conftest import federation_doc
+        from tests.fl_tasks.coordinator.test_many_silos import fake_updates
 
-            doc = federation_doc(silos, federation="large", aggregation={"strategy": strategy, "shards": shards},
-                                 task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
-                                       "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
-                                 quorum={"min_clients": 2, "round_timeout_minutes": 60})
-            doc["coordinator"] = {"bucket": "large-coordinator"}
-            doc["clients"] = [{"id": f"silo-{i:02d}", "bucket": f"s3://large-silos/silo-{i:02d}"} for i in range(silos)]
-            doc["evaluation"]["coordinator_data"] = "s3://large-coordinator/large/holdout/validation.parquet"
-            path = folder / "large.yaml"
-            path.write_text(yaml.safe_dump(doc))
-            spec = load_federation(path)
-            coordinator = Coordinator(spec)
-            step("create_buckets", lambda: create_buckets(spec, coordinator.store))
-            round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="large")))
-            step("dispatch", lambda: coordinator.dispatch(round_id))
-            step("silos_publish_updates", lambda: fake_updates(coordinator, spec, round_id, workers=2))
-            decision = coordinator.check_quorum(round_id)
-            closed = step("close_round", lambda: coordinator.close_round(round_id, decision))
-            step("sharded.aggregate_screens", lambda: coordinator.aggregate(round_id))
-            for k in range(shards):
-                step(f"sharded.shard_statistics.{k}", lambda: coordinator.shard_statistics(round_id, k))
-            for k in range(shards):
-                step(f"sharded.aggregate_shard.{k}", lambda: coordinator.aggregate_shard(round_id, k))
-            sharded = step("sharded.assemble_candidate", lambda: coordinator.assemble_candidate(round_id))
-            plan = coordinator.load_plan(round_id)
-            committed = {c: closed["answers"][c] for c in closed["committed"]}
-            unsharded = step("unsharded.aggregate_from_snapshots", lambda: coordinator._builder(
-                plan, closed["history"]).build(committed, None)).summary
-            model_mb = plan.base_bytes / 2 ** 20
-            return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_mb, 1),
-                    "strategy": strategy, "shards": shards, "seconds": clock.seconds, "peak_rss_mb": clock.peak_rss,
-                    "peak_rss_growth_mb": clock.growth,
-                    "peak_rss_growth_in_models": {k: round(v / model_mb, 2) for k, v in clock.growth.items()},
-                    "accepted": len(sharded["accepted"]),
-                    "candidate_sha256": {"sharded": sharded["candidate_sha256"],
-                                         "unsharded": unsharded["candidate_sha256"]},
-                    "same_candidate": sharded["candidate_sha256"] == unsharded["candidate_sha256"]}
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not state_dir:
-            shutil.rmtree(folder, ignore_errors=True)
+        width = hidden_width(parameters)
+        doc = federation_doc(silos, federation="large", aggregation={"strategy": strategy, "shards": shards},
+                             task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
+                                   "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
+                             quorum={"min_clients": 2, "round_timeout_minutes": 60})
+        doc["coordinator"] = {"bucket": "large-coordinator"}
+        doc["clients"] = [{"id": f"silo-{i:02d}", "bucket": f"s3://large-silos/silo-{i:02d}"} for i in range(silos)]
+        doc["evaluation"]["coordinator_data"] = "s3://large-coordinator/large/holdout/validation.parquet"
+        path = folder / "large.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        spec = load_federation(path)
+        coordinator = Coordinator(spec)
+        step("create_buckets", lambda: create_buckets(spec, coordinator.store))
+        round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="large")))
+        step("dispatch", lambda: coordinator.dispatch(round_id))
+        step("silos_publish_updates", lambda: fake_updates(coordinator, spec, round_id, workers=2))
+        decision = coordinator.check_quorum(round_id)
+        closed = step("close_round", lambda: coordinator.close_round(round_id, decision))
+        step("sharded.aggregate_screens", lambda: coordinator.aggregate(round_id))
+        for k in range(shards):
+            step(f"sharded.shard_statistics.{k}", lambda: coordinator.shard_statistics(round_id, k))
+        for k in range(shards):
+            step(f"sharded.aggregate_shard.{k}", lambda: coordinator.aggregate_shard(round_id, k))
+        sharded = step("sharded.assemble_candidate", lambda: coordinator.assemble_candidate(round_id))
+        plan = coordinator.load_plan(round_id)
+        committed = {c: closed["answers"][c] for c in closed["committed"]}
+        unsharded = step("unsharded.aggregate_from_snapshots", lambda: coordinator._builder(
+            plan, closed["history"]).build(committed, None)).summary
+        model_mb = plan.base_bytes / 2 ** 20
+        return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_mb, 1),
+                "strategy": strategy, "shards": shards, "seconds": clock.seconds, "peak_rss_mb": clock.peak_rss,
+                "peak_rss_growth_mb": clock.growth,
+                "peak_rss_growth_in_models": {k: round(v / model_mb, 2) for k, v in clock.growth.items()},
+                "accepted": len(sharded["accepted"]),
+                "candidate_sha256": {"sharded": sharded["candidate_sha256"],
+                                     "unsharded": unsharded["candidate_sha256"]},
+                "same_candidate": sharded["candidate_sha256"] == unsharded["candidate_sha256"]}
 
 PARTS = ("parse", "overhead", "many_silos", "large")
 
