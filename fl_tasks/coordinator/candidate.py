@@ -69,9 +69,13 @@ class CandidateBuilder:
         self._versions_lock = threading.Lock()
         self._version_sha256 = version_sha256
         self.max_weight_share = max_weight_share
-        self.window = pools.window_for(plan.base_bytes)  # updates read ahead (fewer for a large model)
         self.rejected: list[dict[str, Any]] = []
         self.seen: dict[str, dict[str, Any]] = {}
+
+    @property
+    def window(self) -> int:
+        """Updates read ahead: fewer for a large model (pools.window_for)."""
+        return pools.window_for(self.plan.base_bytes)
 
     def version_sha256(self, version: str) -> str | None:
         with self._versions_lock:
