@@ -154,11 +154,12 @@ _MAX_HEADER = 100 << 20  # what safetensors itself accepts
 def _views(data: bytes) -> dict[str, "np.ndarray"]:
     """A safetensors payload's tensors as read-only views into `data`, without the copy that
     safetensors.numpy.load makes (a quarter of an int8 update's decoding time). Parsed
-    strictly: an 8-byte header length, a JSON object of {dtype, shape, data_offsets}, every
-    tensor inside the data and no two overlapping; anything else is a CodecError."""
-    import json
-
+    strictly (`fl_tasks.protocol.ranges.parse_header`): an 8-byte header length, a JSON object
+    of {dtype, shape, data_offsets}, every tensor inside the data and no two overlapping;
+    anything else is a CodecError."""
     import numpy as np
+
+    from fl_tasks.protocol.ranges import parse_header
 
     def bad(problem: str) -> CodecError:
         return CodecError(f"payload is not a valid safetensors file: {problem}")
@@ -168,28 +169,16 @@ def _views(data: bytes) -> dict[str, "np.ndarray"]:
     size = int.from_bytes(data[:8], "little")
     if size > min(len(data) - 8, _MAX_HEADER):
         raise bad(f"header length {size} runs past the {len(data)} bytes")
-    try:
-        header = json.loads(bytes(data[8:8 + size]))
-    except (UnicodeDecodeError, ValueError):
-        raise bad("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    body = memoryview(data)[8 + size:]
+    header = parse_header(data[:8], data[8:8 + size])
+    buffer = memoryview(data)
     out, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_VIEW_DTYPES[info["dtype"]])
-            shape = [int(n) for n in info["shape"]]
-            start, end = (int(n) for n in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
-        count = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
-            raise bad(f"tensor {name!r} does not fit its {dtype} {shape} into bytes {start}..{end} of {len(body)}")
-        spans.append((start, end, name))
-        out[name] = np.frombuffer(body, dtype, count, start).reshape(shape)
+    for name, entry in header.tensors.items():
+        if entry.stop > len(data):
+            raise bad(f"tensor {name!r} does not fit its {entry.dtype} {list(entry.shape)} into bytes "
+                      f"{entry.start - header.data_start}..{entry.stop - header.data_start} of "
+                      f"{len(data) - header.data_start}")
+        spans.append((entry.start, entry.stop, name))
+        out[name] = np.frombuffer(buffer, entry.dtype, entry.size, entry.start).reshape(entry.shape)
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:

@@ -68,7 +68,7 @@ def parse_header(length_bytes: bytes, json_bytes: bytes) -> Header:
             shape = tuple(int(n) for n in info["shape"])
             start, stop = (int(n) for n in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise _bad(f"tensor {name!r} has no valid (or a non-numpy) dtype, shape and data_offsets") from None
+            raise _bad(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
         if min(shape, default=0) < 0 or not 0 <= start <= stop or stop - start != math.prod(shape) * dtype.itemsize:
             raise _bad(f"tensor {name!r} does not fit its {dtype} {list(shape)} into bytes {start}..{stop}")
         tensors[name] = TensorEntry(dtype, shape, data_start + start, data_start + stop)
