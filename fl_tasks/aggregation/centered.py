@@ -15,8 +15,11 @@ from fl_tasks.aggregation.base import WeightedRobustStrategy
 from fl_tasks.aggregation.flat import Layout, StateDict, assemble
 
 
-def _center_dtype(value: np.ndarray) -> np.dtype:
-    return np.promote_types(np.asarray(value).dtype, np.float32)
+def center_state(delta: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """The state kept for the next round, 'v/<tensor>' -> the center (a flat delta in the
+    layout's order), each in its tensor's shape and dtype, at least float32."""
+    return {f"v/{name}": delta[layout.slices[name]].reshape(layout.shapes[name])
+            .astype(np.promote_types(np.asarray(layout.base[name]).dtype, np.float32)) for name in layout.names}
 
 
 def _indices(flags: np.ndarray) -> str:
@@ -129,8 +132,7 @@ class CenteredClipping(WeightedRobustStrategy):
         tau, how = self.radius_for(robust.row_distances(matrix, center) if self.tau == 0 else np.zeros(0))
         result = robust.centered_clipping(matrix, self.weights, center, tau, self.iterations)
         delta = result.vector - base_vector
-        new_state = {f"v/{name}": delta[layout.slices[name]].reshape(layout.shapes[name])
-                     .astype(_center_dtype(base[name])) for name in layout.names}
+        new_state = center_state(delta, layout)
         del delta
         out = assemble(stacked, result.vector)
         self.record(matrix.shape[0], origin, tau, how, result)

@@ -507,8 +507,7 @@ def _centered(inner, base, updates, statistics: Statistics, scales, state: State
         block -= base_vector[lo:lo + step]
         delta[lo:lo + step] += a[1:] @ block
     vector = base_vector + delta
-    new_state = {f"v/{name}": delta[layout.slices[name]].reshape(layout.shapes[name])
-                 .astype(np.promote_types(np.asarray(base[name]).dtype, np.float32)) for name in layout.names}
+    new_state = centered.center_state(delta, layout)
     out = assemble_stacked(stacked, vector)
     inner.record(n, origin, tau, how, result)
     return out, new_state
