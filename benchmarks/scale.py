@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -560,9 +561,26 @@ def loopback_s3(state_dir: Path | None, prefix: str) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def hidden_width(parameters: int) -> int:
-    """The fraud model's hidden width h for about `parameters` parameters (h^2 + 32h + 1)."""
-    return int((-32 + math.sqrt(32 ** 2 + 4 * max(parameters - 1, 1))) / 2)
+def bench_federation(folder: Path, name: str, clients: list[tuple[str, str]], parameters: int, aggregation,
+                     quorum: dict) -> tuple[Any, int]:
+    """A federation file in `folder` for the fraud model widened to about `parameters`
+    parameters (hidden width h: h^2 + 32h + 1), with these (client id, bucket URI) pairs: the
+    federation it loads as, and the model's exact parameter count."""
+    import yaml
+
+    from fl_tasks.config import load_federation
+    from tests.conftest import federation_doc
+
+    width = int((-32 + math.sqrt(32 ** 2 + 4 * max(parameters - 1, 1))) / 2)
+    doc = federation_doc(len(clients), federation=name, aggregation=aggregation, quorum=quorum,
+                         task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
+                               "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3})
+    doc["coordinator"] = {"bucket": f"{name}-coordinator"}
+    doc["clients"] = [{"id": client_id, "bucket": bucket} for client_id, bucket in clients]
+    doc["evaluation"]["coordinator_data"] = f"s3://{name}-coordinator/{name}/holdout/validation.parquet"
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_federation(path), (width + 32) * width + 1
 
 
 def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bool = True,
@@ -584,8 +602,6 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
     import resource
     from collections import Counter
 
-    import yaml
-
     from devstack.embedded import create_buckets
 
     clock = StepClock("many_silos")
@@ -599,24 +615,13 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
         from fl_airflow.triggers import QuorumTrigger
 
         from fl_tasks import protocol
-        from fl_tasks.config import load_federation
         from fl_tasks.coordinator import Coordinator, RunContext, pools
-        from tests.conftest import federation_doc
         from tests.fl_tasks.coordinator.test_many_silos import fake_updates
 
-        width = hidden_width(parameters)
-        doc = federation_doc(silos, federation="many", aggregation="fedavg",
-                             task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
-                                   "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
-                             quorum={"min_clients": 2, "round_timeout_minutes": 60, "poll_interval_seconds": 1})
-        doc["coordinator"] = {"bucket": "many-coordinator"}
-        doc["clients"] = [{"id": f"silo-{i:04d}",
-                           "bucket": f"s3://many-silos/silo-{i:04d}" if shared_bucket else f"s3://many-{i:04d}"}
-                          for i in range(silos)]
-        doc["evaluation"]["coordinator_data"] = "s3://many-coordinator/many/holdout/validation.parquet"
-        path = folder / "many.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        spec = load_federation(path)
+        buckets = [(f"silo-{i:04d}", f"s3://many-silos/silo-{i:04d}" if shared_bucket else f"s3://many-{i:04d}")
+                   for i in range(silos)]
+        spec, count = bench_federation(folder, "many", buckets, parameters, "fedavg",
+                                       {"min_clients": 2, "round_timeout_minutes": 60, "poll_interval_seconds": 1})
         coordinator = Coordinator(spec)
         step("create_buckets", lambda: create_buckets(spec, coordinator.store))
         round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="many-silos")))
@@ -668,7 +673,7 @@ def many_silos(silos: int = 1000, parameters: int = 1_000_000, shared_bucket: bo
         decision = step("check_quorum", lambda: coordinator.check_quorum(round_id))
         step("close_round", lambda: coordinator.close_round(round_id, decision))
         summary = step("aggregate", lambda: coordinator.aggregate(round_id))
-        return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_bytes / 2 ** 20, 2),
+        return {"silos": silos, "parameters": count, "model_mb": round(model_bytes / 2 ** 20, 2),
                 "bucket_layout": "shared bucket, one prefix per silo" if shared_bucket else "one bucket per silo",
                 "aggregator": "fedavg", "seconds": seconds, "requests_per_poll": requests,
                 "trigger_event": {"state": event["state"], "committed": len(event["committed"])},
@@ -693,29 +698,17 @@ def large_model(silos: int = 10, parameters: int = 100_000_000, shards: int = 4,
     kept (their fetch from the silos is in the sharded figures). Returns each step's wall time
     and peak RSS (and its growth over the step's start, also in models), and whether the two
     candidates are the same bytes."""
-    import yaml
-
     from devstack.embedded import create_buckets
 
     clock = StepClock("large")
     step = clock.step
     with loopback_s3(state_dir, "fl-large-") as folder:
-        from fl_tasks.config import load_federation
         from fl_tasks.coordinator import Coordinator, RunContext
-        from tests.conftest import federation_doc
         from tests.fl_tasks.coordinator.test_many_silos import fake_updates
 
-        width = hidden_width(parameters)
-        doc = federation_doc(silos, federation="large", aggregation={"strategy": strategy, "shards": shards},
-                             task={"entrypoint": "fl_tasks.tasks.fraud:FraudTask",
-                                   "params": {"hidden": [width, width], "batch_norm": False}, "seed": 3},
-                             quorum={"min_clients": 2, "round_timeout_minutes": 60})
-        doc["coordinator"] = {"bucket": "large-coordinator"}
-        doc["clients"] = [{"id": f"silo-{i:02d}", "bucket": f"s3://large-silos/silo-{i:02d}"} for i in range(silos)]
-        doc["evaluation"]["coordinator_data"] = "s3://large-coordinator/large/holdout/validation.parquet"
-        path = folder / "large.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        spec = load_federation(path)
+        buckets = [(f"silo-{i:02d}", f"s3://large-silos/silo-{i:02d}") for i in range(silos)]
+        spec, count = bench_federation(folder, "large", buckets, parameters, {"strategy": strategy, "shards": shards},
+                                       {"min_clients": 2, "round_timeout_minutes": 60})
         coordinator = Coordinator(spec)
         step("create_buckets", lambda: create_buckets(spec, coordinator.store))
         round_id = step("prepare", lambda: coordinator.prepare(RunContext(run_id="large")))
@@ -734,7 +727,7 @@ def large_model(silos: int = 10, parameters: int = 100_000_000, shards: int = 4,
         unsharded = step("unsharded.aggregate_from_snapshots", lambda: coordinator._builder(
             plan, closed["history"]).build(committed, None)).summary
         model_mb = plan.base_bytes / 2 ** 20
-        return {"silos": silos, "parameters": (width + 32) * width + 1, "model_mb": round(model_mb, 1),
+        return {"silos": silos, "parameters": count, "model_mb": round(model_mb, 1),
                 "strategy": strategy, "shards": shards, "seconds": clock.seconds, "peak_rss_mb": clock.peak_rss,
                 "peak_rss_growth_mb": clock.growth,
                 "peak_rss_growth_in_models": {k: round(v / model_mb, 2) for k, v in clock.growth.items()},
