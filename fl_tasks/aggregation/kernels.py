@@ -337,8 +337,9 @@ def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.nd
     sorted values come from a network (or a sort), the window test and the sum run in float64
     over whole chunks. Where the farthest kept and the nearest dropped value lie at the same
     distance and that distance is shared by two different values (on either side of the
-    median, or rounded together), the earlier-row rule decides: those (rare) columns are
-    recomputed by the stable-sort rule itself. Equal values at the cut need no such care."""
+    median, or rounded together: then some pair s_j, s_{j+beta} is at equal distances), the
+    earlier-row rule decides: those (rare) columns are recomputed by the stable-sort rule
+    itself. Equal values at the cut need no such care."""
     rows, t = _rows(x, rows)
     if not 1 <= beta <= t:
         raise ValueError(f"cannot keep {beta} of {t} values")
@@ -361,21 +362,19 @@ def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.nd
         buffer = np.empty((step, t), dtype=dtype)
     else:
         # Positions e..beta-1 are kept whatever the window: only their sum matters (one class),
-        # except the middle ones (the median) and the two ends (the core's farthest values).
+        # except the two middle ones (the median).
         classes = tuple(1 if e <= p < beta else -1 for p in range(t))
-        program = sorted_program(t, (lo, hi, e, beta - 1), classes)
+        program = sorted_program(t, (lo, hi), classes)
         step = chunk_columns(3 * t + program.buffers, dtype.itemsize, t, limit)
         run = Runner(program, dtype, step)
     values = np.empty((t, step))  # the sorted column values, float64
     med = np.empty(step)
-    near = np.empty((e, step))  # per pair (s_j, s_{j+beta}): the nearer one's distance ...
-    far = np.empty((e, step))  # ... and the farther one's
+    near = np.empty((e, step))  # per pair (s_j, s_{j+beta}): s_j's distance to the median ...
+    far = np.empty((e, step))  # ... and s_{j+beta}'s
     farther = np.empty((e, step), dtype=bool)
     mask = np.empty((e, step), dtype=np.int64)
     kept = np.empty((e, step))
-    kept_max = np.empty(step)
-    dropped_min = np.empty(step)
-    scratch = np.empty(step)
+    tie = np.empty((e, step), dtype=bool)
     for start in range(0, d, step):
         inputs = chunk_rows(x, rows, start, start + step)
         c = inputs[0].shape[0]
@@ -385,41 +384,36 @@ def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.nd
         else:
             for j, register in enumerate(run(inputs)):
                 np.copyto(s[j], register)
-        chunk = out[start:start + c]
-        m, wmax, emin, tmp = med[:c], kept_max[:c], dropped_min[:c], scratch[:c]
+        chunk, m = out[start:start + c], med[:c]
         np.add(s[lo], s[hi], out=m)
         m *= 0.5  # np.median: (a + b) / 2
-        np.add.reduce(s[e:beta], axis=0, out=chunk)
-        # the core's farthest values from the median: its two ends
-        np.subtract(m, s[e], out=wmax)
-        np.subtract(s[beta - 1], m, out=tmp)
-        np.maximum(wmax, tmp, out=wmax)
+        # row by row: a reduce along the first axis of a strided block is several times slower
+        sum_into(chunk, s[e:beta])
         left, right = s[:e], s[beta:]
         dl, dr, g, k = near[:, :c], far[:, :c], farther[:, :c], kept[:, :c]
         np.subtract(m, left, out=dl)  # |s_j - med|: s_j <= med
         np.subtract(right, m, out=dr)  # |s_{j+beta} - med|: s_{j+beta} >= med
         np.greater(dl, dr, out=g)  # s_j farther: dropped, s_{j+beta} kept
-        # k = g ? right : left, selected bitwise (exact, branch-free)
+        # k = g ? right : left, selected bitwise (exact; a masked copy mispredicts its branches)
         bits = mask[:, :c]
         np.subtract(0, g, out=bits, dtype=np.int64)
         kb = k.view(np.int64)
         np.bitwise_xor(left.view(np.int64), right.view(np.int64), out=kb)
         np.bitwise_and(kb, bits, out=kb)
         np.bitwise_xor(kb, left.view(np.int64), out=kb)
-        chunk += np.add.reduce(k, axis=0, out=tmp)
-        # of each pair the nearer is kept, the farther dropped
-        np.maximum(dl, dr, out=k)
-        np.minimum(dl, dr, out=dl)
-        np.minimum.reduce(k, axis=0, out=emin)
-        np.maximum(wmax, np.maximum.reduce(dl, axis=0, out=tmp), out=wmax)
+        for row in k:
+            chunk += row
         chunk /= beta
-        tied = np.flatnonzero((wmax == emin) & (emin > 0))
-        if tied.size:
-            # Ambiguous only where the tie distance is shared by two different values.
-            cut = s[:, tied]
-            at_cut = np.abs(cut - m[tied]) == emin[tied]
-            spread = np.where(at_cut, cut, -np.inf).max(axis=0) > np.where(at_cut, cut, np.inf).min(axis=0)
-            tied = tied[spread]
+        # dl falls and dr grows with j, so an ambiguous cut (a kept and a dropped value at the
+        # same distance, on either side of the median) is always a pair at equal distances;
+        # a pair at distance 0 holds the median's own value twice and is not ambiguous.
+        ties = tie[:, :c]
+        np.equal(dl, dr, out=ties)
+        np.greater(dl, 0.0, out=g)
+        ties &= g
+        for row in ties[1:]:
+            ties[0] |= row
+        tied = np.flatnonzero(ties[0])
         if tied.size:
             columns = start + tied
             block = (x[:, columns] if rows is None else x[np.ix_(rows, columns)]).astype(np.float64)
