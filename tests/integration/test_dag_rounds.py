@@ -211,7 +211,7 @@ def test_one_silo_regressing_on_its_own_data_rolls_the_round_back(stack):
 
 def test_an_evaluation_quorum_missed_at_its_deadline_rolls_back(stack):
     stack["silos"].restart(LIAR, "no_eval")
-    result, _ = run_round(stack, "itest", {"min_evaluating_silos": 4, "evaluation_timeout_minutes": 0.4})
+    result, _ = run_round(stack, "itest", {"min_evaluating_silos": 4, "evaluation_timeout_minutes": 0.2})
     output = result.stdout + result.stderr
     report = latest_report(stack, "itest")
     assert report["decision"] == "rejected", (report, output[-4000:])
