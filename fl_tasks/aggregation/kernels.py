@@ -335,11 +335,14 @@ def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.nd
     j* lowest and e - j* highest, where j* counts the j < e whose s_j lies farther from the
     median than s_{j+beta} (a monotone test, s_j below and s_{j+beta} above the median). The
     sorted values come from a network (or a sort), the window test and the sum run in float64
-    over whole chunks. Where the farthest kept and the nearest dropped value lie at the same
-    distance and that distance is shared by two different values (on either side of the
-    median, or rounded together: then some pair s_j, s_{j+beta} is at equal distances), the
-    earlier-row rule decides: those (rare) columns are recomputed by the stable-sort rule
-    itself. Equal values at the cut need no such care."""
+    over whole chunks. Where a kept and a dropped value on opposite sides of the median lie
+    at the same float64 distance (then a pair s_j, s_{j+beta} does: the distances fall with j
+    on the left and grow on the right), the earlier-row rule decides: those (rare) columns
+    are recomputed by the stable-sort rule itself. On one side of the median the exact sorted
+    order decides: of two values whose float64 distances only round equal (values over 2^28
+    times smaller than the median), the window keeps the truly nearer one where the float64
+    formula falls back to the row order; the means then differ by less than the rounding at
+    the median's magnitude. Equal values at the cut need no such care."""
     rows, t = _rows(x, rows)
     if not 1 <= beta <= t:
         raise ValueError(f"cannot keep {beta} of {t} values")
@@ -404,9 +407,9 @@ def mean_closest_to_median(x: np.ndarray, beta: int, rows: Sequence[int] | np.nd
         for row in k:
             chunk += row
         chunk /= beta
-        # dl falls and dr grows with j, so an ambiguous cut (a kept and a dropped value at the
-        # same distance, on either side of the median) is always a pair at equal distances;
-        # a pair at distance 0 holds the median's own value twice and is not ambiguous.
+        # dl falls and dr grows with j, so a kept and a dropped value at the same distance on
+        # opposite sides of the median are always a pair at equal distances; a pair at
+        # distance 0 holds the median's own value twice and is not ambiguous.
         ties = tie[:, :c]
         np.equal(dl, dr, out=ties)
         np.greater(dl, 0.0, out=g)
