@@ -370,8 +370,8 @@ class FederatedEvaluation:
             raise self.records.fail(round_id, "request_evaluation", "the evaluation request is missing or corrupted")
         payloads = {label: self.records.store.get_bytes(self.records.bucket, m["key"]) for label, m in
                     plan.models.items()}
-        events, reached = [], []
-        for client_id in plan.clients:
+
+        def publish(client_id: str) -> dict[str, Any]:
             client = self.spec.client(client_id)
             key = protocol.evaluation_request_key(client.prefix, plan.federation, round_id)
             event = {"event": "evaluation_requested", "client_id": client_id, "request_sha256": plan.request_sha256,
@@ -383,11 +383,14 @@ class FederatedEvaluation:
                         store.put_bytes(client.bucket_name, protocol.evaluation_model_key(
                             client.prefix, plan.federation, round_id, label), payload)
                     store.put_bytes(client.bucket_name, key, request, "application/json")
-                reached.append(client_id)
             except (*STORAGE_ERRORS, ValueError) as exc:
                 event = {**event, "event": "evaluation_request_failed", "reason": storage_reason(exc)}
                 log.warning("round %s: evaluation not requested from %s: %s", round_id, client_id, event["reason"])
-            events.append(event)
+            return event
+
+        # Many silos at once (pools.SILO_WORKERS); the events in the plan's client order.
+        events = pools.per_silo(publish, plan.clients)
+        reached = [e["client_id"] for e in events if e["event"] == "evaluation_requested"]
         self.records.audit.append(round_id, "request_evaluation", events)
         log.info("round %s: evaluation of %s requested from %s; deadline %s, %d needed", round_id,
                  ", ".join(f"{label} ({m['version']})" for label, m in plan.models.items()), ", ".join(reached) or "none",

@@ -3,7 +3,7 @@
 The settings live here, once:
 
 - SILO_WORKERS: silos whose buckets are written or read at the same time (dispatch, the
-  close's and the quorum check's reads of every answer). Each request mostly waits on the
+  evaluation request, the close's and the quorum check's reads of every answer). Each request mostly waits on the
   network, so threads overlap them; boto3 clients are thread-safe, and each keeps
   `fl_tasks.protocol.storage.MAX_POOL_CONNECTIONS` connections open for them.
 - READ_AHEAD: updates fetched and decoded ahead of screening and aggregation

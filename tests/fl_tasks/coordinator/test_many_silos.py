@@ -1,5 +1,6 @@
-"""Many silos: dispatch writes their buckets concurrently (a failing silo still named, the
-events in client order, a re-run idempotent); the close reads their answers concurrently;
+"""Many silos: dispatch and the evaluation request write their buckets concurrently (a
+failing silo still named, the events in client order, a re-run of dispatch idempotent); the
+close reads their answers concurrently;
 the candidate comes from updates fetched and decoded by a bounded read-ahead pool, folded in
 the round's fixed order, so it is the sequential code's candidate to the byte. The silos
 are fake: their updates are written straight through the protocol functions."""
@@ -208,3 +209,37 @@ def test_an_update_that_fails_screening_is_rejected_in_its_place(closed_round, m
     summary = build(coordinator, round_id, record)
     assert summary["rejected"] == [{"client_id": bad.id, "reason": "not a safetensors file"}]
     assert [a["client_id"] for a in summary["accepted"]] == [c for c in record["committed"] if c != bad.id]
+
+
+def test_the_evaluation_request_reaches_many_silos_concurrently_in_client_order(tmp_path, s3_server, mlflow_uri,
+                                                                                 monkeypatch):
+    spec, coordinator = many_silo_federation(tmp_path, 24, quorum={"min_clients": 2},
+                                             evaluation={"federated": {"min_silos": 2}})
+    round_id = coordinator.prepare(RunContext(run_id="many-evaluate"))
+    coordinator.dispatch(round_id)
+    fake_updates(coordinator, spec, round_id)
+    coordinator.close_round(round_id, coordinator.check_quorum(round_id))
+    coordinator.aggregate(round_id)
+    gone = spec.clients[9]  # its bucket goes away after its update was aggregated
+    s3 = coordinator.store._client
+    for key in coordinator.store.list_keys(gone.bucket_name, ""):
+        s3.delete_object(Bucket=gone.bucket_name, Key=key)
+    s3.delete_bucket(Bucket=gone.bucket_name)
+    puts = PutLog(monkeypatch)
+    reached = coordinator.request_evaluation(round_id)
+
+    asked = coordinator.evaluation.load_plan(round_id).clients  # the accepted silos, in the round's order
+    assert sorted(asked) == sorted(c.id for c in spec.clients)
+    assert reached == [c for c in asked if c != gone.id]  # in that order
+    assert 1 < puts.most <= pools.SILO_WORKERS
+    request_key = protocol.evaluation_request_key("", spec.federation, round_id)
+    for client in spec.clients:  # per silo: the model first, the request last
+        if client is gone:
+            continue
+        keys = [k for b, k in puts.calls if b == client.bucket_name]
+        assert len(keys) == 2 and keys[-1] == request_key, (client.id, keys)
+    events = [e for e in coordinator.audit.events(round_id)
+              if e.get("event") in ("evaluation_requested", "evaluation_request_failed")]
+    assert [e["client_id"] for e in events] == asked
+    [failed] = [e for e in events if e["event"] == "evaluation_request_failed"]
+    assert failed["client_id"] == gone.id and "NoSuchBucket" in failed["reason"]
