@@ -747,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="overhead: dags_test, floor (Airflow's own cost of 13 no-op tasks under dags test), "
                              "scheduler")
     parser.add_argument("--parse-repeats", type=int, default=7)
+    parser.add_argument("--silos", type=int, default=1000, help="many_silos: how many silos")
+    parser.add_argument("--parameters", type=int, default=1_000_000,
+                        help="many_silos: float32 parameters of the model")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--state-dir", help="overhead: keep the rounds' state (logs, stores) in this folder")
     parser.add_argument("--profile", help="overhead, dags_test: write a cProfile of each round into this folder")
@@ -763,16 +766,21 @@ def main(argv: list[str] | None = None) -> int:
                "overhead": lambda: round_overhead(args.rounds, tuple(m.strip() for m in args.modes.split(",")),
                                                   profile=Path(args.profile) if args.profile else None,
                                                   state_dir=Path(args.state_dir) if args.state_dir else None),
-               "many_silos": many_silos, "large": large_model}
+               "many_silos": lambda: many_silos(args.silos, args.parameters), "large": large_model}
+    written = []
     for part in parts:
         runner = runners[part]
         print(f"[scale] {part}", flush=True)
         figures = runner()
         if part == "overhead" and isinstance(results.get("overhead"), dict):
             figures = {**results["overhead"], **figures}  # one mode run now keeps the other's figures
-        results[part] = figures
+        key = part
+        if part == "many_silos" and (args.silos, args.parameters) != (1000, 1_000_000):
+            key = f"many_silos_{args.silos}x{args.parameters}"  # the default size's figures stay
+        results[key] = figures
+        written.append(key)
     output.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
-    print(json.dumps({p: results[p] for p in parts}, indent=2, default=str))
+    print(json.dumps({key: results[key] for key in written}, indent=2, default=str))
     return 0
 
 
