@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import tracemalloc
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -155,6 +156,20 @@ def test_float32_path_allocates_one_model_whatever_the_number_of_clients():
     assert out["w"].dtype == np.float32
     assert peak < 1.1 * 4 * size, peak / (4 * size)  # the running mean is the result: no cast, no copy
 
+
+
+def test_the_running_mean_keeps_no_update_once_added():
+    """The first update is copied into the mean, not held until the second: a producer's
+    update can be freed as soon as it is added (memory: the mean and the update being added)."""
+    rng = np.random.default_rng(5)
+    mean = StreamingWeightedMean()
+    for weight in (3.0, 1.0, 2.0):
+        update = {"w": rng.standard_normal(1000, dtype=np.float32)}
+        alive = weakref.ref(update["w"])
+        mean.add(update, weight)
+        del update
+        gc.collect()
+        assert alive() is None, weight
 
 def test_read_only_strided_and_mixed_dtype_updates():
     rng = np.random.default_rng(6)
