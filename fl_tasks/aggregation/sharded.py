@@ -115,8 +115,8 @@ class ShardPlan:
         tensors = {name: value if isinstance(value, TensorInfo) else
                    TensorInfo(tuple(int(d) for d in np.shape(value)), np.asarray(value).dtype.name)
                    for name, value in base.items()}
-        names = sorted(name for name, info in tensors.items() if info.floating)
-        size = sum(tensors[name].size for name in names)
+        unsharded = cls(tensors, ())
+        names, size = unsharded.floating_names, unsharded.size
         if shards > size:
             raise ValueError(f"{shards} shards for a model of {size} floating elements: at most one shard per "
                              "element")

@@ -145,12 +145,6 @@ def _load(data: bytes) -> dict[str, "np.ndarray"]:
         raise CodecError(f"payload has a tensor of unsupported dtype {exc}") from None
 
 
-# safetensors dtype names -> numpy (little-endian, as the format stores them).
-_VIEW_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "U8": "u1", "I16": "<i2", "U16": "<u2",
-                "I32": "<i4", "U32": "<u4", "I64": "<i8", "U64": "<u8", "BOOL": "?"}
-_MAX_HEADER = 100 << 20  # what safetensors itself accepts
-
-
 def _views(data: bytes) -> dict[str, "np.ndarray"]:
     """A safetensors payload's tensors as read-only views into `data`, without the copy that
     safetensors.numpy.load makes (a quarter of an int8 update's decoding time). Parsed
@@ -159,7 +153,7 @@ def _views(data: bytes) -> dict[str, "np.ndarray"]:
     anything else is a CodecError."""
     import numpy as np
 
-    from fl_tasks.protocol.ranges import parse_header
+    from fl_tasks.protocol.ranges import MAX_HEADER_BYTES, parse_header
 
     def bad(problem: str) -> CodecError:
         return CodecError(f"payload is not a valid safetensors file: {problem}")
@@ -167,7 +161,7 @@ def _views(data: bytes) -> dict[str, "np.ndarray"]:
     if len(data) < 8:
         raise bad("shorter than its 8-byte header length")
     size = int.from_bytes(data[:8], "little")
-    if size > min(len(data) - 8, _MAX_HEADER):
+    if size > min(len(data) - 8, MAX_HEADER_BYTES):
         raise bad(f"header length {size} runs past the {len(data)} bytes")
     header = parse_header(data[:8], data[8:8 + size])
     buffer = memoryview(data)

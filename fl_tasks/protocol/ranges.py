@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_tasks.protocol.codec import _MAX_HEADER, _VIEW_DTYPES, CodecError
+from fl_tasks.protocol.codec import CodecError
+
+# safetensors dtype names -> numpy (little-endian, as the format stores them).
+DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "U8": "u1", "I16": "<i2", "U16": "<u2",
+          "I32": "<i4", "U32": "<u4", "I64": "<i8", "U64": "<u8", "BOOL": "?"}
+MAX_HEADER_BYTES = 100 << 20  # what safetensors itself accepts
 
 Fetch = Callable[[int, int], bytes]  # bytes [start, stop) of the object
 
@@ -64,7 +69,7 @@ def parse_header(length_bytes: bytes, json_bytes: bytes) -> Header:
         if name == "__metadata__":
             continue
         try:
-            dtype = np.dtype(_VIEW_DTYPES[info["dtype"]])
+            dtype = np.dtype(DTYPES[info["dtype"]])
             shape = tuple(int(n) for n in info["shape"])
             start, stop = (int(n) for n in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -79,8 +84,8 @@ def read_header(fetch: Fetch) -> Header:
     """The header of an object, by two ranged reads (its length, then its JSON)."""
     length = fetch(0, 8)
     size = int.from_bytes(length, "little")
-    if len(length) != 8 or size > _MAX_HEADER:
-        raise _bad(f"header length {size} is over the {_MAX_HEADER}-byte limit")
+    if len(length) != 8 or size > MAX_HEADER_BYTES:
+        raise _bad(f"header length {size} is over the {MAX_HEADER_BYTES}-byte limit")
     return parse_header(length, fetch(8, 8 + size))
 
 
