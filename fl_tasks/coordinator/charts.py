@@ -2,26 +2,21 @@
 no fonts, nothing fetched) that reads the same opened from S3 or from an MLflow artifact
 view with no network: the round's header, its metrics next to the earlier rounds',
 participation, the weight of each silo, the update latency, the drift heat map and why
-updates were rejected or declined.
-
-matplotlib is imported inside `render_round_report`, so that importing this module (the
-DAG files do, at parse time) costs nothing."""
+updates were rejected or declined. The plots are written by `svgplot`: no plotting library
+to import in the summary step."""
 
 from __future__ import annotations
 
 import html
-import io
 import math
-import re
 import unicodedata
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # history pulls in the object store (boto3); the types alone are enough here
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+from fl_tasks.coordinator.svgplot import (FONT_SIZE, Axes, Figure, LegendEntry, esc, n, nice_ticks, rect_path, style,
+                                          text_width)
 
+if TYPE_CHECKING:  # history pulls in the object store (boto3); the types alone are enough here
     from fl_tasks.coordinator.drift import DriftTable
     from fl_tasks.coordinator.history import RoundRecord
 
@@ -37,6 +32,8 @@ MAX_OTHER_METRICS = 8  # panels besides the primary metric's
 MAX_DRIFT_COLUMNS = 80  # heat-map columns; those that drifted somewhere come first
 MAX_BAR_SILOS = 40  # above this the latency plot is a histogram rather than a bar per silo
 LABEL_CHARS = 24  # axis labels; tooltips and tables carry the full text
+WIDTH, MARGIN, RIGHT = 760, 56, 12  # a figure's width; room for y tick labels on the left, and on the right
+ROW, CELL = 20, 16  # a silo's bar row; a drift heat-map cell
 
 CANDIDATE_COLOUR, CHAMPION_COLOUR = "#0969da", "#57606a"
 DRIFTED_COLOUR, DRIFTED_EDGE, STEADY_COLOUR, NO_SCORE_COLOUR = "#f4a582", "#b2182b", "#d1e5f0", "#eeeeee"
@@ -46,27 +43,19 @@ def render_round_report(history: Sequence[RoundRecord], current: RoundRecord, dr
     """The round's report page. `history`: the federation's earlier rounds, oldest first
     (a record of `current` in it is replaced by `current`); `drift`: the round's drift
     table, None when no silo was asked for scores."""
-    import matplotlib
-
     rounds, total = _rounds(history, current)
-    # The SVG keeps text as <text> (the viewer's own sans-serif, no embedded glyph paths:
-    # smaller and searchable); silo ids and column names with '$' must not turn into mathtext.
-    style = {"svg.fonttype": "none", "text.parse_math": False, "font.family": "sans-serif", "font.size": 8,
-             "axes.titlesize": 9, "axes.spines.top": False, "axes.spines.right": False, "svg.id": None,
-             "hatch.linewidth": 0.8, "legend.fontsize": 7, "legend.frameon": False}
-    with matplotlib.rc_context(style):
-        sections = [
-            _header(current, total, len(rounds)),
-            _metrics_section(rounds),
-            _participation_section(rounds),
-            _weights_section(current),
-            _latency_section(current),
-            _drift_section(drift, current.round_id),
-            _reasons_section("rejected", "Rejected updates by reason", current.metrics.rejected_by_reason,
-                             "No update was rejected."),
-            _reasons_section("declined", "Declined updates by reason", current.metrics.declined_by_reason,
-                             "No silo declined."),
-        ]
+    sections = [
+        _header(current, total, len(rounds)),
+        _metrics_section(rounds),
+        _participation_section(rounds),
+        _weights_section(current),
+        _latency_section(current),
+        _drift_section(drift, current.round_id),
+        _reasons_section("rejected", "Rejected updates by reason", current.metrics.rejected_by_reason,
+                         "No update was rejected."),
+        _reasons_section("declined", "Declined updates by reason", current.metrics.declined_by_reason,
+                         "No silo declined."),
+    ]
     title = f"{_e(current.metrics.federation)} — round {_e(current.round_id)}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -143,106 +132,33 @@ def _section(section_id: str, heading: str, *parts: str) -> str:
 
 # -- figures ------------------------------------------------------------------------------
 
-def _figure(width: float, height: float) -> Figure:
-    # A bare Figure on the Agg canvas: no pyplot, so no global figure registry and no GUI
-    # backend on a headless worker, and nothing to close afterwards.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+def _svg(fig: Figure, caption: str) -> str:
+    return f'<figure id="{fig.figure_id}"><figcaption class="note">{caption}</figcaption>\n{fig.svg()}</figure>'
 
 
-_AUTO_ID = re.compile(r"[A-Za-z][\w.]*_\d+")  # matplotlib's group counters: figure_1, axes_1, patch_3, ...
-_FLOAT = re.compile(r"-?\d+\.\d+")
-_GEOMETRY = {"d", "x", "y", "width", "height", "transform"}
-_NO_ROTATION = re.compile(r"^rotate\(-?0 [^)]*\)$")
-_INHERITED = re.compile(r"(?:(?:fill|stroke|font)[\w-]*:[^;]*;?)+")  # what children inherit from a <g>
-_NS = {"svg": "{http://www.w3.org/2000/svg}", "xlink": "{http://www.w3.org/1999/xlink}"}
-
-
-def _svg(fig: Figure, figure_id: str, caption: str, cells: dict[str, dict[str, str]] | None = None) -> str:
-    """The figure as inline SVG inside a <figure id=...>. `cells`: group id -> the attributes
-    (and "title", the tooltip) that group gets; matplotlib has no way to say either."""
-    import matplotlib
-
-    buf = io.StringIO()
-    # Several SVGs share one HTML document: salting per figure keeps the ids they reference
-    # (clip paths, markers, hatches) apart, and fixes them, so a re-rendered report is identical.
-    with matplotlib.rc_context({"svg.hashsalt": figure_id}):
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    root = _compact(ET.fromstring(buf.getvalue()), cells or {})
-    return (f'<figure id="{figure_id}"><figcaption class="note">{caption}</figcaption>\n'
-            f"{ET.tostring(root, encoding='unicode').replace(' />', '/>')}</figure>")  # '>' is escaped in values
-
-
-def _compact(root: ET.Element, cells: dict[str, dict[str, str]]) -> ET.Element:
-    """matplotlib's SVG, about a third the size and fit to sit inside HTML: no namespace
-    prefixes (HTML's parser puts <svg> in its namespace, and SVG 2 takes plain href), no
-    metadata or per-text font lists (the page's CSS sets the font), no counter ids (they
-    would repeat across figures), no attribute-less groups, a style its children share set
-    once on their group, coordinates to 0.1 pt."""
-    def clean(element: ET.Element) -> list[ET.Element]:
-        element.tag = element.tag.rpartition("}")[2]
-        for key in list(element.attrib):
-            value = element.attrib.pop(key)
-            key = "href" if key == _NS["xlink"] + "href" else key
-            if key == "id" and _AUTO_ID.fullmatch(value):
-                continue
-            if key in _GEOMETRY:
-                value = _FLOAT.sub(lambda m: f"{float(m[0]):.1f}".removesuffix(".0"), " ".join(value.split()))
-                value = re.sub(r" ?([MLCQz]) ?", r"\1", value) if key == "d" else _NO_ROTATION.sub("", value)
-            elif key == "style":
-                value = re.sub(r"\s*([:;])\s*", r"\1", re.sub(r"font-family:[^;]*;?", "", value)).strip(";")
-            if value:
-                element.set(key, value)
-        extra = cells.get(element.get("id", ""))
-        if extra:
-            del element.attrib["id"]  # only the hook for this; class and data-* name the cell
-            element.attrib.update({k: v for k, v in extra.items() if k != "title"})
-            title = ET.Element("title")
-            title.text = extra["title"]
-            element.insert(0, title)
-        children = []
-        for child in list(element):
-            if child.tag in (_NS["svg"] + "metadata", _NS["svg"] + "style") or (
-                    child.tag == _NS["svg"] + "defs" and all(c.tag == _NS["svg"] + "style" for c in child)):
-                continue  # the default style is in _CSS
-            children.extend(clean(child))
-        element[:] = children
-        styles = {c.get("style") for c in children}
-        if (element.tag == "g" and "style" not in element.attrib and len(styles) == 1 and None not in styles
-                and _INHERITED.fullmatch(next(iter(styles)))):  # e.g. a line's markers
-            element.set("style", styles.pop())
-            for child in children:
-                del child.attrib["style"]
-        if children and element.text is not None and not element.text.strip():
-            element.text = None
-        element.tail = "\n" if element.tail is not None else None  # the indentation is a fifth of the bytes
-        if element.tag == "g" and not element.attrib:
-            return children  # a group that sets nothing: its children go to its parent
-        return [element]
-
-    (root,) = clean(root)
-    root.set("xmlns", _NS["svg"][1:-1])
-    return root
+def _round_label_room(rounds: Sequence[RoundRecord]) -> float:
+    """The height the round labels under an x axis take: turned 45 degrees when many."""
+    if len(rounds) > 8:
+        return max(text_width(_clean(r.round_id, 12)) for r in rounds) * 0.71 + 16
+    return 22
 
 
 def _round_axis(ax: Axes, rounds: Sequence[RoundRecord], labels: bool = True, most: int = 25) -> None:
-    """Rounds along x, this round shaded; no tick marks (the labels place the rounds and
-    every mark costs bytes in the SVG)."""
-    positions = list(range(len(rounds)))
+    """Rounds along x, at most `most` labelled; no tick marks (the labels place the rounds)."""
     step = max(1, math.ceil(len(rounds) / most))
-    tilt = len(rounds) > 8
+    positions = list(range(0, len(rounds), step))
     if labels:
-        ax.set_xticks(positions[::step], [_clean(r.round_id, 12) for r in rounds][::step],
-                      rotation=45 if tilt else 0, ha="right" if tilt else "center", rotation_mode="anchor")
-    else:
-        ax.set_xticks(positions[::step])
-    ax.tick_params(axis="x", bottom=False, labelbottom=labels)
-    ax.set_xlim(-0.6, len(rounds) - 0.4)
-    ax.axvspan(len(rounds) - 1.45, len(rounds) - 0.55, color="#fff3c4", zorder=0, lw=0)
+        ax.xaxis(positions, [_clean(rounds[i].round_id, 12) for i in positions], tilt=45 if len(rounds) > 8 else 0)
+
+
+def _this_round(ax: Axes, rounds: Sequence[RoundRecord]) -> None:
+    """This round shaded, under everything else on the panel."""
+    ax.xspan(len(rounds) - 1.45, len(rounds) - 0.55, "#fff3c4")
+
+
+def _round_axes(fig: Figure, left: float, top: float, width: float, height: float, rounds: Sequence[RoundRecord],
+                ylim: tuple[float, float]) -> Axes:
+    return Axes(fig, left, top, width, height, (-0.6, len(rounds) - 0.4), ylim)
 
 
 # -- sections -----------------------------------------------------------------------------
@@ -296,8 +212,6 @@ def _primary_metric(rounds: Sequence[RoundRecord]) -> str | None:
 
 
 def _metrics_section(rounds: Sequence[RoundRecord]) -> str:
-    from matplotlib.lines import Line2D
-
     current, primary = rounds[-1].metrics, _primary_metric(rounds)
     names = sorted({k for r in rounds for k in (*r.metrics.candidate, *r.metrics.champion)})
     if not names:
@@ -307,37 +221,26 @@ def _metrics_section(rounds: Sequence[RoundRecord]) -> str:
     dropped = others[MAX_OTHER_METRICS:]
     panels = ([primary] if primary in names else []) + others[:MAX_OTHER_METRICS]
     emphasised = primary in names
-    top = 1 if emphasised else 0  # the primary metric's panel spans the first row
-    small_rows = math.ceil((len(panels) - top) / 2)
-    fig = _figure(8, 2.6 * top + 1.9 * small_rows + 0.4)
-    grid = fig.add_gridspec(top + small_rows, 2, height_ratios=[1.5] * top + [1] * small_rows)
-    xs = range(len(rounds))
-    seen: set[str] = set()
-    for i, name in enumerate(panels):
-        main = emphasised and i == 0
-        k = i - top
-        ax = fig.add_subplot(grid[0, :] if main else grid[top + k // 2, k % 2])
-        champion = [r.metrics.champion.get(name, math.nan) for r in rounds]
-        candidate = [r.metrics.candidate.get(name, math.nan) for r in rounds]
-        ax.plot(xs, champion, color=CHAMPION_COLOUR, ls="--", lw=1.6 if main else 1)
-        ax.plot(xs, candidate, color=CANDIDATE_COLOUR, lw=2.2 if main else 1.2, zorder=2)
-        for decision in dict.fromkeys(r.decision for r in rounds):  # a set would reorder by hash seed
-            seen.add(decision)
-            _decision_markers(ax, [(x, v) for x, r, v in zip(xs, rounds, candidate) if r.decision == decision],
-                              decision, 7 if main else 5)
-        ax.set_title(f"{_clean(name, 40)} (primary)" if main else _clean(name, 40),
-                     fontweight="bold" if main else "normal", loc="left")
-        _round_axis(ax, rounds, most=25 if main else 10)
-        ax.grid(axis="y", color="#eaeef2", lw=0.6)
-    handles = [Line2D([], [], color=CANDIDATE_COLOUR, lw=2, label="candidate"),
-               Line2D([], [], color=CHAMPION_COLOUR, lw=1, ls="--", label="champion")]
-    for decision, (label, colour) in DECISIONS.items():
-        if decision in seen:
-            handles.append(Line2D([], [], ls="", label=label, **_marker_style(decision, colour, 6)))
-    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles))
+    fig = Figure("fig-metrics-by-round", WIDTH)
+    seen = list(dict.fromkeys(r.decision for r in rounds))  # a set would reorder by hash seed
+    entries = [LegendEntry("candidate", stroke=CANDIDATE_COLOUR, width=2),
+               LegendEntry("champion", stroke=CHAMPION_COLOUR, dash="--")]
+    entries += [LegendEntry(label, **_marker_style(decision, colour)) for decision, (label, colour)
+                in DECISIONS.items() if decision in seen]
+    top = 12 + fig.legend(MARGIN, 12, entries) + 16
+    room = _round_label_room(rounds)
+    half = (WIDTH - 2 * MARGIN - RIGHT) / 2
+    small = panels[1:] if emphasised else panels
+    if emphasised:
+        _metric_panel(fig, MARGIN, top, WIDTH - MARGIN - RIGHT, 170, primary, rounds, main=True)
+        top += 170 + room + 24
+    for i, name in enumerate(small):
+        _metric_panel(fig, MARGIN + (i % 2) * (half + MARGIN), top + (i // 2) * (110 + room + 24), half, 110, name,
+                      rounds, main=False)
+    fig.height = top + math.ceil(len(small) / 2) * (110 + room + 24) - 20 if small else top - 20
     caption = ("Candidate (solid) and champion (dashed) by round; markers give each round's decision "
                "(filled: promoted, hollow: rolled back; ✕ at the bottom: no candidate). The shaded round is this one.")
-    parts = [_svg(fig, "fig-metrics-by-round", caption)]
+    parts = [_svg(fig, caption)]
     if dropped:
         parts.append(f'<p class="note">Not plotted: {_e(", ".join(dropped))}.</p>')
     this_round = sorted(set(current.candidate) | set(current.champion), key=lambda n: (n != primary, n))
@@ -348,52 +251,91 @@ def _metrics_section(rounds: Sequence[RoundRecord]) -> str:
     return _section("metrics-by-round", "Metrics by round", *parts)
 
 
-def _marker_style(decision: str, colour: str, size: float) -> dict[str, Any]:
+def _metric_panel(fig: Figure, left: float, top: float, width: float, height: float, name: str,
+                  rounds: Sequence[RoundRecord], main: bool) -> None:
+    """One metric's candidate and champion by round, with each round's decision marked."""
+    champion = [r.metrics.champion.get(name, math.nan) for r in rounds]
+    candidate = [r.metrics.candidate.get(name, math.nan) for r in rounds]
+    values = [v for v in (*champion, *candidate) if math.isfinite(v)]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = (high - low) * 0.08 or abs(low) * 0.05 or 0.5
+    ax = _round_axes(fig, left, top, width, height, rounds, (low - pad, high + pad))
+    _this_round(ax, rounds)
+    ax.yaxis(nice_ticks(low - pad, high + pad, 5 if main else 4), grid=True)
+    ax.frame()
+    xs = range(len(rounds))
+    ax.line(xs, champion, CHAMPION_COLOUR, 1.6 if main else 1, dash="--")
+    ax.line(xs, candidate, CANDIDATE_COLOUR, 2.2 if main else 1.2)
+    size = 7 if main else 5
+    for decision in dict.fromkeys(r.decision for r in rounds):
+        points = [(x, v) for x, r, v in zip(xs, rounds, candidate) if r.decision == decision]
+        ax.markers([p for p in points if math.isfinite(p[1])], size=size, **_marker_style(decision))
+        # No candidate to place: the round is marked on the floor of the panel.
+        ax.markers([p for p in points if not math.isfinite(p[1])], size=size, floor=True,
+                   **_marker_style("no_model" if decision == "promoted" else decision,
+                                   DECISIONS.get(decision, (decision, "#57606a"))[1]))
+    ax.title(f"{_clean(name, 40)} (primary)" if main else _clean(name, 40), bold=main)
+    _round_axis(ax, rounds, most=25 if main else 10)
+
+
+def _marker_style(decision: str, colour: str | None = None) -> dict[str, Any]:
     # Filled or hollow as well as coloured, so the decision reads without colour too.
+    colour = colour or DECISIONS.get(decision, (decision, "#57606a"))[1]
     if decision == "promoted":
-        return {"marker": "o", "ms": size, "mfc": colour, "mec": colour}
-    if decision == "rejected":
-        return {"marker": "o", "ms": size, "mfc": "white", "mec": colour, "mew": 1.5}
-    if decision == "refused":
-        return {"marker": "s", "ms": size, "mfc": "white", "mec": colour, "mew": 1.5}
-    return {"marker": "x", "ms": size, "mec": colour, "mew": 1.5}
-
-
-def _decision_markers(ax: Axes, points: list[tuple[int, float]], decision: str, size: float) -> None:
-    """One decision's rounds on a metric panel, in one artist (one marker definition in the SVG)."""
-    colour = DECISIONS.get(decision, (decision, "#57606a"))[1]
-    placed = [(x, v) for x, v in points if math.isfinite(v)]
-    if placed:
-        ax.plot(*zip(*placed), ls="", zorder=3, **_marker_style(decision, colour, size))
-    floor = [x for x, v in points if not math.isfinite(v)]
-    if floor:  # no candidate to place: mark the round on the floor of the panel
-        ax.plot(floor, [0.03] * len(floor), ls="", transform=ax.get_xaxis_transform(), clip_on=False, zorder=3,
-                **_marker_style("no_model" if decision == "promoted" else decision, colour, size))
+        return {"shape": "o", "fill": colour, "stroke": colour, "width": 1.0}
+    if decision in ("rejected", "refused"):
+        return {"shape": "o" if decision == "rejected" else "s", "fill": "#ffffff", "stroke": colour, "width": 1.5}
+    return {"shape": "x", "fill": None, "stroke": colour, "width": 1.5}
 
 
 def _participation_section(rounds: Sequence[RoundRecord]) -> str:
-    fig = _figure(8, 3.6)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1, 1.2])
-    xs = list(range(len(rounds)))
-    top.plot(xs, [100 * r.metrics.participation_rate for r in rounds], color=CANDIDATE_COLOUR, marker="o", ms=3)
-    top.set_ylim(0, 105)
-    top.set_ylabel("participation %")
-    top.grid(axis="y", color="#eaeef2", lw=0.6)
+    fig = Figure("fig-participation", WIDTH)
+    width = WIDTH - MARGIN - RIGHT
+    rate = _round_axes(fig, MARGIN, 10, width, 90, rounds, (0, 105))
+    _this_round(rate, rounds)
+    rate.yaxis([0, 25, 50, 75, 100], grid=True, label="participation %")
+    rate.frame()
+    xs = range(len(rounds))
+    shares = [100 * r.metrics.participation_rate for r in rounds]
+    rate.line(xs, shares, CANDIDATE_COLOUR)
+    rate.markers(list(zip(xs, shares)), "o", 3, fill=CANDIDATE_COLOUR, stroke=CANDIDATE_COLOUR)
+    most = max(max(r.metrics.clients_expected for r in rounds), 1)
+    ticks = nice_ticks(0, most, 4, integer=True)
+    counts = _round_axes(fig, MARGIN, 136, width, 110, rounds, (0, max(most * 1.05, ticks[-1])))
+    _this_round(counts, rounds)
+    counts.yaxis(ticks, grid=True, label="silos")
+    counts.frame()
     # Nested bars: expected contains committed contains accepted.
-    bottom.bar(xs, [r.metrics.clients_expected for r in rounds], width=0.8, color="#eaeef2", label="expected")
-    bottom.bar(xs, [r.metrics.clients_committed for r in rounds], width=0.55, color="#54aeff", label="committed")
-    bottom.bar(xs, [r.metrics.clients_accepted for r in rounds], width=0.3, color="#1a7f37", label="accepted")
-    bottom.set_ylabel("silos")
-    bottom.yaxis.get_major_locator().set_params(integer=True)
-    bottom.legend(loc="upper left", ncol=3, bbox_to_anchor=(0, 1.15))
-    _round_axis(top, rounds, labels=False)
-    _round_axis(bottom, rounds)
+    bars = [("expected", "#eaeef2", 0.8, "clients_expected"), ("committed", "#54aeff", 0.55, "clients_committed"),
+            ("accepted", "#1a7f37", 0.3, "clients_accepted")]
+    for _, colour, thickness, attribute in bars:
+        counts.bars(xs, [getattr(r.metrics, attribute) for r in rounds], thickness, colour)
+    fig.legend(MARGIN, 120, [LegendEntry(label, fill=colour) for label, colour, _, _ in bars])
+    _round_axis(counts, rounds)
+    fig.height = counts.bottom + _round_label_room(rounds) + 4
     m = rounds[-1].metrics
     text = (f"<p>This round: <b>{_percent(m.participation_rate)}</b> participation, {m.clients_committed} of "
             f"{m.clients_expected} silos committed, {m.clients_accepted} accepted.</p>")
     return _section("participation", "Participation by round", text,
-                    _svg(fig, "fig-participation", "Share of the expected silos that committed, and silo counts, "
-                                                   "by round."))
+                    _svg(fig, "Share of the expected silos that committed, and silo counts, by round."))
+
+
+def _silo_bars(figure_id: str, silos: Sequence[str], values: Sequence[float], colour: str, legend_room: float,
+               xmax: float) -> tuple[Figure, Axes]:
+    """A horizontal bar per silo, top to bottom, named on the left."""
+    fig = Figure(figure_id, WIDTH)
+    labels = [_clean(s, LABEL_CHARS) for s in silos]
+    left = max(text_width(label) for label in labels) + 12
+    ax = Axes(fig, left, 10, WIDTH - left - legend_room, ROW * len(silos), (0, xmax), (-0.5, len(silos) - 0.5),
+              y_down=True)
+    ticks = nice_ticks(0, xmax, 6)
+    d = "".join(f"M{n(ax.x(t))},{n(ax.top)}V{n(ax.bottom)}" for t in ticks)
+    fig.add(f'<path d="{d}" style="stroke:#eaeef2;stroke-width:0.8"/>')
+    ax.bars(range(len(silos)), values, 0.65, colour, horizontal=True)
+    ax.yaxis(list(range(len(silos))), labels)
+    ax.frame()
+    fig.height = ax.bottom + 42
+    return fig, ax
 
 
 def _weights_section(current: RoundRecord) -> str:
@@ -404,21 +346,15 @@ def _weights_section(current: RoundRecord) -> str:
                "every accepted update counts alike)")
         return _section("weights", "Weight per silo", f'<p class="note" id="no-weights">No weights this round: {why}.</p>')
     silos = sorted(m.weights, key=lambda s: (-m.weights[s], s))
-    fig = _figure(7, 0.8 + 0.22 * len(silos))
-    ax = fig.add_subplot()
-    ys = range(len(silos))
-    ax.barh(ys, [m.weights[s] for s in silos], color=CANDIDATE_COLOUR, height=0.65)
-    ax.set_yticks(list(ys), [_clean(s, LABEL_CHARS) for s in silos])
-    ax.invert_yaxis()
-    for y, silo in zip(ys, silos):
-        ax.annotate(f"{m.weights[silo]:.3f}", (m.weights[silo], y), xytext=(3, 0), textcoords="offset points",
-                    va="center", fontsize=7)
-    ax.axvline(1 / len(silos), color=CHAMPION_COLOUR, ls=":", lw=1)
-    ax.set_xlabel("share of the candidate (dotted: equal shares)")
-    ax.set_xlim(0, max(m.weights.values()) * 1.15 or 1)
+    xmax = max(m.weights.values()) * 1.15 or 1
+    fig, ax = _silo_bars("fig-weights", silos, [m.weights[s] for s in silos], CANDIDATE_COLOUR, 40, xmax)
+    for y, silo in enumerate(silos):
+        ax.annotate(m.weights[silo], y, f"{m.weights[silo]:.3f}", dx=3, size=FONT_SIZE - 2)
+    ax.vline(1 / len(silos), CHAMPION_COLOUR, dash=":")
+    ax.xaxis(nice_ticks(0, xmax, 6), label="share of the candidate (dotted: equal shares)")
     table = _table("weights-table", ["silo", "weight"], [[s, m.weights[s]] for s in silos])
-    return _section("weights", "Weight per silo", _svg(fig, "fig-weights", "Each accepted silo's share of the "
-                                                                            "candidate this round."), table)
+    return _section("weights", "Weight per silo",
+                    _svg(fig, "Each accepted silo's share of the candidate this round."), table)
 
 
 def _latency_section(current: RoundRecord) -> str:
@@ -428,27 +364,34 @@ def _latency_section(current: RoundRecord) -> str:
     marks = [("p50", m.latency_p50, "-"), ("p90", m.latency_p90, "--"), ("p95", m.latency_p95, ":")]
     silos = sorted(m.latency_seconds, key=lambda s: (m.latency_seconds[s], s))
     values = [m.latency_seconds[s] for s in silos]
+    xmax = max(values) * 1.05 or 1
+    legend_room = 130
     if len(silos) <= MAX_BAR_SILOS:
-        fig = _figure(7, 0.9 + 0.22 * len(silos))
-        ax = fig.add_subplot()
-        ax.barh(range(len(silos)), values, color="#54aeff", height=0.65)
-        ax.set_yticks(range(len(silos)), [_clean(s, LABEL_CHARS) for s in silos])
-        ax.invert_yaxis()
-    else:
-        fig = _figure(7, 2.6)
-        ax = fig.add_subplot()
-        ax.hist(values, bins=min(30, len(values) // 2), color="#54aeff")
-        ax.set_ylabel("silos")
-    for name, value, ls in marks:
-        ax.axvline(value, color="#1f2328", ls=ls, lw=1, label=f"{name} {_seconds(value)}")
-    ax.set_xlabel("seconds from dispatch to commit")
-    ax.set_xlim(0, None)
-    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them
+        fig, ax = _silo_bars("fig-latency", silos, values, "#54aeff", legend_room, xmax)
+    else:  # a histogram: a bar per silo would not be readable
+        fig = Figure("fig-latency", WIDTH)
+        bins = min(30, len(values) // 2)
+        low, width = min(values), (max(values) - min(values)) / bins or 1
+        counts = [0] * bins
+        for value in values:
+            counts[min(bins - 1, int((value - low) / width))] += 1
+        ticks = nice_ticks(0, max(counts), 4, integer=True)
+        ax = Axes(fig, MARGIN, 10, WIDTH - MARGIN - legend_room, 170, (0, xmax), (0, max(max(counts) * 1.05, ticks[-1])))
+        ax.yaxis(ticks, grid=True, label="silos")
+        ax.bars([low + (i + 0.5) * width for i in range(bins)], counts, width, "#54aeff")
+        ax.frame()
+        fig.height = ax.bottom + 42
+    for _, value, dash in marks:
+        ax.vline(value, "#1f2328", dash=dash)
+    fig.legend(ax.left + ax.width + 12, ax.top + 8,
+               [LegendEntry(f"{name} {_seconds(value)}", stroke="#1f2328", dash=dash) for name, value, dash in marks],
+               columns=1)
+    ax.xaxis(nice_ticks(0, xmax, 6), label="seconds from dispatch to commit")
     summary = (f"<p>p50 <b>{_seconds(m.latency_p50)}</b> · p90 <b>{_seconds(m.latency_p90)}</b> · "
                f"p95 <b>{_seconds(m.latency_p95)}</b> · max <b>{_seconds(m.latency_max)}</b> "
                f"over {len(silos)} committed updates.</p>")
     return _section("latency", "Update latency", summary,
-                    _svg(fig, "fig-latency", "Seconds from dispatch to commit, per silo, with the percentiles."))
+                    _svg(fig, "Seconds from dispatch to commit, per silo, with the percentiles."))
 
 
 def _drift_section(drift: DriftTable | None, round_id: str) -> str:
@@ -476,54 +419,42 @@ def _drift_section(drift: DriftTable | None, round_id: str) -> str:
 
 
 def _heat_map(drift: DriftTable, silos: list[str]) -> str:
-    from matplotlib.patches import Patch, Rectangle
-
     columns = list(dict.fromkeys([*drift.columns, *(c for s in silos for c in drift.silos[s].columns)]))
     hidden = 0
     if len(columns) > MAX_DRIFT_COLUMNS:
         flagged = [c for c in columns if any(getattr(drift.silos[s].columns.get(c), "drifted", False) for s in silos)]
         keep = set((flagged + [c for c in columns if c not in set(flagged)])[:MAX_DRIFT_COLUMNS])
         hidden, columns = len(columns) - len(keep), [c for c in columns if c in keep]
-    label_room = 0.055 * max(len(_clean(c, LABEL_CHARS)) for c in columns)
-    fig = _figure(min(16.0, 1.8 + 0.2 * len(columns)), 0.9 + 0.22 * len(silos) + label_room)
-    ax = fig.add_subplot()
-    cells: dict[str, dict[str, str]] = {}  # gid -> the attributes and tooltip its <g> gets in the SVG
+    left = max(text_width(_clean(s, LABEL_CHARS)) for s in silos) + 12
+    top = max(text_width(_clean(c, LABEL_CHARS)) for c in columns) + 12
+    fig = Figure("fig-drift", max(left + CELL * len(columns) + RIGHT, 360))
+    ax = Axes(fig, left, top, CELL * len(columns), CELL * len(silos), (0, len(columns)), (0, len(silos)), y_down=True)
+    hatch = f"url(#{fig.hatch(DRIFTED_COLOUR, DRIFTED_EDGE)})"
+    looks = {"no-score": style(NO_SCORE_COLOUR, "#ffffff", 0.5), "steady": style(STEADY_COLOUR, "#ffffff", 0.5),
+             "drifted": style(hatch, DRIFTED_EDGE, 1.2)}
     for i, silo in enumerate(silos):
         for j, column in enumerate(columns):
             cell = drift.silos[silo].columns.get(column)
-            gid = f"drift-cell-{i}-{j}"
-            # Colour by the verdict alone: a p-value and a distance point opposite ways, so the
-            # raw score has no common scale; it goes in the tooltip with its method.
+            # Coloured by the verdict alone: a p-value and a distance point opposite ways, so
+            # the raw score has no common scale; it goes in the tooltip with its method.
             if cell is None:
-                ax.add_patch(Rectangle((j, i), 1, 1, fc=NO_SCORE_COLOUR, ec="white", lw=0.5, gid=gid, clip_on=False))
                 state, tip = "no-score", "no score"
-            elif cell.drifted:
-                ax.add_patch(Rectangle((j, i), 1, 1, fc=DRIFTED_COLOUR, ec=DRIFTED_EDGE, lw=1.2, hatch="///",
-                                       gid=gid, clip_on=False))
-                state, tip = "drifted", f"drifted, score {cell.score:.4g} ({_clean(cell.method)})"
             else:
-                ax.add_patch(Rectangle((j, i), 1, 1, fc=STEADY_COLOUR, ec="white", lw=0.5, gid=gid, clip_on=False))
-                state, tip = "steady", f"not drifted, score {cell.score:.4g} ({_clean(cell.method)})"
-            # ElementTree escapes these when it writes the SVG.
-            cells[gid] = {"class": f"drift-cell {state}", "data-silo": _clean(silo), "data-column": _clean(column),
-                          "title": f"{_clean(silo)} × {_clean(column)}: {tip}"}
-    ax.set_xlim(0, len(columns))
-    ax.set_ylim(len(silos), 0)
-    ax.set_xticks([j + 0.5 for j in range(len(columns))], [_clean(c, LABEL_CHARS) for c in columns], rotation=90)
-    ax.set_yticks([i + 0.5 for i in range(len(silos))], [_clean(s, LABEL_CHARS) for s in silos])
-    ax.tick_params(length=0)
-    for side in ("left", "bottom"):
-        ax.spines[side].set_visible(False)
-    ax.xaxis.tick_top()
-    fig.legend(handles=[Patch(fc=DRIFTED_COLOUR, ec=DRIFTED_EDGE, hatch="///", label="drifted"),
-                        Patch(fc=STEADY_COLOUR, label="not drifted"), Patch(fc=NO_SCORE_COLOUR, label="no score")],
-               loc="outside lower left", ncol=3)
-
+                state = "drifted" if cell.drifted else "steady"
+                tip = f"{'drifted' if cell.drifted else 'not drifted'}, score {cell.score:.4g} ({_clean(cell.method)})"
+            fig.add(f'<g class="drift-cell {state}" data-silo="{_e(silo)}" data-column="{_e(column)}">'
+                    f"<title>{_e(silo)} × {_e(column)}: {esc(tip)}</title>"
+                    f'<path d="{rect_path(ax.x(j), ax.y(i), CELL, CELL)}" style="{looks[state]}"/></g>')
+    ax.yaxis([i + 0.5 for i in range(len(silos))], [_clean(s, LABEL_CHARS) for s in silos])
+    ax.xaxis([j + 0.5 for j in range(len(columns))], [_clean(c, LABEL_CHARS) for c in columns], top=True)
+    fig.height = ax.bottom + 16 + fig.legend(8, ax.bottom + 16, [
+        LegendEntry("drifted", fill=DRIFTED_COLOUR, stroke=DRIFTED_EDGE, width=1.2, hatched=True),
+        LegendEntry("not drifted", fill=STEADY_COLOUR), LegendEntry("no score", fill=NO_SCORE_COLOUR)])
     caption = ("Silo × column: hatched, outlined cells drifted by the silo's own test; hover a cell for its score "
                "and method.")
     note = (f'<p class="note">{hidden} more columns are not shown (columns that drifted somewhere come first).</p>'
             if hidden else "")
-    return _svg(fig, "fig-drift", caption, cells) + note
+    return _svg(fig, caption) + note
 
 
 def _reasons_section(kind: str, heading: str, counts: dict[str, int], empty: str) -> str:
