@@ -187,7 +187,7 @@ def test_hostile_strings_are_escaped(rendered):
     for hostile in (HOSTILE_REASON, "<b>maintenance</b> window", "evidently failed: <oops>", HOSTILE_SILO):
         assert hostile in text  # shown to the reader as text
     assert "&lt;script&gt;" in page
-    # The silo id also reached the plots' labels (matplotlib escapes text) and the tooltips.
+    # The silo id also reached the plots' labels, escaped, and the tooltips.
     assert HOSTILE_SILO[:20] in svg_text(svg_of(page, "fig-latency"))  # cut to fit the axis
     assert "$ mutual $ bank" in svg_text(svg_of(page, "fig-latency"))  # not taken for mathtext
 
