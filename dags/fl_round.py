@@ -223,21 +223,23 @@ def build_round_dag(spec: FederationSpec):
             return _step(federation_file, "dispatch", round_id)
 
         # The steps log their results readably; Airflow's one-line dump of the return value would repeat them.
-        @task(show_return_value_in_logs=False)
+        # A `dict` return annotation would also make TaskFlow push every key as an XCom of its own
+        # (multiple_outputs): a write each (summary's report has 20 keys) that nothing reads.
+        @task(show_return_value_in_logs=False, multiple_outputs=False)
         def aggregate(round_id: str) -> dict[str, Any]:
             summary = _step(federation_file, "aggregate", round_id)
             return {"accepted": [a["client_id"] for a in summary["accepted"]], "rejected": summary["rejected"]}
 
         # Sharded rounds (aggregation.shards > 1): `aggregate` screens; these aggregate.
-        @task(show_return_value_in_logs=False)
+        @task(show_return_value_in_logs=False, multiple_outputs=False)
         def shard_statistics(round_id: str, shard: int) -> dict[str, Any]:
             return _shard_step(federation_file, "shard_statistics", round_id, shard)
 
-        @task(show_return_value_in_logs=False)
+        @task(show_return_value_in_logs=False, multiple_outputs=False)
         def aggregate_shard(round_id: str, shard: int) -> dict[str, Any]:
             return _shard_step(federation_file, "aggregate_shard", round_id, shard)
 
-        @task(show_return_value_in_logs=False)
+        @task(show_return_value_in_logs=False, multiple_outputs=False)
         def assemble_candidate(round_id: str) -> dict[str, Any]:
             summary = _shard_step(federation_file, "assemble_candidate", round_id)
             return {"accepted": [a["client_id"] for a in summary["accepted"]], "candidate": summary["candidate_sha256"]}
@@ -246,7 +248,7 @@ def build_round_dag(spec: FederationSpec):
         def request_evaluation(round_id: str) -> list[str]:
             return _step(federation_file, "request_evaluation", round_id)
 
-        @task(show_return_value_in_logs=False)
+        @task(show_return_value_in_logs=False, multiple_outputs=False)
         def validate(round_id: str) -> dict[str, Any]:
             result = _step(federation_file, "validate", round_id)
             return {"passed": result["passed"], "decided_by": result["decided_by"], "candidate": result["candidate"],
@@ -256,7 +258,8 @@ def build_round_dag(spec: FederationSpec):
         def promote_or_rollback(round_id: str) -> str:
             return _step(federation_file, "decide", round_id)
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, show_return_value_in_logs=False)  # retried like the others
+        # Retried like the others.
+        @task(trigger_rule=TriggerRule.ALL_DONE, show_return_value_in_logs=False, multiple_outputs=False)
         def summary(**context) -> dict[str, Any]:
             from fl_airflow.metrics import emit_round_metrics
             from fl_airflow.notifiers import send_round_alerts
@@ -357,7 +360,7 @@ def build_evaluation_dag(spec: FederationSpec):
         def request_evaluation(evaluation_id: str) -> list[str]:
             return _step(federation_file, "request_evaluation", evaluation_id)
 
-        @task(show_return_value_in_logs=False)
+        @task(show_return_value_in_logs=False, multiple_outputs=False)
         def report_evaluation(**context) -> dict[str, Any]:
             from fl_airflow.run_notes import set_run_note
 

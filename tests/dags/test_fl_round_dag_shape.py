@@ -28,3 +28,12 @@ def test_the_round_dags_tasks_do_not_grow_with_the_number_of_silos(tmp_path, mon
     assert sorted(few.task_ids) == sorted(many.task_ids)
     assert len(many.task_ids) < 30
     assert not any("bank-0" in task_id for task_id in many.task_ids)
+
+
+def test_no_task_pushes_its_result_key_by_key(tmp_path, monkeypatch):
+    """A TaskFlow task annotated `-> dict` would write one XCom per key of its result
+    (summary's report: 20 writes a round) that nothing reads."""
+    dag = round_dag(tmp_path, monkeypatch, 5)
+    returns_dicts = {"aggregate", "validate", "summary"}
+    assert returns_dicts <= set(dag.task_ids)
+    assert [t.task_id for t in dag.tasks if getattr(t, "multiple_outputs", False)] == []
