@@ -17,7 +17,9 @@ parts add (many silos, large models).
     .venv/bin/python benchmarks/scale.py [--only parse,overhead,many_silos,large] [--rounds 3]
         [--modes dags_test,scheduler] [--output benchmarks/results-scale.json]
 
-The parts run now replace theirs in the output file; the others' figures are kept.
+The parts run now replace theirs in the output file; the others' figures are kept. Each part
+(each overhead mode) records the machine it ran on, with the time of a fixed Python loop
+(`reference_loop_seconds`), since seconds from a faster or busier machine do not compare.
 """
 
 from __future__ import annotations
@@ -50,9 +52,22 @@ ROUND_TASKS = ("wait_for_previous_round", "prepare_round", "dispatch", "wait_for
                "rollback", "summary")
 
 
+def reference_loop_seconds(repeats: int = 3) -> float:
+    """The median time of a fixed pure-Python loop: how fast this machine runs Python now, so
+    that figures from different runs (and machines) can be set side by side."""
+    times = []
+    for _ in range(repeats):
+        started, total = time.perf_counter(), 0
+        for i in range(5_000_000):
+            total += i
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times), 3)
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "reference_loop_seconds": reference_loop_seconds()}
 
 
 # --- DAG parse ------------------------------------------------------------------------------
@@ -469,6 +484,10 @@ def round_overhead(rounds: int = 3, modes: tuple[str, ...] = ("dags_test", "floo
         if "floor" in modes:
             runs = _airflow_floor_dags_test(rounds, root / "floor")
             out["airflow_floor_dags_test"] = _summarise(runs, "wall_seconds", None)
+            if "dags_test" in out:  # measured side by side: the ratio holds across machines, the seconds do not
+                out["dags_test"]["run_over_airflow_floor"] = round(
+                    out["dags_test"]["later_rounds_run_median_seconds"]
+                    / out["airflow_floor_dags_test"]["later_rounds_run_median_seconds"], 2)
         if "scheduler" in modes:
             runs = _overhead_scheduler(rounds, root / "stack", poll_seconds)
             out["scheduler"] = _summarise(runs, "trigger_to_end_seconds",
@@ -771,9 +790,15 @@ def main(argv: list[str] | None = None) -> int:
     for part in parts:
         runner = runners[part]
         print(f"[scale] {part}", flush=True)
+        measured_on = machine()
         figures = runner()
-        if part == "overhead" and isinstance(results.get("overhead"), dict):
-            figures = {**results["overhead"], **figures}  # one mode run now keeps the other's figures
+        if part == "overhead":
+            for mode in figures.values():
+                mode["machine"] = measured_on
+            if isinstance(results.get("overhead"), dict):
+                figures = {**results["overhead"], **figures}  # one mode run now keeps the other's figures
+        else:
+            figures["machine"] = measured_on
         key = part
         if part == "many_silos" and (args.silos, args.parameters) != (1000, 1_000_000):
             key = f"many_silos_{args.silos}x{args.parameters}"  # the default size's figures stay
