@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from fl_tasks.coordinator.svgplot import (FONT_SIZE, Axes, Figure, LegendEntry, esc, n, nice_ticks, rect_path, style,
+from fl_tasks.coordinator.svgplot import (FONT_SIZE, Axes, Figure, LegendEntry, esc, nice_ticks, rect_path, style,
                                           text_width)
 
 if TYPE_CHECKING:  # history pulls in the object store (boto3); the types alone are enough here
@@ -225,8 +225,8 @@ def _metrics_section(rounds: Sequence[RoundRecord]) -> str:
     seen = list(dict.fromkeys(r.decision for r in rounds))  # a set would reorder by hash seed
     entries = [LegendEntry("candidate", stroke=CANDIDATE_COLOUR, width=2),
                LegendEntry("champion", stroke=CHAMPION_COLOUR, dash="--")]
-    entries += [LegendEntry(label, **_marker_style(decision, colour)) for decision, (label, colour)
-                in DECISIONS.items() if decision in seen]
+    entries += [LegendEntry(label, **_marker_style(decision)) for decision, (label, _) in DECISIONS.items()
+                if decision in seen]
     top = 12 + fig.legend(MARGIN, 12, entries) + 16
     room = _round_label_room(rounds)
     half = (WIDTH - 2 * MARGIN - RIGHT) / 2
@@ -328,9 +328,7 @@ def _silo_bars(figure_id: str, silos: Sequence[str], values: Sequence[float], co
     left = max(text_width(label) for label in labels) + 12
     ax = Axes(fig, left, 10, WIDTH - left - legend_room, ROW * len(silos), (0, xmax), (-0.5, len(silos) - 0.5),
               y_down=True)
-    ticks = nice_ticks(0, xmax, 6)
-    d = "".join(f"M{n(ax.x(t))},{n(ax.top)}V{n(ax.bottom)}" for t in ticks)
-    fig.add(f'<path d="{d}" style="stroke:#eaeef2;stroke-width:0.8"/>')
+    ax.grid(nice_ticks(0, xmax, 6), vertical=True)
     ax.bars(range(len(silos)), values, 0.65, colour, horizontal=True)
     ax.yaxis(list(range(len(silos))), labels)
     ax.frame()
@@ -376,7 +374,8 @@ def _latency_section(current: RoundRecord) -> str:
         for value in values:
             counts[min(bins - 1, int((value - low) / width))] += 1
         ticks = nice_ticks(0, max(counts), 4, integer=True)
-        ax = Axes(fig, MARGIN, 10, WIDTH - MARGIN - legend_room, 170, (0, xmax), (0, max(max(counts) * 1.05, ticks[-1])))
+        ylim = (0, max(max(counts) * 1.05, ticks[-1]))
+        ax = Axes(fig, MARGIN, 10, WIDTH - MARGIN - legend_room, 170, (0, xmax), ylim)
         ax.yaxis(ticks, grid=True, label="silos")
         ax.bars([low + (i + 0.5) * width for i in range(bins)], counts, width, "#54aeff")
         ax.frame()

@@ -166,7 +166,8 @@ class Figure:
                 self.add(f'<path d="{rect_path(left + 2, middle - 5, 18, 10)}" '
                          f'style="{style(fill, entry.stroke, entry.width)}"/>')
             else:
-                self.add(f'<path d="M{n(left)},{n(middle)}h22" style="{style(None, entry.stroke, entry.width, entry.dash)}"/>')
+                line = style(None, entry.stroke, entry.width, entry.dash)
+                self.add(f'<path d="M{n(left)},{n(middle)}h22" style="{line}"/>')
             self.add(text(left + 28, middle, entry.label, size=size, baseline="central"))
         return row_height * math.ceil(len(entries) / columns)
 
@@ -250,14 +251,22 @@ class Axes:
         self.figure.add(f'<path d="{rect_path(self.x(start), self.top, self.x(end) - self.x(start), self.height)}" '
                         f'style="fill:{colour}"/>')
 
+    def grid(self, ticks: Sequence[float], vertical: bool = False) -> None:
+        """Light lines across the box at these ticks (of y; of x when `vertical`)."""
+        if vertical:
+            d = "".join(f"M{n(self.x(t))},{n(self.top)}V{n(self.bottom)}" for t in ticks)
+        else:
+            d = "".join(f"M{n(self.left)},{n(self.y(t))}h{n(self.width)}" for t in ticks)
+        if d:
+            self.figure.add(f'<path d="{d}" style="{style(None, "#eaeef2", 0.8)}"/>')
+
     def yaxis(self, ticks: Sequence[float], labels: Sequence[str] | None = None, *, grid: bool = False,
               label: str | None = None) -> None:
-        """Tick labels left of the box (and light grid lines across it), the axis line, and
-        the axis label turned upright along it."""
+        """Tick labels left of the box (and grid lines across it), and the axis label turned
+        upright along it."""
         labels = labels if labels is not None else [tick_label(t, ticks) for t in ticks]
-        if grid and ticks:
-            d = "".join(f"M{n(self.left)},{n(self.y(t))}h{n(self.width)}" for t in ticks)
-            self.figure.add(f'<path d="{d}" style="{style(None, "#eaeef2", 0.8)}"/>')
+        if grid:
+            self.grid(ticks)
         for t, tick in zip(ticks, labels):
             self.figure.add(text(self.left - 5, self.y(t), tick, anchor="end", baseline="central"))
         if label:
