@@ -81,21 +81,66 @@ def pairwise_squared_distances(x: np.ndarray) -> np.ndarray:
     are full weights that differ by small updates, and uncentred norms would cancel away the
     digits the distances live in. The Gram product is accumulated over column blocks in
     float64 (kernels.centred_gram: O(n * block) extra memory); the result is symmetrised,
-    clipped at 0, with an exact zero diagonal.
+    clipped at 0, with an exact zero diagonal, and copies of a row get its distances.
     """
-    return distances_from_gram(kernels.centred_gram(x, limit=BLOCK_ELEMENTS))
+    copies = RowCopies(x.shape[0])
+    step = max(1, BLOCK_ELEMENTS // max(1, x.shape[0]))
+    for start in range(0, x.shape[1], step):
+        if not copies.add(x[:, start:start + step]):
+            break
+    return distances_from_gram(kernels.centred_gram(x, limit=BLOCK_ELEMENTS), copies.labels)
 
 
-def distances_from_gram(gram: np.ndarray) -> np.ndarray:
+class RowCopies:
+    """Which rows are exact copies of an earlier one, read a column block at a time: for each
+    row, the index of the earliest row equal to it on every block so far (itself if none).
+
+    Krum's and Bulyan's tie rule (the earlier update wins) needs copies of one update to get
+    identical distances, and the Gram product does not give them that: BLAS rounds a row's
+    products by where the row sits in the matrix, and which kernel takes which rows differs
+    by CPU. Only rows that still have a copy are compared on the next block, so rows that
+    differ from the start cost one block."""
+
+    def __init__(self, n: int) -> None:
+        self.labels = np.zeros(n, dtype=np.intp)  # one group until a block tells rows apart
+
+    def add(self, block: np.ndarray) -> bool:
+        """Split the groups by this block of columns (a row per row); False once every row
+        is on its own (further blocks change nothing)."""
+        counts = np.bincount(self.labels, minlength=len(self.labels))
+        shared = np.flatnonzero(counts[self.labels] > 1)
+        first: dict[tuple[int, bytes], int] = {}
+        for i in shared:  # in row order, so a group's label is its earliest row
+            values = np.asarray(block[i], dtype=np.float64) + 0.0  # -0.0 and 0.0 are one value
+            self.labels[i] = first.setdefault((int(self.labels[i]), values.tobytes()), int(i))
+        return bool(shared.size) and len(set(first.values())) < shared.size
+
+    @staticmethod
+    def combine(parts: Sequence[np.ndarray]) -> np.ndarray:
+        """The copies over all columns from each column range's labels (one array per shard):
+        rows are copies when they are on every range."""
+        keys = list(zip(*(np.asarray(p).tolist() for p in parts)))
+        first: dict[tuple[int, ...], int] = {}
+        return np.array([first.setdefault(key, j) for j, key in enumerate(keys)], dtype=np.intp)
+
+
+def distances_from_gram(gram: np.ndarray, copies: np.ndarray | None = None) -> np.ndarray:
     """(n, n) squared distances ||x_i - x_j||^2 = G_ii + G_jj - 2 G_ij from a Gram matrix of
     the rows (of any translate of them: deltas from a base, centred rows), symmetrised,
-    clipped at 0, with an exact zero diagonal. Sharded aggregation sums the Gram over shards."""
+    clipped at 0, with an exact zero diagonal. `copies` (RowCopies.labels): a row that copies
+    an earlier one gets that row's distances, so that ties between copies are exact.
+    Sharded aggregation sums the Gram over shards."""
     gram = np.asarray(gram, dtype=np.float64)
     sq_norms = np.diag(gram).copy()
     dist = sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram
     dist = (dist + dist.T) / 2.0
     np.maximum(dist, 0.0, out=dist)
     np.fill_diagonal(dist, 0.0)
+    for j in ([] if copies is None else np.flatnonzero(copies != np.arange(len(copies)))):
+        i = int(copies[j])
+        dist[j, :] = dist[i, :]
+        dist[:, j] = dist[:, i]
+        dist[j, j] = dist[i, j] = dist[j, i] = 0.0
     return dist
 
 

@@ -299,23 +299,27 @@ def slice_strategy_state(rule: Rule, plan: ShardPlan, index: int, state: Mapping
 @dataclass(frozen=True)
 class ShardStatistics:
     """One shard's partial float64 Gram matrix of [saved center (centered_clipping only)] +
-    the updates' deltas from the base."""
+    the updates' deltas from the base, and which updates are copies of an earlier one on
+    this shard's slice (`robust.RowCopies` labels)."""
 
     shard: int
     gram: np.ndarray
     center: bool  # row 0 is the saved center
     center_finite: bool = True
+    copies: tuple[int, ...] | None = None  # None: not read (statistics written before copies were)
 
     def to_dict(self) -> dict[str, Any]:
         return {"shard": self.shard, "gram": self.gram.tolist(), "center": self.center,
-                "center_finite": self.center_finite}
+                "center_finite": self.center_finite, "copies": None if self.copies is None else list(self.copies)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ShardStatistics":
         gram = np.asarray(data["gram"], dtype=np.float64)
         if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
             raise ValueError(f"shard statistics: the Gram matrix has shape {gram.shape}, not square")
-        return cls(int(data["shard"]), gram, bool(data["center"]), bool(data["center_finite"]))
+        copies = data.get("copies")
+        return cls(int(data["shard"]), gram, bool(data["center"]), bool(data["center_finite"]),
+                   None if copies is None else tuple(int(c) for c in copies))
 
 
 def _rows(base: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]],
@@ -349,21 +353,26 @@ def shard_statistics(rule: Rule, index: int, base: Mapping[str, np.ndarray],
     k = len(updates) + (1 if rule.centered else 0)
     gram = np.zeros((k, k), dtype=np.float64)
     finite = True
+    copies, separated = robust.RowCopies(len(updates)), False
     for block in _rows(base, updates, center):
         if center is not None and not np.all(np.isfinite(block[0])):
             finite = False
             block[0] = 0.0
         gram += block @ block.T
-    return ShardStatistics(index, gram, rule.centered, finite)
+        if not separated:
+            separated = not copies.add(block[k - len(updates):])
+    return ShardStatistics(index, gram, rule.centered, finite, tuple(int(c) for c in copies.labels))
 
 
 @dataclass(frozen=True)
 class Statistics:
-    """The Gram matrix summed over every shard."""
+    """The Gram matrix summed over every shard, and which updates are copies of an earlier
+    one on every shard."""
 
     gram: np.ndarray
     center: bool
     center_finite: bool
+    copies: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -408,7 +417,8 @@ def combine_statistics(plan: ShardPlan, parts: Iterable[ShardStatistics]) -> Sta
     if center and not finite:  # the saved center is dropped for zeros everywhere
         gram[0, :] = 0.0
         gram[:, 0] = 0.0
-    return Statistics(gram, center, finite)
+    copies = None if any(p.copies is None for p in parts) else robust.RowCopies.combine([p.copies for p in parts])
+    return Statistics(gram, center, finite, copies)
 
 
 # --- stage 2: one shard's slice of the result ---------------------------------------------------
@@ -448,7 +458,8 @@ def aggregate_shard(rule: Rule, index: int, base: Mapping[str, np.ndarray],
     if rule.strategy in DISTANCE_RULES:
         stacked = inner.stack(base, fed())
         _check_count(stacked.n, statistics)
-        chosen = inner.select(robust.distances_from_gram(statistics.scaled(_ones(scales, stacked.n))))
+        chosen = inner.select(robust.distances_from_gram(statistics.scaled(_ones(scales, stacked.n)),
+                                                         statistics.copies))
         out = assemble_stacked(stacked, inner.combine_selected(stacked.matrix, chosen))
         new_state = None
     elif rule.centered:

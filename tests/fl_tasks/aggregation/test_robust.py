@@ -492,3 +492,56 @@ def test_update_structure_is_checked():
         build("median").aggregate(base, [({"w": np.ones(2)}, 1)])
     with pytest.raises(ValueError, match=r"tensor 'w' has shape \(3,\), expected \(2,\)"):
         build("median").aggregate(base, [({"w": np.ones(3), "b": np.ones(1)}, 1)])
+
+
+# --- copies: exact ties whatever the Gram's rounding ------------------------------------------------
+
+
+def test_row_copies_are_exact_equality_read_block_by_block():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 40)).astype(np.float32)
+    x[2] = x[0]
+    x[4] = x[0]
+    x[4, 39] = np.nextafter(x[4, 39], np.float32(np.inf))  # one ulp in the last block: not a copy
+    x[5] = x[1]
+    x[5, 7] = -0.0 if x[1, 7] == 0.0 else x[5, 7]
+    x[1, 3], x[5, 3] = 0.0, -0.0  # one value
+    copies = robust.RowCopies(6)
+    blocks = [x[:, i:i + 8] for i in range(0, 40, 8)]
+    for block in blocks:
+        copies.add(block)
+    assert copies.labels.tolist() == [0, 1, 0, 3, 4, 1]
+    # Per column range (shard) the labels may join more rows; combined, only rows equal everywhere.
+    parts = []
+    for block in (x[:, :32], x[:, 32:]):
+        part = robust.RowCopies(6)
+        part.add(block)
+        parts.append(part.labels)
+    assert parts[0].tolist() == [0, 1, 0, 3, 0, 1]
+    assert robust.RowCopies.combine(parts).tolist() == [0, 1, 0, 3, 4, 1]
+
+
+def test_distinct_rows_are_told_apart_by_the_first_block():
+    x = np.random.default_rng(4).normal(size=(5, 30))
+    copies = robust.RowCopies(5)
+    assert copies.add(x[:, :10]) is False  # nothing more to read
+    assert copies.labels.tolist() == list(range(5))
+
+
+def test_copies_get_identical_distances_from_a_gram_rounded_by_row_position():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 50))
+    x[3] = x[1]
+    c = x - x.mean(axis=0)
+    gram = c @ c.T
+    noisy = gram.copy()  # what BLAS may do: row 3's products rounded differently from row 1's
+    noisy[3, :] *= 1 + 1e-14
+    noisy[:, 3] = noisy[3, :]
+    plain = robust.distances_from_gram(noisy)
+    assert not np.array_equal(plain[3, [0, 2, 4]], plain[1, [0, 2, 4]])  # the noise reaches the distances ...
+    dist = robust.distances_from_gram(noisy, np.array([0, 1, 2, 1, 4]))
+    assert np.array_equal(dist[3, [0, 2, 4]], dist[1, [0, 2, 4]])  # ... and the copies undo it
+    assert dist[1, 3] == dist[3, 1] == dist[3, 3] == 0.0 and np.array_equal(dist, dist.T)
+    scores = robust.krum_scores(dist, 1)
+    assert scores[1] == scores[3] and robust.krum_select(dist, 1, 5).tolist().index(1) < \
+        robust.krum_select(dist, 1, 5).tolist().index(3)

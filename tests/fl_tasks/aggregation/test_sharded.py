@@ -195,3 +195,22 @@ def test_server_optimiser_state_that_does_not_fit_is_refused():
     plan = ShardPlan.build(base, 2)
     with pytest.raises(ValueError, match="fedadam state does not match the base model"):
         slice_strategy_state(Rule("fedadam"), plan, 0, {"m/conv.weight": np.zeros((4, 3), np.float32)})
+
+
+@pytest.mark.parametrize("name", sorted(DISTANCE_RULES))
+def test_copies_of_an_update_tie_and_the_earlier_copy_wins_sharded_or_not(name):
+    """Copies of one update must get equal scores on every CPU; BLAS rounds each shard's Gram
+    by row position, so only the copies found on every shard's slice make the tie exact."""
+    base, updates = round_inputs(11)
+    updates = [updates[0], updates[1], updates[0], updates[2], updates[3], updates[1], updates[0]]
+    rule = Rule(name, PARAMS.get(name, {}), None)
+    _, outcome, _ = unsharded(rule, base, updates, {})
+    for shards in (1, 3):
+        got = sharded(rule, base, updates, shards, {})
+        assert got.outcome.selected == outcome.selected
+        plan = ShardPlan.build(base, shards)
+        parts = [ShardStatistics.from_dict(json.loads(json.dumps(shard_statistics(
+            rule, k, plan.slice(k, base), [plan.slice(k, u) for u, _ in updates]).to_dict()))) for k in range(shards)]
+        assert combine_statistics(plan, parts).copies.tolist() == [0, 1, 0, 3, 4, 1, 0]
+    assert 6 not in outcome.selected or {0, 2} <= set(outcome.selected)  # a later copy never before an earlier
+    assert 5 not in outcome.selected or 1 in outcome.selected
