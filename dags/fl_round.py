@@ -285,7 +285,10 @@ def build_round_dag(spec: FederationSpec):
                 raise AirflowFailException(f"round {round_id} ended without a new model: {report['reason']}")
             return report
 
-        previous = PreviousRoundSensor(task_id="wait_for_previous_round", retries=0)
+        # Retried like every step: its start goes through the execution API, which can be slow or
+        # away (an api-server restarting); without a retry that fails the whole round, and a
+        # scheduled round is not tried again before the next interval.
+        previous = PreviousRoundSensor(task_id="wait_for_previous_round")
         round_id = prepare_round()
         previous >> round_id
         wait = QuorumSensor(task_id="wait_for_quorum", federation_file=federation_file, round_id=round_id)

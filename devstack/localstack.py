@@ -336,9 +336,18 @@ class LocalStack:
                 raise StackError(f"airflow db migrate failed; see {self.logs / 'airflow-db-migrate.log'}")
             silo_paths = silos.result()
         self.say("starting Airflow: " + ", ".join(AIRFLOW_COMPONENTS) + ", and a log server")
+        # A task starts through the api-server's execution API (a few tries, seconds apart), and a
+        # federation's first scheduled round is queued as soon as its DAG is parsed: the scheduler
+        # and the triggerer wait for that API, or on a small machine the round's first task (and
+        # so the round) fails while the api-server is still starting.
         airflow_processes = {f"Airflow {component}": (self.start_airflow(component),
                                                       self.logs / f"airflow-{component}.log")
-                             for component in AIRFLOW_COMPONENTS}
+                             for component in ("api-server", "dag-processor")}
+        _wait_http(f"{self.airflow_url}/execution/health", "Airflow's execution API",
+                   self.logs / "airflow-api-server.log", airflow_processes, timeout - (time.monotonic() - started))
+        airflow_processes.update({f"Airflow {component}": (self.start_airflow(component),
+                                                           self.logs / f"airflow-{component}.log")
+                                  for component in ("scheduler", "triggerer")})
         self._spawn("airflow-log-server", [sys.executable, "-m", "uvicorn", "--factory",
                                            "airflow.utils.serve_logs.log_server:get_app", "--host", "127.0.0.1",
                                            "--port", str(self.ports["logs"]), "--no-access-log"], self.env())

@@ -258,8 +258,13 @@ def test_scheduled_federation_produces_rounds_on_its_own(stack):
     api, name = stack["api"], "e2e-sched"
 
     def scheduled_success():
-        runs = [r for r in api.runs(dag_id(name)) if r["run_type"] == "scheduled" and r["state"] == "success"]
-        return runs[0] if runs else None
+        runs = [r for r in api.runs(dag_id(name)) if r["run_type"] == "scheduled"]
+        for run in (r for r in runs if r["state"] == "failed"):  # none other comes before the next interval
+            instances = api.get(f"/api/v2/dags/{dag_id(name)}/dagRuns/{run['dag_run_id']}/taskInstances")
+            failed = [t["task_id"] for t in instances["task_instances"] if t["state"] == "failed"]
+            raise AssertionError(f"scheduled run {run['dag_run_id']} failed; failed tasks: {failed}")
+        succeeded = [r for r in runs if r["state"] == "success"]
+        return succeeded[0] if succeeded else None
 
     run = api.wait_for("a scheduled round", scheduled_success, timeout=420)
     start = datetime.fromisoformat(run["data_interval_start"].replace("Z", "+00:00"))
