@@ -143,8 +143,10 @@ class Figure:
                               "</pattern>")
         return key
 
-    def use(self, marker: str, x: float, y: float, css: str) -> str:
-        return f'<use href="#{marker}" x="{n(x)}" y="{n(y)}" style="{css}"/>'
+    def use(self, marker: str, x: float, y: float, css: str | None = None) -> str:
+        """A marker placed at (x, y); without `css` it takes its group's style."""
+        styled = f' style="{css}"' if css else ""
+        return f'<use href="#{marker}" x="{n(x)}" y="{n(y)}"{styled}/>'
 
     def legend(self, x: float, y: float, entries: Sequence[LegendEntry], *, columns: int | None = None,
                size: float = FONT_SIZE - 1) -> float:
@@ -158,7 +160,7 @@ class Figure:
             left = x + sum(column_width[:i % columns])
             middle = y + row_height * (i // columns)
             if entry.shape:
-                css = style(entry.fill or "none", entry.stroke, entry.width)
+                css = style(entry.fill, entry.stroke, entry.width)
                 self.add(self.use(self.marker(entry.shape, 6), left + 11, middle, css))
             elif entry.fill or entry.hatched:
                 fill = f"url(#{self.hatch(entry.fill or 'none', entry.stroke or '#000')})" if entry.hatched \
@@ -225,9 +227,9 @@ class Axes:
         if not points:
             return
         marker = self.figure.marker(shape, size)
-        uses = "".join(f'<use href="#{marker}" x="{n(self.x(x))}" y="{n(self.bottom - 4 if floor else self.y(y))}"/>'
+        uses = "".join(self.figure.use(marker, self.x(x), self.bottom - 4 if floor else self.y(y))
                        for x, y in points)
-        self.figure.add(f'<g style="{style(fill or "none", stroke, width)}">{uses}</g>')
+        self.figure.add(f'<g style="{style(fill, stroke, width)}">{uses}</g>')
 
     def bars(self, positions: Sequence[float], values: Sequence[float], thickness: float, colour: str, *,
              horizontal: bool = False) -> None:
