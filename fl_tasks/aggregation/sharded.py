@@ -353,14 +353,13 @@ def shard_statistics(rule: Rule, index: int, base: Mapping[str, np.ndarray],
     k = len(updates) + (1 if rule.centered else 0)
     gram = np.zeros((k, k), dtype=np.float64)
     finite = True
-    copies, separated = robust.RowCopies(len(updates)), False
+    copies = robust.RowCopies(len(updates))
     for block in _rows(base, updates, center):
         if center is not None and not np.all(np.isfinite(block[0])):
             finite = False
             block[0] = 0.0
         gram += block @ block.T
-        if not separated:
-            separated = not copies.add(block[k - len(updates):])
+        copies.add(block[k - len(updates):])  # once every row is on its own, only a count of labels
     return ShardStatistics(index, gram, rule.centered, finite, tuple(int(c) for c in copies.labels))
 
 
