@@ -779,7 +779,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {"benchmark": "scale"}
-    results["machine"] = machine()
     results["targets"] = TARGETS
     runners = {"parse": lambda: dag_parse(args.parse_repeats),
                "overhead": lambda: round_overhead(args.rounds, tuple(m.strip() for m in args.modes.split(",")),
@@ -790,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in parts:
         runner = runners[part]
         print(f"[scale] {part}", flush=True)
-        measured_on = machine()
+        measured_on = results["machine"] = machine()  # the file's machine: that of its latest part
         figures = runner()
         if part == "overhead":
             for mode in figures.values():
