@@ -3,9 +3,10 @@
 The settings live here, once:
 
 - SILO_WORKERS: silos whose buckets are written or read at the same time (dispatch, the
-  evaluation request, the close's and the quorum check's reads of every answer). Each request mostly waits on the
-  network, so threads overlap them; boto3 clients are thread-safe, and each keeps
-  `fl_tasks.protocol.storage.MAX_POOL_CONNECTIONS` connections open for them.
+  evaluation request, the close's and the quorum check's reads of every answer). Each
+  request mostly waits on the network, so threads overlap them; boto3 clients are
+  thread-safe, and each keeps `fl_tasks.protocol.storage.MAX_POOL_CONNECTIONS` connections
+  open for them.
 - READ_AHEAD: updates fetched and decoded ahead of screening and aggregation
   (`fl_tasks.coordinator.candidate`), and READ_AHEAD_BYTES: at most that many bytes of
   them (`window_for`: 4 updates of a 4 MB model, 2 of a 400 MB one). Each holds about one

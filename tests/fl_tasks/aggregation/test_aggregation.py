@@ -157,7 +157,6 @@ def test_float32_path_allocates_one_model_whatever_the_number_of_clients():
     assert peak < 1.1 * 4 * size, peak / (4 * size)  # the running mean is the result: no cast, no copy
 
 
-
 def test_the_running_mean_keeps_no_update_once_added():
     """The first update is copied into the mean, not held until the second: a producer's
     update can be freed as soon as it is added (memory: the mean and the update being added)."""
@@ -170,6 +169,7 @@ def test_the_running_mean_keeps_no_update_once_added():
         del update
         gc.collect()
         assert alive() is None, weight
+
 
 def test_read_only_strided_and_mixed_dtype_updates():
     rng = np.random.default_rng(6)

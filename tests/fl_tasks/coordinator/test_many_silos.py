@@ -1,9 +1,9 @@
 """Many silos: dispatch and the evaluation request write their buckets concurrently (a
 failing silo still named, the events in client order, a re-run of dispatch idempotent); the
-close reads their answers concurrently;
-the candidate comes from updates fetched and decoded by a bounded read-ahead pool, folded in
-the round's fixed order, so it is the sequential code's candidate to the byte. The silos
-are fake: their updates are written straight through the protocol functions."""
+close reads their answers concurrently; the candidate comes from updates fetched and decoded
+by a bounded read-ahead pool, folded in the round's fixed order, so it is the sequential
+code's candidate to the byte. The silos are fake: their updates are written straight
+through the protocol functions."""
 
 from __future__ import annotations
 
