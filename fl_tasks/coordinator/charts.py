@@ -228,16 +228,16 @@ def _metrics_section(rounds: Sequence[RoundRecord]) -> str:
     entries += [LegendEntry(label, **_marker_style(decision)) for decision, (label, _) in DECISIONS.items()
                 if decision in seen]
     top = 12 + fig.legend(MARGIN, 12, entries) + 16
-    room = _round_label_room(rounds)
+    below = _round_label_room(rounds) + 24  # a panel's round labels, then the next panel's title
     half = (WIDTH - 2 * MARGIN - RIGHT) / 2
     small = panels[1:] if emphasised else panels
     if emphasised:
         _metric_panel(fig, MARGIN, top, WIDTH - MARGIN - RIGHT, 170, primary, rounds, main=True)
-        top += 170 + room + 24
+        top += 170 + below
     for i, name in enumerate(small):
-        _metric_panel(fig, MARGIN + (i % 2) * (half + MARGIN), top + (i // 2) * (110 + room + 24), half, 110, name,
+        _metric_panel(fig, MARGIN + (i % 2) * (half + MARGIN), top + (i // 2) * (110 + below), half, 110, name,
                       rounds, main=False)
-    fig.height = top + math.ceil(len(small) / 2) * (110 + room + 24) - 20 if small else top - 20
+    fig.height = top + math.ceil(len(small) / 2) * (110 + below) - 20
     caption = ("Candidate (solid) and champion (dashed) by round; markers give each round's decision "
                "(filled: promoted, hollow: rolled back; ✕ at the bottom: no candidate). The shaded round is this one.")
     parts = [_svg(fig, caption)]
