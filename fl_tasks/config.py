@@ -19,7 +19,7 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
+from fl_tasks.aggregation.parameters import STRATEGY_NAMES, STRATEGY_PARAMS, min_updates, strategy_values
 from fl_tasks.contract import COLUMN_TYPES, LABEL_TYPES, Column, DataContract
 from fl_tasks.protocol import NAME_PATTERN as ID_PATTERN
 from fl_tasks.protocol.drift import REFERENCES as DRIFT_REFERENCES, DriftSettings
@@ -652,13 +652,11 @@ def _parse_aggregation(raw: Any, source: str) -> tuple[str, dict, float | None, 
     _require(clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0), source,
              "aggregation.clip_norm", f"{clip!r} is not a positive number", "e.g. 10.0, or leave it out")
     try:
-        from fl_tasks.aggregation import build
-
-        strategy = build(name, **params)
+        values = strategy_values(name, params)
     except ValueError as exc:
         raise ConfigError(source, "aggregation.params", str(exc), "fix the parameter values") from None
     return (name, dict(params), None if clip is None else float(clip), None if share is None else float(share),
-            strategy.min_updates, shards)
+            min_updates(name, values), shards)
 
 
 def _parse_evaluation(raw: Any, source: str, num_clients: int) -> EvaluationSpec:

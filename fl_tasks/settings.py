@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fl_tasks.aggregation.names import STRATEGY_NAMES
+from fl_tasks.aggregation.parameters import STRATEGY_NAMES
 
 CLIENTS = "clients"  # a bound that is the federation's number of clients
 KIND_WORDS = {"integer": "a whole number", "number": "a number", "string": "a string", "object": "a mapping"}

@@ -17,7 +17,8 @@ between rounds.
     centered_clipping                       weighted, stateful, clip around center  centered.py
 
 The maths lives in plain functions: `mean`, `server_opt`, `robust`, `clip`. This module and
-`names` import no numpy until a strategy is built, so DAG files can read the names cheaply.
+`parameters` import no numpy until a strategy is built, so DAG files can read the names and
+check a federation's strategy cheaply.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS
+from fl_tasks.aggregation.parameters import STRATEGY_NAMES, STRATEGY_PARAMS, strategy_values
 
 
 @dataclass(frozen=True)
@@ -55,24 +56,19 @@ class Strategy(Protocol):
 
 
 def build(name: str, clip_norm: float | None = None, **params: Any) -> Strategy:
-    """The strategy called `name`, with `params` (names in STRATEGY_PARAMS[name]).
+    """The strategy called `name`, with `params` (names in STRATEGY_PARAMS[name]; defaults
+    and allowed values in `parameters.STRATEGIES`).
 
     With `clip_norm`, every update is clipped to that L2 norm (of client - base over the
     floating tensors) on its way into the strategy, one at a time; the wrapper keeps the
     strategy's `name`, `stateful`, `get_state` and `set_state`. Unknown names, parameters or
     bad values fail here with a ValueError.
     """
-    if name not in STRATEGY_NAMES:
-        raise ValueError(f"unknown aggregation strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
-    allowed = STRATEGY_PARAMS[name]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"strategy {name!r} does not take parameters {unknown}; "
-                         f"allowed: {', '.join(allowed) or 'none'}")
+    values = strategy_values(name, params)
     from fl_tasks.aggregation.clip import Clipped
     from fl_tasks.aggregation.strategies import REGISTRY
 
-    strategy = REGISTRY[name](**params)
+    strategy = REGISTRY[name](**values)
     return strategy if clip_norm is None else Clipped(strategy, clip_norm)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.base import RobustStrategy
-from fl_tasks.aggregation.checks import integer_param
+from fl_tasks.aggregation.parameters import bulyan_min_updates
 
 
 class Bulyan(RobustStrategy):
@@ -21,12 +21,12 @@ class Bulyan(RobustStrategy):
 
     name = "bulyan"
 
-    def __init__(self, f: int = 1) -> None:
-        self.f = integer_param(self.name, "f", f, 0)
+    def __init__(self, f: int) -> None:
+        self.f = f
 
     @property
     def min_updates(self) -> int:
-        return 4 * self.f + 3
+        return bulyan_min_updates(self.f)
 
     def check_count(self, n: int) -> None:
         if n < self.min_updates:

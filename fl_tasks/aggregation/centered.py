@@ -4,13 +4,11 @@ Optimization", ICML): a stateful, example-weighted robust rule (maths in `robust
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from fl_tasks.aggregation import Outcome, robust
-from fl_tasks.aggregation.checks import fraction_param, integer_param, positive_param
 from fl_tasks.aggregation.base import WeightedRobustStrategy
 from fl_tasks.aggregation.flat import Layout, StateDict, assemble
 
@@ -66,10 +64,8 @@ class CenteredClipping(WeightedRobustStrategy):
     name = "centered_clipping"
     stateful = True
 
-    def __init__(self, tau: float = 0.0, tau_ratio: float = 1.0, iterations: int = 3) -> None:
-        self.tau = fraction_param(self.name, "tau", tau, math.inf)
-        self.tau_ratio = positive_param(self.name, "tau_ratio", tau_ratio)
-        self.iterations = integer_param(self.name, "iterations", iterations, 1)
+    def __init__(self, tau: float, tau_ratio: float, iterations: int) -> None:
+        self.tau, self.tau_ratio, self.iterations = tau, tau_ratio, iterations
         self._state: dict[str, np.ndarray] = {}
         self.radius: float | None = None
         self.clipped: tuple[bool, ...] | None = None

@@ -7,8 +7,9 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from fl_tasks.aggregation.checks import check_update, floating_names, positive_param
+from fl_tasks.aggregation.checks import check_update, floating_names
 from fl_tasks.aggregation.mean import StateDict
+from fl_tasks.aggregation.parameters import positive_param
 
 
 # Elements per step of the float64 norm: its temporaries stay cache-sized, never a float64

@@ -7,7 +7,6 @@ import numpy as np
 
 from fl_tasks.aggregation import Outcome, robust
 from fl_tasks.aggregation.base import RobustStrategy, WeightedRobustStrategy
-from fl_tasks.aggregation.checks import fraction_param
 
 
 class Median(RobustStrategy):
@@ -34,8 +33,8 @@ class TrimmedMean(RobustStrategy):
 
     name = "trimmed_mean"
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self.beta = fraction_param(self.name, "beta", beta, 0.5)
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
 
     def check_count(self, n: int) -> None:
         k = robust.trimmed_count(n, self.beta)
@@ -81,8 +80,8 @@ class WeightedTrimmedMean(WeightedRobustStrategy):
 
     name = "weighted_trimmed_mean"
 
-    def __init__(self, beta: float = 0.1) -> None:
-        self.beta = fraction_param(self.name, "beta", beta, 0.5)
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
 
     def combine(self, matrix: np.ndarray) -> np.ndarray:
         self.outcome = Outcome(f"coordinate-wise example-weighted trimmed mean (beta={self.beta}): per coordinate "

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fl_tasks.aggregation import Outcome, server_opt
-from fl_tasks.aggregation.checks import (check_update, floating_names, positive_param, unit_interval_param)
+from fl_tasks.aggregation.checks import check_update, floating_names
 from fl_tasks.aggregation.mean import CHUNK, StateDict, StreamingWeightedMean, cast_like, weight_shares
 
 
@@ -141,10 +141,9 @@ class FedAvgM(ServerOptimizer):
     name = "fedavgm"
     slots = ("v",)
 
-    def __init__(self, eta: float = 0.3, momentum: float = 0.9) -> None:
+    def __init__(self, eta: float, momentum: float) -> None:
         super().__init__()
-        self.eta = positive_param(self.name, "eta", eta)
-        self.momentum = unit_interval_param(self.name, "momentum", momentum)
+        self.eta, self.momentum = eta, momentum
 
     def step(self, x, delta, moments):
         v = server_opt.momentum_buffer(moments["v"], delta, self.momentum)
@@ -161,11 +160,9 @@ class _Adaptive(ServerOptimizer):
 
     slots = ("m", "v")
 
-    def __init__(self, eta: float, beta1: float = 0.9, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float, beta1: float, tau: float) -> None:
         super().__init__()
-        self.eta = positive_param(self.name, "eta", eta)
-        self.beta1 = unit_interval_param(self.name, "beta1", beta1)
-        self.tau = positive_param(self.name, "tau", tau)
+        self.eta, self.beta1, self.tau = eta, beta1, tau
 
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -186,9 +183,9 @@ class FedAdam(_Adaptive):
 
     name = "fedadam"
 
-    def __init__(self, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float, beta1: float, beta2: float, tau: float) -> None:
         super().__init__(eta, beta1, tau)
-        self.beta2 = unit_interval_param(self.name, "beta2", beta2)
+        self.beta2 = beta2
 
     def second_moment(self, v, delta):
         return server_opt.adam_second_moment(v, delta, self.beta2)
@@ -204,9 +201,9 @@ class FedYogi(_Adaptive):
 
     name = "fedyogi"
 
-    def __init__(self, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float, beta1: float, beta2: float, tau: float) -> None:
         super().__init__(eta, beta1, tau)
-        self.beta2 = unit_interval_param(self.name, "beta2", beta2)
+        self.beta2 = beta2
 
     def second_moment(self, v, delta):
         return server_opt.yogi_second_moment(v, delta, self.beta2)
@@ -221,9 +218,6 @@ class FedAdagrad(_Adaptive):
     """
 
     name = "fedadagrad"
-
-    def __init__(self, eta: float = 0.3, beta1: float = 0.9, tau: float = 1e-3) -> None:
-        super().__init__(eta, beta1, tau)
 
     def second_moment(self, v, delta):
         return server_opt.adagrad_second_moment(v, delta)

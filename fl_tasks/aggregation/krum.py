@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from fl_tasks.aggregation import Outcome, robust
-from fl_tasks.aggregation.base import RobustStrategy
-from fl_tasks.aggregation.checks import integer_param
-from fl_tasks.aggregation.base import WeightedRobustStrategy
+from fl_tasks.aggregation.base import RobustStrategy, WeightedRobustStrategy
+from fl_tasks.aggregation.parameters import krum_min_updates, multi_krum_min_updates
 
 
 def require_krum_count(name: str, f: int, n: int) -> None:
-    if n < 2 * f + 3:
-        raise ValueError(f"{name} with f={f} needs at least {2 * f + 3} client updates (n >= 2f + 3), got {n}")
+    if n < krum_min_updates(f):
+        raise ValueError(f"{name} with f={f} needs at least {krum_min_updates(f)} client updates (n >= 2f + 3), "
+                         f"got {n}")
 
 
 def selection_outcome(rule: str, distances: np.ndarray, f: int, chosen: np.ndarray) -> Outcome:
@@ -34,12 +34,12 @@ class Krum(RobustStrategy):
 
     name = "krum"
 
-    def __init__(self, f: int = 1) -> None:
-        self.f = integer_param(self.name, "f", f, 0)
+    def __init__(self, f: int) -> None:
+        self.f = f
 
     @property
     def min_updates(self) -> int:
-        return 2 * self.f + 3
+        return krum_min_updates(self.f)
 
     def check_count(self, n: int) -> None:
         require_krum_count(self.name, self.f, n)
@@ -70,13 +70,12 @@ class MultiKrum(RobustStrategy):
 
     name = "multi_krum"
 
-    def __init__(self, f: int = 1, m: int | None = None) -> None:
-        self.f = integer_param(self.name, "f", f, 0)
-        self.m = None if m is None else integer_param(self.name, "m", m, 1)
+    def __init__(self, f: int, m: int | None) -> None:
+        self.f, self.m = f, m
 
     @property
     def min_updates(self) -> int:
-        return max(2 * self.f + 3, 0 if self.m is None else self.m + self.f)
+        return multi_krum_min_updates(self.f, self.m)
 
     def selected_count(self, n: int) -> int:
         return n - self.f if self.m is None else self.m

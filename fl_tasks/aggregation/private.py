@@ -19,9 +19,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fl_tasks.aggregation import Outcome
-from fl_tasks.aggregation.checks import check_update, floating_names, positive_param
+from fl_tasks.aggregation.checks import check_update, floating_names
 from fl_tasks.aggregation.clip import StrategyWrapper, clip_update
 from fl_tasks.aggregation.mean import StateDict, StreamingWeightedMean, cast_like
+from fl_tasks.aggregation.parameters import positive_param
 
 
 def noisy_mean(base: Mapping[str, np.ndarray], delta_sum: Mapping[str, np.ndarray], denominator: float,

@@ -166,9 +166,10 @@ def test_a_broken_federation_file_leaves_the_other_dags_and_shows_its_error(tmp_
 
 
 def test_parsing_the_dag_file_imports_no_heavy_library():
+    # numpy too: it would double the parse, which the dag-processor repeats for every file.
     code = (
         "import sys, runpy; sys.path[:0] = ['plugins', 'dags']; runpy.run_path('dags/fl_round.py');"
-        "print(','.join(m for m in ('torch', 'mlflow', 'evidently', 'pandas', 'sklearn') if m in sys.modules))"
+        "print(','.join(m for m in ('torch', 'mlflow', 'evidently', 'pandas', 'sklearn', 'numpy') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fl_tasks.aggregation.names import STRATEGY_NAMES
+from fl_tasks.aggregation.parameters import STRATEGY_NAMES
 from fl_tasks.settings import (CLIENTS, ROUND_SETTINGS, SETTINGS_BY_NAME, SETTINGS_BY_PATH, RoundSetting, default,
                                resolve)
 

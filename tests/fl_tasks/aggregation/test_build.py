@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from fl_tasks.aggregation import STRATEGY_NAMES, STRATEGY_PARAMS, build
+from fl_tasks.aggregation.parameters import min_updates, strategy_values
 from fl_tasks.aggregation.strategies import REGISTRY
 
 
@@ -27,15 +29,39 @@ def test_params_list_matches_the_constructors():
         accepted = tuple(p for p in signature.parameters if p != "self")
         assert accepted == STRATEGY_PARAMS[name], name
         assert REGISTRY[name].name == name
+        # The defaults live in parameters.STRATEGIES alone: build() passes every value.
+        assert all(p.default is inspect.Parameter.empty for p in signature.parameters.values()), name
 
 
-def test_names_import_without_numpy():
-    code = ("import sys; from fl_tasks.aggregation.names import STRATEGY_NAMES, STRATEGY_PARAMS; "
-            "import fl_tasks.aggregation; assert 'numpy' not in sys.modules, 'numpy imported'; "
-            "print(len(STRATEGY_NAMES))")
+def test_parameters_are_checked_without_numpy():
+    code = ("import sys; from fl_tasks.aggregation.parameters import STRATEGY_NAMES, min_updates, strategy_values; "
+            "import fl_tasks.aggregation; "
+            "print(sum(min_updates(n, strategy_values(n, {})) for n in STRATEGY_NAMES)); "
+            "assert 'numpy' not in sys.modules, 'numpy imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(len(STRATEGY_NAMES))
+    assert result.stdout.strip() == str(sum(build(name).min_updates for name in STRATEGY_NAMES))
+
+
+def test_strategy_values_fill_defaults_and_check_each_value():
+    assert strategy_values("multi_krum", {"f": 2.0}) == {"f": 2, "m": None}
+    assert strategy_values("fedadam", {"eta": 0.1}) == {"eta": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+    assert strategy_values("trimmed_mean", {"beta": np.float32(0.25)}) == {"beta": 0.25}
+    assert strategy_values("krum", {"f": np.int64(3)}) == {"f": 3}
+    for name, params, message in [
+        ("krum", {"f": 1.5}, "krum: f must be an integer >= 0, got 1.5"),
+        ("multi_krum", {"m": 0}, "multi_krum: m must be an integer >= 1, got 0"),
+        ("trimmed_mean", {"beta": 0.5}, "trimmed_mean: beta must satisfy 0 <= beta < 0.5, got 0.5"),
+        ("fedavgm", {"momentum": 1}, "fedavgm: momentum must satisfy 0 <= momentum < 1, got 1"),
+        ("fedyogi", {"eta": True}, "fedyogi: eta must be a number, got True"),
+        ("centered_clipping", {"tau_ratio": float("nan")}, "centered_clipping: tau_ratio must be finite, got nan"),
+        ("centered_clipping", {"tau": -1}, "centered_clipping: tau must satisfy 0 <= tau < inf, got -1"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            strategy_values(name, params)
+        assert str(info.value) == message
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build(name, **params)
 
 
 def test_unknown_parameters_name_the_allowed_ones():
@@ -93,6 +119,7 @@ def test_default_parameters():
 def test_min_updates_is_exactly_the_threshold(name, params, expected):
     strategy = build(name, **params)
     assert strategy.min_updates == expected
+    assert min_updates(name, strategy_values(name, params)) == expected  # what configs check, without numpy
     assert build(name, clip_norm=1.0, **params).min_updates == expected
     ups = [({"w": np.array([float(i)])}, 1) for i in range(expected + 3)]
     for n in range(1, expected + 3):
