@@ -303,7 +303,7 @@ def register_candidate(spec: FederationSpec, model, *, round_id: str, airflow_ru
             path = Path(tmp) / "round_report.json"
             path.write_text(json.dumps(report, indent=2, sort_keys=True))
             mlflow.log_artifact(str(path))
-        logged_model = _ready_model(experiment_id, run.info.run_id)
+        logged_model = _ready_model(experiment_id, run.info.run_id) if earlier else None
         if logged_model is not None:
             model_id, model_uri = logged_model.model_id, f"models:/{logged_model.model_id}"
         else:
