@@ -74,6 +74,7 @@ def _optional(check: Callable[[str, str, object], Any]) -> Callable[[str, str, o
 
 
 _F = Parameter(1, _whole(0))  # Byzantine clients tolerated
+_M = Parameter(None, _optional(_whole(1)))  # updates Multi-Krum averages; None: n - f
 _BETA = Parameter(0.1, _below(0.5))  # share trimmed from each end
 _ADAPTIVE = {"beta1": Parameter(0.9, unit_interval_param), "beta2": Parameter(0.99, unit_interval_param),
              "tau": Parameter(1e-3, positive_param)}
@@ -91,11 +92,11 @@ STRATEGIES: dict[str, dict[str, Parameter]] = {
     "median": {},
     "trimmed_mean": {"beta": _BETA},
     "krum": {"f": _F},
-    "multi_krum": {"f": _F, "m": Parameter(None, _optional(_whole(1)))},  # m None: n - f
+    "multi_krum": {"f": _F, "m": _M},
     "bulyan": {"f": _F},
     "weighted_median": {},
     "weighted_trimmed_mean": {"beta": _BETA},
-    "weighted_multi_krum": {"f": _F, "m": Parameter(None, _optional(_whole(1)))},
+    "weighted_multi_krum": {"f": _F, "m": _M},
     # tau 0: adaptive, tau_ratio x the median distance to the center
     "centered_clipping": {"tau": Parameter(0.0, _below(math.inf)), "tau_ratio": Parameter(1.0, positive_param),
                           "iterations": Parameter(3, _whole(1))},
